@@ -1,0 +1,259 @@
+//! The tenant's catalogue: credit types and feature-to-credit mappings (versioned by
+//! effective_at). Written straight to Postgres; the rater reads it (see rater::catalogue).
+
+use std::str::FromStr;
+use std::sync::Arc;
+
+use axum::extract::{Path, State};
+use axum::http::StatusCode;
+use axum::Json;
+use chrono::{DateTime, Utc};
+use rust_decimal::Decimal;
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+use crate::auth::Tenant;
+use crate::error::{ApiError, ApiResult, Body};
+use crate::validate;
+use crate::AppState;
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NewCreditType {
+    id: String,
+    name: String,
+    unit_singular: String,
+    unit_plural: String,
+    #[serde(default = "two")]
+    decimals: i64,
+    #[serde(default = "hard")]
+    limit: String,
+}
+
+fn two() -> i64 {
+    2
+}
+fn hard() -> String {
+    "hard".into()
+}
+
+#[derive(Serialize, sqlx::FromRow, PartialEq)]
+pub struct CreditType {
+    pub id: String,
+    pub name: String,
+    pub unit_singular: String,
+    pub unit_plural: String,
+    pub decimals: i16,
+    pub limit: String,
+    pub created_at: DateTime<Utc>,
+}
+
+const CT_COLS: &str =
+    "id, name, unit_singular, unit_plural, decimals, limit_kind AS limit, created_at";
+
+pub async fn create_credit_type(
+    t: Tenant,
+    State(s): State<Arc<AppState>>,
+    Body(b): Body<NewCreditType>,
+) -> ApiResult<(StatusCode, Json<CreditType>)> {
+    validate::id("id", &b.id)?;
+    for (f, v) in [
+        ("name", &b.name),
+        ("unit_singular", &b.unit_singular),
+        ("unit_plural", &b.unit_plural),
+    ] {
+        if v.trim().is_empty() || v.len() > 200 {
+            return Err(ApiError::invalid(
+                f,
+                "invalid_value",
+                "must be 1-200 characters",
+            ));
+        }
+    }
+    if !(0..=9).contains(&b.decimals) {
+        return Err(ApiError::invalid(
+            "decimals",
+            "out_of_range",
+            "must be between 0 and 9",
+        ));
+    }
+    if b.limit != "hard" && b.limit != "soft" {
+        return Err(ApiError::invalid(
+            "limit",
+            "invalid_value",
+            "must be \"hard\" or \"soft\"",
+        ));
+    }
+    let created: Option<CreditType> = sqlx::query_as(&format!(
+        "INSERT INTO credit_types (tenant_id, id, name, unit_singular, unit_plural, decimals, limit_kind)
+         VALUES ($1, $2, $3, $4, $5, $6, $7) ON CONFLICT DO NOTHING RETURNING {CT_COLS}"
+    ))
+    .bind(&t.id)
+    .bind(&b.id)
+    .bind(&b.name)
+    .bind(&b.unit_singular)
+    .bind(&b.unit_plural)
+    .bind(b.decimals as i16)
+    .bind(&b.limit)
+    .fetch_optional(&s.db)
+    .await?;
+    if let Some(c) = created {
+        return Ok((StatusCode::CREATED, Json(c)));
+    }
+    // Idempotent: the same definition again is answered with what exists.
+    let existing = credit_type(&s, &t.id, &b.id)
+        .await?
+        .ok_or_else(|| ApiError::conflict("credit type exists"))?;
+    if existing.name == b.name
+        && existing.unit_singular == b.unit_singular
+        && existing.unit_plural == b.unit_plural
+        && i64::from(existing.decimals) == b.decimals
+        && existing.limit == b.limit
+    {
+        Ok((StatusCode::OK, Json(existing)))
+    } else {
+        Err(ApiError::conflict(format!(
+            "credit type {} exists with another definition",
+            b.id
+        ))
+        .field("id"))
+    }
+}
+
+pub async fn credit_type(
+    s: &AppState,
+    tenant: &str,
+    id: &str,
+) -> Result<Option<CreditType>, ApiError> {
+    Ok(sqlx::query_as(&format!(
+        "SELECT {CT_COLS} FROM credit_types WHERE tenant_id = $1 AND id = $2"
+    ))
+    .bind(tenant)
+    .bind(id)
+    .fetch_optional(&s.db)
+    .await?)
+}
+
+/// The credit type named by `field`, or a 422 naming it.
+pub async fn require_credit_type(
+    s: &AppState,
+    tenant: &str,
+    id: &str,
+    field: &str,
+) -> Result<CreditType, ApiError> {
+    validate::id(field, id)?;
+    credit_type(s, tenant, id).await?.ok_or_else(|| {
+        ApiError::invalid(field, "unknown_credit_type", format!("no credit type {id}"))
+    })
+}
+
+pub async fn list_credit_types(
+    t: Tenant,
+    State(s): State<Arc<AppState>>,
+) -> ApiResult<Json<Value>> {
+    let rows: Vec<CreditType> = sqlx::query_as(&format!(
+        "SELECT {CT_COLS} FROM credit_types WHERE tenant_id = $1 ORDER BY id"
+    ))
+    .bind(&t.id)
+    .fetch_all(&s.db)
+    .await?;
+    Ok(Json(serde_json::json!({ "credit_types": rows })))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PutMapping {
+    credit_type: String,
+    credits_per_unit: Value,
+    quantity_dimension: Option<String>,
+    effective_at: Option<Value>,
+}
+
+#[derive(Serialize, sqlx::FromRow)]
+pub struct Mapping {
+    pub event_name: String,
+    pub credit_type: String,
+    pub credits_per_unit: Decimal,
+    pub quantity_dimension: Option<String>,
+    pub effective_at: DateTime<Utc>,
+    pub created_at: DateTime<Utc>,
+}
+
+const MAP_COLS: &str =
+    "event_name, credit_type, credits_per_unit, quantity_dimension, effective_at, created_at";
+
+pub async fn put_mapping(
+    t: Tenant,
+    State(s): State<Arc<AppState>>,
+    Path(event_name): Path<String>,
+    Body(b): Body<PutMapping>,
+) -> ApiResult<Json<Mapping>> {
+    validate::id("event_name", &event_name)?;
+    require_credit_type(&s, &t.id, &b.credit_type, "credit_type").await?;
+    let cpu = match &b.credits_per_unit {
+        Value::String(x) => Decimal::from_str(x.trim()).ok(),
+        Value::Number(n) => Decimal::from_str(&n.to_string()).ok(),
+        _ => None,
+    }
+    .filter(|d| !d.is_sign_negative() || d.is_zero())
+    .filter(|d| d.normalize().scale() <= 12 && *d < Decimal::from(shared::amount::MAX_FIXED))
+    .ok_or_else(|| {
+        ApiError::invalid(
+            "credits_per_unit",
+            "invalid_amount",
+            "must be a non-negative decimal string, at most 12 places",
+        )
+    })?;
+    if let Some(d) = &b.quantity_dimension {
+        if d.is_empty() || d.len() > 128 {
+            return Err(ApiError::invalid(
+                "quantity_dimension",
+                "invalid_value",
+                "must be 1-128 characters",
+            ));
+        }
+    }
+    let effective_at = match &b.effective_at {
+        None | Some(Value::Null) => Utc::now(),
+        Some(v) => validate::timestamp("effective_at", v)?,
+    };
+    let m: Mapping = sqlx::query_as(&format!(
+        "INSERT INTO feature_mappings (tenant_id, event_name, effective_at, credit_type, credits_per_unit, quantity_dimension)
+         VALUES ($1, $2, $3, $4, $5, $6)
+         ON CONFLICT (tenant_id, event_name, effective_at) DO UPDATE
+         SET credit_type = EXCLUDED.credit_type, credits_per_unit = EXCLUDED.credits_per_unit,
+             quantity_dimension = EXCLUDED.quantity_dimension
+         RETURNING {MAP_COLS}"
+    ))
+    .bind(&t.id)
+    .bind(&event_name)
+    .bind(effective_at)
+    .bind(&b.credit_type)
+    .bind(cpu.normalize())
+    .bind(&b.quantity_dimension)
+    .fetch_one(&s.db)
+    .await?;
+    Ok(Json(m))
+}
+
+pub async fn get_mapping(
+    t: Tenant,
+    State(s): State<Arc<AppState>>,
+    Path(event_name): Path<String>,
+) -> ApiResult<Json<Value>> {
+    let history: Vec<Mapping> = sqlx::query_as(&format!(
+        "SELECT {MAP_COLS} FROM feature_mappings WHERE tenant_id = $1 AND event_name = $2 ORDER BY effective_at DESC"
+    ))
+    .bind(&t.id)
+    .bind(&event_name)
+    .fetch_all(&s.db)
+    .await?;
+    if history.is_empty() {
+        return Err(ApiError::not_found("mapping"));
+    }
+    let now = Utc::now();
+    let current = history.iter().find(|m| m.effective_at <= now);
+    Ok(Json(
+        serde_json::json!({ "event_name": event_name, "current": current, "history": history }),
+    ))
+}

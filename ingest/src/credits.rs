@@ -1,0 +1,557 @@
+//! Credits: grants (applied through the input topic so "grant, then use" keeps its order),
+//! the real-time balance (from the hot pool in Redis) and the settled ledger (Postgres).
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use axum::extract::{Path, State};
+use axum::http::StatusCode;
+use axum::Json;
+use base64::Engine;
+use chrono::{DateTime, Utc};
+use rust_decimal::Decimal;
+use serde::{Deserialize, Serialize};
+use serde_json::{json, Value};
+use shared::amount::from_fixed;
+use shared::model::{Category, Cost, GrantCmd, GrantSpec, InputMsg, VoidCmd};
+use uuid::Uuid;
+
+use crate::auth::Tenant;
+use crate::catalogue::require_credit_type;
+use crate::error::{ApiError, ApiResult, Body, Q};
+use crate::events::produce;
+use crate::validate;
+use crate::AppState;
+
+/// Namespace for grant ids derived from idempotency keys.
+const GRANT_NS: Uuid = Uuid::from_u128(0x6a1f_3c5e_9b1d_4c47_8e2f_5a0b_7d3c_1e29);
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NewGrant {
+    customer_id: String,
+    credit_type: String,
+    amount: Value,
+    display_name: String,
+    resource_id: Option<String>,
+    description: Option<String>,
+    category: Option<String>,
+    priority: Option<i64>,
+    effective_at: Option<Value>,
+    expires_at: Option<Value>,
+    cost: Option<NewCost>,
+    metadata: Option<Value>,
+    idempotency_key: Option<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NewCost {
+    amount: Value,
+    currency: String,
+}
+
+#[derive(Serialize, sqlx::FromRow)]
+pub struct Grant {
+    pub id: Uuid,
+    pub customer_id: String,
+    pub credit_type: String,
+    pub resource_id: Option<String>,
+    pub amount: Decimal,
+    pub remaining: Decimal,
+    pub status: String,
+    pub category: String,
+    pub priority: i32,
+    pub cost_amount: Option<Decimal>,
+    pub cost_currency: Option<String>,
+    pub effective_at: DateTime<Utc>,
+    pub expires_at: Option<DateTime<Utc>>,
+    pub display_name: String,
+    pub description: Option<String>,
+    pub metadata: Option<Value>,
+    pub source: String,
+    pub created_at: DateTime<Utc>,
+    pub voided_at: Option<DateTime<Utc>>,
+}
+
+const GRANT_COLS: &str = "id, customer_id, credit_type, NULLIF(resource_id, '') AS resource_id, amount, remaining,
+    CASE WHEN status = 'voided' THEN 'voided'
+         WHEN expires_at IS NOT NULL AND expires_at <= now() THEN 'expired'
+         WHEN status = 'depleted' THEN 'depleted'
+         WHEN effective_at > now() THEN 'scheduled' ELSE status END AS status,
+    category, priority, cost_amount, cost_currency, effective_at, expires_at, display_name, description, metadata,
+    source, created_at, voided_at";
+
+fn grant_json(g: &Grant) -> Value {
+    json!({
+        "id": g.id, "customer_id": g.customer_id, "credit_type": g.credit_type, "resource_id": g.resource_id,
+        "amount": g.amount.normalize().to_string(), "remaining": g.remaining.normalize().to_string(),
+        "status": g.status, "category": g.category, "priority": g.priority,
+        "cost": g.cost_amount.map(|a| json!({"amount": a.normalize().to_string(), "currency": g.cost_currency})),
+        "effective_at": g.effective_at, "expires_at": g.expires_at, "display_name": g.display_name,
+        "description": g.description, "metadata": g.metadata, "source": g.source, "created_at": g.created_at,
+        "voided_at": g.voided_at,
+    })
+}
+
+fn spec_json(s: &GrantSpec, remaining: Option<Decimal>, status: &str) -> Value {
+    json!({
+        "id": s.id, "customer_id": s.customer_id, "credit_type": s.credit_type,
+        "resource_id": if s.resource_id.is_empty() { None } else { Some(&s.resource_id) },
+        "amount": s.amount.normalize().to_string(),
+        "remaining": remaining.map(|r| r.normalize().to_string()),
+        "status": status,
+        "category": match s.category { Category::Paid => "paid", Category::Promo => "promo" },
+        "priority": s.priority,
+        "cost": s.cost.as_ref().map(|c| json!({"amount": c.amount.normalize().to_string(), "currency": c.currency})),
+        "effective_at": s.effective_at, "expires_at": s.expires_at, "display_name": s.display_name,
+        "description": s.description, "metadata": s.metadata, "source": s.source, "created_at": s.created_at,
+        "voided_at": null,
+    })
+}
+
+async fn settled_grant(s: &AppState, tenant: &str, id: Uuid) -> Result<Option<Grant>, ApiError> {
+    Ok(sqlx::query_as(&format!(
+        "SELECT {GRANT_COLS} FROM grants WHERE tenant_id = $1 AND id = $2"
+    ))
+    .bind(tenant)
+    .bind(id)
+    .fetch_optional(&s.db)
+    .await?)
+}
+
+/// Wait until the pool hash in Redis shows `field` (the rater applied the command).
+async fn applied(s: &AppState, pool_key: &str, field: &str) -> Result<Option<i64>, ApiError> {
+    let deadline = Instant::now() + Duration::from_millis(s.config.apply_wait_ms);
+    let mut con = s.redis.clone();
+    loop {
+        let (present, remaining): (bool, Option<i64>) = redis::pipe()
+            .hexists(pool_key, field)
+            .hget(pool_key, format!("r:{}", &field[2..]))
+            .query_async(&mut con)
+            .await?;
+        if present {
+            return Ok(Some(remaining.unwrap_or(0)));
+        }
+        if Instant::now() >= deadline {
+            return Ok(None);
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+pub async fn create_grant(
+    t: Tenant,
+    State(s): State<Arc<AppState>>,
+    Body(b): Body<NewGrant>,
+) -> ApiResult<(StatusCode, Json<Value>)> {
+    validate::id("customer_id", &b.customer_id)?;
+    if let Some(r) = &b.resource_id {
+        validate::id("resource_id", r)?;
+    }
+    let ct = require_credit_type(&s, &t.id, &b.credit_type, "credit_type").await?;
+    let decimals = ct.decimals as u32;
+    let amount = validate::amount("amount", &b.amount, decimals, false)?;
+    if b.display_name.trim().is_empty() || b.display_name.len() > 200 {
+        return Err(ApiError::invalid(
+            "display_name",
+            "invalid_value",
+            "must be 1-200 characters",
+        ));
+    }
+    if b.description.as_ref().is_some_and(|d| d.len() > 2000) {
+        return Err(ApiError::invalid(
+            "description",
+            "invalid_value",
+            "at most 2000 characters",
+        ));
+    }
+    let category = match b.category.as_deref() {
+        None | Some("paid") => Category::Paid,
+        Some("promo") => Category::Promo,
+        Some(_) => {
+            return Err(ApiError::invalid(
+                "category",
+                "invalid_value",
+                "must be \"paid\" or \"promo\"",
+            ))
+        }
+    };
+    let priority = b.priority.unwrap_or(100);
+    if !(0..=1000).contains(&priority) {
+        return Err(ApiError::invalid(
+            "priority",
+            "out_of_range",
+            "must be between 0 and 1000",
+        ));
+    }
+    let now = Utc::now();
+    let effective_at = match &b.effective_at {
+        None | Some(Value::Null) => now,
+        Some(v) => validate::timestamp("effective_at", v)?,
+    };
+    let expires_at = match &b.expires_at {
+        None | Some(Value::Null) => None,
+        Some(v) => Some(validate::timestamp("expires_at", v)?),
+    };
+    if expires_at.is_some_and(|e| e <= effective_at) {
+        return Err(ApiError::invalid(
+            "expires_at",
+            "invalid_value",
+            "must be after effective_at",
+        ));
+    }
+    let cost = match &b.cost {
+        None => None,
+        Some(c) => {
+            let amount = validate::amount("cost.amount", &c.amount, 9, true)?;
+            if c.currency.len() != 3 || !c.currency.bytes().all(|x| x.is_ascii_uppercase()) {
+                return Err(ApiError::invalid(
+                    "cost.currency",
+                    "invalid_value",
+                    "an ISO 4217 code such as USD",
+                ));
+            }
+            Some(Cost {
+                amount,
+                currency: c.currency.clone(),
+            })
+        }
+    };
+    if b.metadata
+        .as_ref()
+        .is_some_and(|m| !m.is_object() && !m.is_null())
+    {
+        return Err(ApiError::invalid(
+            "metadata",
+            "invalid_value",
+            "must be an object",
+        ));
+    }
+    let id = match &b.idempotency_key {
+        Some(k) => {
+            validate::id("idempotency_key", k)?;
+            Uuid::new_v5(&GRANT_NS, format!("{}/{k}", t.id).as_bytes())
+        }
+        None => Uuid::now_v7(),
+    };
+    let spec = GrantSpec {
+        id,
+        customer_id: b.customer_id.clone(),
+        resource_id: b.resource_id.clone().unwrap_or_default(),
+        credit_type: b.credit_type.clone(),
+        decimals,
+        amount,
+        category,
+        priority: priority as u32,
+        cost,
+        effective_at,
+        expires_at,
+        display_name: b.display_name.clone(),
+        description: b.description.clone(),
+        metadata: b.metadata.clone().filter(|m| !m.is_null()),
+        source: if category == Category::Promo {
+            "promo".into()
+        } else {
+            "manual".into()
+        },
+        created_at: now,
+    };
+    // The same idempotency key again: the same grant, or 409 if the body differs.
+    if b.idempotency_key.is_some() {
+        if let Some(g) = settled_grant(&s, &t.id, id).await? {
+            let same = g.customer_id == spec.customer_id
+                && g.credit_type == spec.credit_type
+                && g.amount == spec.amount
+                && g.resource_id.clone().unwrap_or_default() == spec.resource_id
+                && g.display_name == spec.display_name;
+            return if same {
+                Ok((StatusCode::OK, Json(grant_json(&g))))
+            } else {
+                Err(
+                    ApiError::conflict("idempotency_key was used with another body")
+                        .field("idempotency_key"),
+                )
+            };
+        }
+    }
+    let pool_key = s.keys.pool(
+        &t.id,
+        &spec.customer_id,
+        &spec.credit_type,
+        &spec.resource_id,
+    );
+    produce(
+        &s,
+        std::iter::once(InputMsg::Grant(GrantCmd {
+            tenant_id: t.id.clone(),
+            grant: spec.clone(),
+            actor: "api".into(),
+        })),
+    )
+    .await?;
+    metrics::counter!(crate::metric::COMMANDS, "kind" => "grant").increment(1);
+    let status = if effective_at > now {
+        "scheduled"
+    } else {
+        "active"
+    };
+    match applied(&s, &pool_key, &format!("o:{id}")).await? {
+        Some(rem) => Ok((
+            StatusCode::CREATED,
+            Json(json!({"grant": spec_json(&spec, Some(from_fixed(rem, decimals)), status)})),
+        )),
+        None => Ok((
+            StatusCode::ACCEPTED,
+            Json(json!({"grant": spec_json(&spec, None, "pending")})),
+        )),
+    }
+}
+
+#[derive(Deserialize)]
+pub struct GrantQuery {
+    customer_id: Option<String>,
+    credit_type: Option<String>,
+    resource_id: Option<String>,
+    status: Option<String>,
+    limit: Option<i64>,
+    after: Option<String>,
+}
+
+fn limit(l: Option<i64>) -> Result<i64, ApiError> {
+    match l {
+        None => Ok(50),
+        Some(n) if (1..=1000).contains(&n) => Ok(n),
+        Some(_) => Err(ApiError::invalid(
+            "limit",
+            "out_of_range",
+            "must be between 1 and 1000",
+        )),
+    }
+}
+
+fn decode_cursor<T: std::str::FromStr>(c: &Option<String>) -> Result<Option<T>, ApiError> {
+    let Some(c) = c else { return Ok(None) };
+    base64::engine::general_purpose::URL_SAFE_NO_PAD
+        .decode(c)
+        .ok()
+        .and_then(|b| String::from_utf8(b).ok())
+        .and_then(|s| s.parse().ok())
+        .map(Some)
+        .ok_or_else(|| {
+            ApiError::invalid("after", "invalid_cursor", "not a cursor this API returned")
+        })
+}
+
+fn encode_cursor(v: impl ToString) -> String {
+    base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(v.to_string())
+}
+
+pub async fn list_grants(
+    t: Tenant,
+    State(s): State<Arc<AppState>>,
+    Q(q): Q<GrantQuery>,
+) -> ApiResult<Json<Value>> {
+    let limit = limit(q.limit)?;
+    let after: Option<Uuid> = decode_cursor(&q.after)?;
+    let rows: Vec<Grant> = sqlx::query_as(&format!(
+        "SELECT * FROM (SELECT {GRANT_COLS} FROM grants WHERE tenant_id = $1
+            AND ($2::text IS NULL OR customer_id = $2) AND ($3::text IS NULL OR credit_type = $3)
+            AND ($4::text IS NULL OR resource_id = $4) AND ($6::uuid IS NULL OR id > $6)) g
+         WHERE ($5::text IS NULL OR status = $5) ORDER BY id LIMIT $7"
+    ))
+    .bind(&t.id)
+    .bind(&q.customer_id)
+    .bind(&q.credit_type)
+    .bind(&q.resource_id)
+    .bind(&q.status)
+    .bind(after)
+    .bind(limit + 1)
+    .fetch_all(&s.db)
+    .await?;
+    let more = rows.len() as i64 > limit;
+    let page: Vec<Value> = rows.iter().take(limit as usize).map(grant_json).collect();
+    let next = if more {
+        rows.get(limit as usize - 1).map(|g| encode_cursor(g.id))
+    } else {
+        None
+    };
+    Ok(Json(json!({"grants": page, "next_cursor": next})))
+}
+
+pub async fn void_grant(
+    t: Tenant,
+    State(s): State<Arc<AppState>>,
+    Path(id): Path<String>,
+) -> ApiResult<Json<Value>> {
+    let id = Uuid::parse_str(&id).map_err(|_| ApiError::not_found("grant"))?;
+    let g = settled_grant(&s, &t.id, id)
+        .await?
+        .ok_or_else(|| ApiError::not_found("grant"))?;
+    if g.status != "voided" {
+        let ct = require_credit_type(&s, &t.id, &g.credit_type, "credit_type").await?;
+        let resource = g.resource_id.clone().unwrap_or_default();
+        let cmd = VoidCmd {
+            tenant_id: t.id.clone(),
+            customer_id: g.customer_id.clone(),
+            resource_id: resource.clone(),
+            credit_type: g.credit_type.clone(),
+            decimals: ct.decimals as u32,
+            grant_id: id,
+            at: Utc::now(),
+            actor: "api".into(),
+        };
+        produce(&s, std::iter::once(InputMsg::Void(cmd))).await?;
+        metrics::counter!(crate::metric::COMMANDS, "kind" => "void").increment(1);
+        let pool_key = s
+            .keys
+            .pool(&t.id, &g.customer_id, &g.credit_type, &resource);
+        applied(&s, &pool_key, &format!("x:{id}")).await?;
+    }
+    let mut v = grant_json(&g);
+    v["status"] = json!("voided");
+    v["remaining"] = json!("0");
+    Ok(Json(json!({ "grant": v })))
+}
+
+#[derive(Deserialize)]
+pub struct PoolQuery {
+    customer_id: String,
+    credit_type: String,
+    resource_id: Option<String>,
+}
+
+/// The real-time balance, computed from the hot pool the way apply.lua spends it.
+pub async fn balance(
+    t: Tenant,
+    State(s): State<Arc<AppState>>,
+    Q(q): Q<PoolQuery>,
+) -> ApiResult<Json<Value>> {
+    validate::id("customer_id", &q.customer_id)?;
+    let ct = require_credit_type(&s, &t.id, &q.credit_type, "credit_type").await?;
+    let resource = q.resource_id.unwrap_or_default();
+    let d = ct.decimals as u32;
+    let mut con = s.redis.clone();
+    let h: HashMap<String, String> = redis::cmd("HGETALL")
+        .arg(
+            s.keys
+                .pool(&t.id, &q.customer_id, &q.credit_type, &resource),
+        )
+        .query_async(&mut con)
+        .await?;
+    let now = Utc::now().timestamp_millis();
+    let (mut spendable, mut scheduled) = (0i64, 0i64);
+    for (f, key) in &h {
+        let Some(id) = f.strip_prefix("o:") else {
+            continue;
+        };
+        let rem: i64 = h
+            .get(&format!("r:{id}"))
+            .and_then(|r| r.parse().ok())
+            .unwrap_or(0);
+        let exp: i64 = key
+            .get(5..18)
+            .and_then(|x| x.parse().ok())
+            .unwrap_or(i64::MAX);
+        let eff: i64 = key.get(21..34).and_then(|x| x.parse().ok()).unwrap_or(0);
+        if eff > now {
+            scheduled += rem;
+        } else if now < exp {
+            spendable += rem;
+        }
+    }
+    let od: i64 = h.get("od").and_then(|x| x.parse().ok()).unwrap_or(0);
+    let bal = spendable - od;
+    Ok(Json(json!({
+        "customer_id": q.customer_id,
+        "credit_type": q.credit_type,
+        "resource_id": if resource.is_empty() { None } else { Some(resource) },
+        "balance": from_fixed(bal, d).to_string(),
+        "scheduled": from_fixed(scheduled, d).to_string(),
+        "has_access": bal > 0 || ct.limit == "soft",
+        "limit": ct.limit,
+        "as_of": Utc::now(),
+    })))
+}
+
+#[derive(Serialize, sqlx::FromRow)]
+pub struct LedgerEntry {
+    pub id: String,
+    pub timestamp: DateTime<Utc>,
+    #[serde(rename = "type")]
+    pub kind: String,
+    pub source: String,
+    pub source_id: String,
+    pub grant_id: Option<Uuid>,
+    #[serde(with = "rust_decimal::serde::str")]
+    pub amount: Decimal,
+    #[serde(with = "rust_decimal::serde::str")]
+    pub end_balance: Decimal,
+    pub actor: String,
+    pub customer_id: String,
+    pub credit_type: String,
+}
+
+pub const LEDGER_COLS: &str =
+    "id::text AS id, ts AS timestamp, type AS kind, source, source_id, grant_id,
+    amount, end_balance, actor, customer_id, credit_type";
+
+#[derive(Deserialize)]
+pub struct LedgerQuery {
+    customer_id: String,
+    credit_type: Option<String>,
+    resource_id: Option<String>,
+    #[serde(rename = "type")]
+    kind: Option<String>,
+    from: Option<DateTime<Utc>>,
+    to: Option<DateTime<Utc>>,
+    limit: Option<i64>,
+    after: Option<String>,
+}
+
+/// The settled ledger, newest first; the cursor is the last entry's id (ids only grow).
+pub async fn ledger(
+    t: Tenant,
+    State(s): State<Arc<AppState>>,
+    Q(q): Q<LedgerQuery>,
+) -> ApiResult<Json<Value>> {
+    validate::id("customer_id", &q.customer_id)?;
+    let limit = limit(q.limit)?;
+    let after: Option<i64> = decode_cursor(&q.after)?;
+    if let Some(k) = &q.kind {
+        if !["grant", "consume", "expire", "void", "adjust", "deny"].contains(&k.as_str()) {
+            return Err(ApiError::invalid(
+                "type",
+                "invalid_value",
+                "one of grant, consume, expire, void, adjust, deny",
+            ));
+        }
+    }
+    let rows: Vec<LedgerEntry> = sqlx::query_as(&format!(
+        "SELECT {LEDGER_COLS} FROM ledger_entries WHERE tenant_id = $1 AND customer_id = $2
+            AND ($3::text IS NULL OR credit_type = $3) AND ($4::text IS NULL OR resource_id = $4)
+            AND ($5::text IS NULL OR type = $5) AND ($6::timestamptz IS NULL OR ts >= $6)
+            AND ($7::timestamptz IS NULL OR ts < $7) AND ($8::bigint IS NULL OR id < $8)
+         ORDER BY id DESC LIMIT $9"
+    ))
+    .bind(&t.id)
+    .bind(&q.customer_id)
+    .bind(&q.credit_type)
+    .bind(&q.resource_id)
+    .bind(&q.kind)
+    .bind(q.from)
+    .bind(q.to)
+    .bind(after)
+    .bind(limit + 1)
+    .fetch_all(&s.db)
+    .await?;
+    let more = rows.len() as i64 > limit;
+    let page: Vec<&LedgerEntry> = rows.iter().take(limit as usize).collect();
+    let next = if more {
+        page.last().map(|e| encode_cursor(&e.id))
+    } else {
+        None
+    };
+    Ok(Json(json!({"entries": page, "next_cursor": next})))
+}

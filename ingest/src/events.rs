@@ -1,0 +1,448 @@
+//! Usage events: `POST /v1/events` (one or a batch of up to 1000; all valid or none accepted;
+//! 202 once every one is acked by Kafka) and `GET /v1/events/{idempotency_key}`.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use axum::body::Bytes;
+use axum::extract::{Path, State};
+use axum::http::StatusCode;
+use axum::Json;
+use chrono::{DateTime, Utc};
+use rdkafka::error::{KafkaError, RDKafkaErrorCode};
+use rdkafka::producer::FutureRecord;
+use rust_decimal::Decimal;
+use serde::Deserialize;
+use serde_json::{json, Value};
+use shared::model::{partition_key, InputMsg, UsageEvent};
+
+use crate::auth::Tenant;
+use crate::credits::{LedgerEntry, LEDGER_COLS};
+use crate::error::{parse_json, ApiError, ApiResult, EventError, Q};
+use crate::metric as m;
+use crate::validate;
+use crate::AppState;
+
+pub const MAX_BATCH: usize = 1000;
+const FIELDS: [&str; 6] = [
+    "customer_id",
+    "event_name",
+    "idempotency_key",
+    "timestamp",
+    "resource_id",
+    "dimensions",
+];
+
+/// Validate one event; `now` bounds its timestamp.
+fn event(
+    tenant: &str,
+    v: &Value,
+    now: DateTime<Utc>,
+    window_s: u64,
+) -> Result<UsageEvent, (String, ApiError)> {
+    let err = |f: &str, e: ApiError| (f.to_owned(), e);
+    let Value::Object(o) = v else {
+        return Err(err(
+            "",
+            ApiError::invalid("", "invalid_event", "an event is a JSON object"),
+        ));
+    };
+    if let Some(k) = o.keys().find(|k| !FIELDS.contains(&k.as_str())) {
+        return Err(err(
+            k,
+            ApiError::invalid(k, "unknown_field", format!("unknown field {k}")),
+        ));
+    }
+    let text = |f: &str, required: bool| -> Result<Option<String>, (String, ApiError)> {
+        match o.get(f) {
+            None | Some(Value::Null) if !required => Ok(None),
+            None | Some(Value::Null) => Err(err(
+                f,
+                ApiError::invalid(f, "required", format!("{f} is required")),
+            )),
+            Some(Value::String(s)) => {
+                validate::id(f, s).map_err(|e| err(f, e))?;
+                Ok(Some(s.clone()))
+            }
+            Some(_) => Err(err(
+                f,
+                ApiError::invalid(f, "invalid_id", "must be a string"),
+            )),
+        }
+    };
+    let customer_id = text("customer_id", true)?.unwrap_or_default();
+    let event_name = text("event_name", true)?.unwrap_or_default();
+    let idempotency_key = text("idempotency_key", true)?.unwrap_or_default();
+    let resource_id = text("resource_id", false)?.unwrap_or_default();
+    let timestamp = match o.get("timestamp") {
+        None | Some(Value::Null) => now,
+        Some(t) => {
+            let ts = validate::timestamp("timestamp", t).map_err(|e| err("timestamp", e))?;
+            let oldest = now - chrono::Duration::seconds(window_s as i64);
+            if ts < oldest || ts > now + chrono::Duration::minutes(5) {
+                return Err(err(
+                    "timestamp",
+                    ApiError::invalid(
+                        "timestamp",
+                        "timestamp_out_of_range",
+                        format!(
+                            "must lie within the last {window_s} s and at most 5 minutes ahead"
+                        ),
+                    ),
+                ));
+            }
+            ts
+        }
+    };
+    let dimensions = match o.get("dimensions") {
+        None | Some(Value::Null) => serde_json::Map::new(),
+        Some(d) => validate::dimensions("dimensions", d).map_err(|e| err("dimensions", e))?,
+    };
+    Ok(UsageEvent {
+        tenant_id: tenant.to_owned(),
+        event_uid: uuid::Uuid::now_v7(),
+        customer_id,
+        resource_id,
+        event_name,
+        idempotency_key,
+        timestamp,
+        dimensions,
+        accepted_at: now,
+    })
+}
+
+/// Every event valid, or a 422 listing each bad one.
+pub fn validate_body(
+    tenant: &str,
+    body: &Value,
+    now: DateTime<Utc>,
+    window_s: u64,
+) -> ApiResult<Vec<UsageEvent>> {
+    let (items, batched): (Vec<&Value>, bool) = match body {
+        Value::Object(o) if o.contains_key("events") => match &o["events"] {
+            Value::Array(a) => (a.iter().collect(), true),
+            _ => {
+                return Err(ApiError::invalid(
+                    "events",
+                    "invalid_events",
+                    "events must be an array",
+                ))
+            }
+        },
+        Value::Object(_) => (vec![body], false),
+        _ => {
+            return Err(ApiError::invalid(
+                "",
+                "invalid_body",
+                "send one event object or {\"events\": [...]}",
+            ))
+        }
+    };
+    if items.is_empty() {
+        return Err(ApiError::invalid(
+            "events",
+            "empty_batch",
+            "at least one event is required",
+        ));
+    }
+    if items.len() > MAX_BATCH {
+        return Err(ApiError::invalid(
+            "events",
+            "too_many_events",
+            format!("at most {MAX_BATCH} events per request"),
+        ));
+    }
+    let mut ok = Vec::with_capacity(items.len());
+    let mut errors = Vec::new();
+    for (i, v) in items.into_iter().enumerate() {
+        match event(tenant, v, now, window_s) {
+            Ok(e) => ok.push(e),
+            Err((f, e)) => {
+                let field = match (batched, f.is_empty()) {
+                    (true, true) => format!("events[{i}]"),
+                    (true, false) => format!("events[{i}].{}", e.body.field.clone().unwrap_or(f)),
+                    (false, _) => e.body.field.clone().unwrap_or(f),
+                };
+                errors.push(EventError {
+                    index: i,
+                    code: e.body.code,
+                    message: e.body.message,
+                    field,
+                });
+            }
+        }
+    }
+    if errors.is_empty() {
+        return Ok(ok);
+    }
+    let first = errors[0].clone();
+    let mut e = ApiError::invalid(
+        &first.field,
+        &first.code,
+        format!(
+            "{} invalid event(s); none accepted: {}",
+            errors.len(),
+            first.message
+        ),
+    );
+    e.errors = errors;
+    Err(e)
+}
+
+pub async fn post_events(
+    t: Tenant,
+    State(s): State<Arc<AppState>>,
+    body: Result<Bytes, axum::extract::rejection::BytesRejection>,
+) -> ApiResult<(StatusCode, Json<Value>)> {
+    let body = body.map_err(crate::error::bytes_rejection)?;
+    let v: Value = parse_json(&body)?;
+    let events =
+        validate_body(&t.id, &v, Utc::now(), s.config.dedupe_window_s).inspect_err(|e| {
+            metrics::counter!(m::EVENTS_REJECTED, "reason" => "invalid")
+                .increment(e.errors.len().max(1) as u64);
+        })?;
+    let n = events.len();
+    let limiter = s.limiter(&t);
+    let allowed = u32::try_from(n)
+        .ok()
+        .and_then(std::num::NonZeroU32::new)
+        .map(|k| limiter.check_n(k));
+    if !matches!(allowed, Some(Ok(Ok(())))) {
+        metrics::counter!(m::RATE_LIMITED).increment(1);
+        metrics::counter!(m::EVENTS_REJECTED, "reason" => "rate_limited").increment(n as u64);
+        let mut e = ApiError::new(
+            StatusCode::TOO_MANY_REQUESTS,
+            "rate_limited",
+            format!(
+                "over the tenant's limit of {} events/s",
+                t.events_per_second
+            ),
+        );
+        e.retry_after = Some(1);
+        return Err(e);
+    }
+    produce(&s, events.into_iter().map(InputMsg::Usage))
+        .await
+        .inspect_err(|_| {
+            metrics::counter!(m::EVENTS_REJECTED, "reason" => "saturated").increment(n as u64);
+        })?;
+    metrics::counter!(m::EVENTS_ACCEPTED).increment(n as u64);
+    Ok((StatusCode::ACCEPTED, Json(json!({ "accepted": n }))))
+}
+
+/// Produce messages to the input topic and wait for every ack. A full producer queue is a 503
+/// with Retry-After (backpressure), never an unbounded buffer.
+pub async fn produce(s: &AppState, msgs: impl Iterator<Item = InputMsg>) -> ApiResult<()> {
+    let started = Instant::now();
+    let mut acks = Vec::new();
+    for msg in msgs {
+        let (t, c) = msg.tenant_customer();
+        let key = partition_key(t, c);
+        let payload = serde_json::to_vec(&msg).map_err(ApiError::internal)?;
+        match s.producer.send_result(
+            FutureRecord::to(&s.config.kafka.input_topic)
+                .key(&key)
+                .payload(&payload),
+        ) {
+            Ok(f) => acks.push(f),
+            Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), _)) => {
+                return Err(ApiError::unavailable(
+                    "saturated",
+                    "the pipeline is saturated, retry shortly",
+                    1,
+                ));
+            }
+            Err((e, _)) => return Err(ApiError::internal(e)),
+        }
+    }
+    for a in acks {
+        match tokio::time::timeout(Duration::from_secs(30), a).await {
+            Ok(Ok(Ok(_))) => {}
+            Ok(Ok(Err((e, _)))) => return Err(ApiError::internal(e)),
+            _ => {
+                return Err(ApiError::unavailable(
+                    "saturated",
+                    "the broker did not acknowledge in time",
+                    1,
+                ))
+            }
+        }
+    }
+    metrics::histogram!(m::PRODUCE_DURATION).record(started.elapsed().as_secs_f64());
+    Ok(())
+}
+
+#[derive(Deserialize)]
+pub struct EventQuery {
+    customer_id: Option<String>,
+}
+
+type EventRow = (
+    String,
+    String,
+    String,
+    DateTime<Utc>,
+    Value,
+    String,
+    Option<String>,
+    Option<String>,
+    Option<Decimal>,
+    DateTime<Utc>,
+    DateTime<Utc>,
+);
+
+pub async fn get_event(
+    t: Tenant,
+    State(s): State<Arc<AppState>>,
+    Path(key): Path<String>,
+    Q(q): Q<EventQuery>,
+) -> ApiResult<Json<Value>> {
+    validate::id("idempotency_key", &key)?;
+    let row: Option<EventRow> = sqlx::query_as(
+        "SELECT customer_id, resource_id, event_name, ts, dimensions, status, reason, credit_type, cost, accepted_at, settled_at
+         FROM usage_events WHERE tenant_id = $1 AND idempotency_key = $2",
+    )
+    .bind(&t.id)
+    .bind(&key)
+    .fetch_optional(&s.db)
+    .await?;
+    let duplicates: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM duplicate_events WHERE tenant_id = $1 AND idempotency_key = $2",
+    )
+    .bind(&t.id)
+    .bind(&key)
+    .fetch_one(&s.db)
+    .await?;
+    let Some((
+        customer_id,
+        resource_id,
+        event_name,
+        ts,
+        dims,
+        status,
+        reason,
+        credit_type,
+        cost,
+        accepted_at,
+        settled_at,
+    )) = row
+    else {
+        // Not settled. With the customer we can tell whether the rater has seen it.
+        if let Some(c) = q.customer_id.filter(|c| validate::id_ok(c)) {
+            let mut con = s.redis.clone();
+            let seen: bool = redis::cmd("EXISTS")
+                .arg(format!("{}{}", s.keys.dedupe_prefix(&t.id, &c), key))
+                .query_async(&mut con)
+                .await?;
+            if seen {
+                return Ok(Json(
+                    json!({"status": "pending", "idempotency_key": key, "duplicates": duplicates}),
+                ));
+            }
+        }
+        return Err(ApiError::new(
+            StatusCode::NOT_FOUND,
+            "not_found",
+            "no settled event has this idempotency key (it may still be in flight: pass customer_id to check)",
+        ));
+    };
+    let entries: Vec<LedgerEntry> = sqlx::query_as(&format!(
+        "SELECT {LEDGER_COLS} FROM ledger_entries WHERE tenant_id = $1 AND source_id = $2 AND type IN ('consume', 'deny')
+         ORDER BY id"
+    ))
+    .bind(&t.id)
+    .bind(&key)
+    .fetch_all(&s.db)
+    .await?;
+    Ok(Json(json!({
+        "status": status,
+        "idempotency_key": key,
+        "event": {
+            "customer_id": customer_id,
+            "resource_id": if resource_id.is_empty() { None } else { Some(resource_id) },
+            "event_name": event_name,
+            "timestamp": ts,
+            "dimensions": dims,
+        },
+        "credit_type": credit_type,
+        "cost": cost.map(|c| c.normalize().to_string()),
+        "reason": reason,
+        "duplicates": duplicates,
+        "accepted_at": accepted_at,
+        "settled_at": settled_at,
+        "ledger_entries": entries,
+    })))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn now() -> DateTime<Utc> {
+        DateTime::from_timestamp(1_800_000_000, 0).unwrap()
+    }
+
+    #[test]
+    fn one_or_a_batch() {
+        let one = json!({"customer_id": "c", "event_name": "e", "idempotency_key": "k"});
+        assert_eq!(validate_body("t", &one, now(), 86400).unwrap().len(), 1);
+        let batch = json!({"events": [one.clone(), one]});
+        assert_eq!(validate_body("t", &batch, now(), 86400).unwrap().len(), 2);
+    }
+
+    #[test]
+    fn every_bad_event_is_named_and_none_accepted() {
+        let good = json!({"customer_id": "c", "event_name": "e", "idempotency_key": "k"});
+        let bad_id = json!({"customer_id": "c c", "event_name": "e", "idempotency_key": "k"});
+        let old = json!({"customer_id": "c", "event_name": "e", "idempotency_key": "k", "timestamp": "2020-01-01T00:00:00Z"});
+        let nested = json!({"customer_id": "c", "event_name": "e", "idempotency_key": "k", "dimensions": {"a": {"b": 1}}});
+        let e = validate_body(
+            "t",
+            &json!({"events": [good, bad_id, old, nested]}),
+            now(),
+            86400,
+        )
+        .unwrap_err();
+        assert_eq!(e.status, StatusCode::UNPROCESSABLE_ENTITY);
+        let fields: Vec<_> = e
+            .errors
+            .iter()
+            .map(|x| (x.index, x.field.as_str(), x.code.as_str()))
+            .collect();
+        assert_eq!(
+            fields,
+            vec![
+                (1, "events[1].customer_id", "invalid_id"),
+                (2, "events[2].timestamp", "timestamp_out_of_range"),
+                (3, "events[3].dimensions.a", "invalid_dimension"),
+            ]
+        );
+    }
+
+    #[test]
+    fn batch_limits() {
+        let one = json!({"customer_id": "c", "event_name": "e", "idempotency_key": "k"});
+        let many = json!({"events": vec![one; MAX_BATCH + 1]});
+        assert_eq!(
+            validate_body("t", &many, now(), 86400)
+                .unwrap_err()
+                .body
+                .code,
+            "too_many_events"
+        );
+        assert_eq!(
+            validate_body("t", &json!({"events": []}), now(), 86400)
+                .unwrap_err()
+                .body
+                .code,
+            "empty_batch"
+        );
+        assert_eq!(
+            validate_body("t", &json!([1]), now(), 86400)
+                .unwrap_err()
+                .body
+                .code,
+            "invalid_body"
+        );
+    }
+}

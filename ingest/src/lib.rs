@@ -1,0 +1,195 @@
+//! ingest: the HTTP front door. Validates, authenticates and rate-limits usage events and
+//! produces them to the input topic (idempotent producer, acks=all): 202 means durable in
+//! Kafka. It also serves the management and query API (catalogue, grants, balance, ledger).
+
+pub mod admin;
+pub mod auth;
+pub mod catalogue;
+pub mod credits;
+pub mod error;
+pub mod events;
+pub mod metric;
+pub mod validate;
+
+use std::net::SocketAddr;
+use std::num::NonZeroU32;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::Context as _;
+use axum::extract::{MatchedPath, Request};
+use axum::middleware::Next;
+use axum::response::Response;
+use axum::routing::{get, post, put};
+use axum::Router;
+use dashmap::DashMap;
+use governor::{DefaultDirectRateLimiter, Quota};
+use rdkafka::producer::{FutureProducer, Producer};
+use shared::config::{DbArgs, KafkaArgs, RedisArgs};
+use shared::keys::Keys;
+use shared::telemetry::Ready;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+/// ingest's configuration (flags or env).
+#[derive(clap::Parser, Debug, Clone)]
+#[command(name = "ingest", about = "HTTP API of the credits pipeline")]
+pub struct Config {
+    #[command(flatten)]
+    pub kafka: KafkaArgs,
+    #[command(flatten)]
+    pub redis: RedisArgs,
+    #[command(flatten)]
+    pub db: DbArgs,
+    /// Address of the HTTP API.
+    #[arg(long, env = "INGEST_LISTEN", default_value = "127.0.0.1:8080")]
+    pub listen: SocketAddr,
+    /// Where /healthz, /readyz and /metrics are served.
+    #[arg(long, env = "INGEST_METRICS_LISTEN", default_value = "127.0.0.1:9100")]
+    pub metrics_listen: SocketAddr,
+    /// Operator token for /v1/admin/.
+    #[arg(long, env = "INGEST_ADMIN_TOKEN", hide_env_values = true)]
+    pub admin_token: String,
+    /// How far back an event's timestamp may lie, in seconds: the rater's dedupe window.
+    #[arg(long, env = "DEDUPE_WINDOW_SECONDS", default_value_t = 86_400,
+          value_parser = clap::value_parser!(u64).range(60..=35 * 86_400))]
+    pub dedupe_window_s: u64,
+    /// How long a grant or void waits to be applied to the live pool before answering 202.
+    #[arg(long, env = "INGEST_APPLY_WAIT_MS", default_value_t = 5000)]
+    pub apply_wait_ms: u64,
+    /// Producer linger, in milliseconds.
+    #[arg(long, env = "INGEST_LINGER_MS", default_value_t = 5)]
+    pub linger_ms: u32,
+}
+
+pub struct AppState {
+    pub config: Config,
+    pub db: sqlx::PgPool,
+    pub redis: redis::aio::ConnectionManager,
+    pub producer: FutureProducer,
+    pub keys: Keys,
+    pub keys_cache: DashMap<Vec<u8>, auth::CachedKey>,
+    pub limiters: DashMap<String, (u32, Arc<DefaultDirectRateLimiter>)>,
+}
+
+impl AppState {
+    /// The tenant's limiter, rebuilt when its configured rate changed.
+    pub fn limiter(&self, tenant: &auth::Tenant) -> Arc<DefaultDirectRateLimiter> {
+        if let Some(l) = self.limiters.get(&tenant.id) {
+            if l.0 == tenant.events_per_second {
+                return l.1.clone();
+            }
+        }
+        let rate = NonZeroU32::new(tenant.events_per_second).unwrap_or(NonZeroU32::MIN);
+        let l = Arc::new(governor::RateLimiter::direct(Quota::per_second(rate)));
+        self.limiters
+            .insert(tenant.id.clone(), (tenant.events_per_second, l.clone()));
+        l
+    }
+}
+
+pub fn router(state: Arc<AppState>) -> Router {
+    Router::new()
+        .route("/healthz", get(|| async { "ok" }))
+        .route("/readyz", get(|| async { "ready" }))
+        .route("/v1/admin/tenants", post(admin::create_tenant))
+        .route(
+            "/v1/admin/tenants/{tenant_id}/api-keys",
+            post(admin::create_key),
+        )
+        .route(
+            "/v1/admin/api-keys/{prefix}",
+            axum::routing::delete(admin::revoke_key),
+        )
+        .route(
+            "/v1/admin/tenants/{tenant_id}/limits",
+            put(admin::set_limits),
+        )
+        .route(
+            "/v1/credit-types",
+            post(catalogue::create_credit_type).get(catalogue::list_credit_types),
+        )
+        .route(
+            "/v1/features/{event_name}/credit-mapping",
+            put(catalogue::put_mapping).get(catalogue::get_mapping),
+        )
+        .route("/v1/events", post(events::post_events))
+        .route("/v1/events/{idempotency_key}", get(events::get_event))
+        .route(
+            "/v1/credits/grants",
+            post(credits::create_grant).get(credits::list_grants),
+        )
+        .route("/v1/credits/grants/{id}/void", post(credits::void_grant))
+        .route("/v1/credits/balance", get(credits::balance))
+        .route("/v1/credits/ledger", get(credits::ledger))
+        .layer(axum::middleware::from_fn(track))
+        .layer(axum::extract::DefaultBodyLimit::max(5 * 1024 * 1024))
+        .fallback(|| async { error::ApiError::not_found("route") })
+        .with_state(state)
+}
+
+/// Count and time every request by route template (never the raw path) and status.
+async fn track(req: Request, next: Next) -> Response {
+    let route = req
+        .extensions()
+        .get::<MatchedPath>()
+        .map_or("unmatched".to_owned(), |p| p.as_str().to_owned());
+    let started = Instant::now();
+    let resp = next.run(req).await;
+    let status = resp.status().as_u16().to_string();
+    metrics::counter!(crate::metric::REQUESTS, "route" => route.clone(), "status" => status)
+        .increment(1);
+    metrics::histogram!(crate::metric::REQUEST_DURATION, "route" => route)
+        .record(started.elapsed().as_secs_f64());
+    resp
+}
+
+/// Connect to everything and serve on `listener` until `shutdown`.
+pub async fn run(
+    config: Config,
+    listener: TcpListener,
+    ready: Ready,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
+    crate::metric::describe();
+    anyhow::ensure!(
+        config.admin_token.len() >= 16,
+        "INGEST_ADMIN_TOKEN must be at least 16 characters"
+    );
+    shared::kafka::partition_counts(&config.kafka, &[&config.kafka.input_topic])?;
+    let db = shared::db::connect(&config.db).await.context("postgres")?;
+    let redis =
+        redis::aio::ConnectionManager::new(redis::Client::open(config.redis.redis_url.as_str())?)
+            .await
+            .context("redis")?;
+    let producer = shared::kafka::producer(&config.kafka, config.linger_ms)?;
+    let state = Arc::new(AppState {
+        keys: Keys::new(config.redis.redis_prefix.clone()),
+        config,
+        db,
+        redis,
+        producer: producer.clone(),
+        keys_cache: DashMap::new(),
+        limiters: DashMap::new(),
+    });
+    // The producer queue depth, as a gauge.
+    let gauge_producer = producer.clone();
+    let gauge_stop = shutdown.clone();
+    tokio::spawn(async move {
+        while !gauge_stop.is_cancelled() {
+            metrics::gauge!(crate::metric::PRODUCER_QUEUE)
+                .set(f64::from(gauge_producer.in_flight_count()));
+            tokio::time::sleep(Duration::from_secs(1)).await;
+        }
+    });
+    ready.set(true);
+    tracing::info!(addr = %listener.local_addr()?, "ingest listening");
+    axum::serve(listener, router(state))
+        .with_graceful_shutdown(shutdown.cancelled_owned())
+        .await?;
+    ready.set(false);
+    // Everything answered 202 is already acked; flush whatever is left of in-flight requests.
+    let _ = producer.flush(shared::config::SHUTDOWN_GRACE);
+    tracing::info!("ingest stopped");
+    Ok(())
+}

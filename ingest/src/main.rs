@@ -1,0 +1,23 @@
+use clap::Parser;
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    shared::telemetry::init_tracing();
+    let config = ingest::Config::parse();
+    let handle = shared::telemetry::install_metrics();
+    let shutdown = shared::telemetry::shutdown_on_signal();
+    let ready = shared::telemetry::Ready::default();
+    shared::telemetry::serve_ops(
+        config.metrics_listen,
+        handle,
+        ready.clone(),
+        shutdown.clone(),
+    )
+    .await?;
+    let listener = tokio::net::TcpListener::bind(config.listen).await?;
+    let r = ingest::run(config, listener, ready, shutdown).await;
+    if let Err(e) = &r {
+        tracing::error!(error = %format!("{e:#}"), "ingest failed");
+    }
+    r
+}

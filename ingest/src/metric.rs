@@ -1,0 +1,47 @@
+//! The ingest metric catalogue.
+
+use metrics::{describe_counter, describe_gauge, describe_histogram, Unit};
+
+pub const REQUESTS: &str = "ingest_http_requests_total";
+pub const REQUEST_DURATION: &str = "ingest_http_request_duration_seconds";
+pub const EVENTS_ACCEPTED: &str = "ingest_events_accepted_total";
+pub const EVENTS_REJECTED: &str = "ingest_events_rejected_total";
+pub const RATE_LIMITED: &str = "ingest_rate_limited_total";
+pub const PRODUCE_DURATION: &str = "ingest_produce_duration_seconds";
+pub const PRODUCER_QUEUE: &str = "ingest_producer_queue_messages";
+pub const COMMANDS: &str = "ingest_commands_total";
+
+pub fn describe() {
+    describe_counter!(REQUESTS, Unit::Count, "HTTP requests, by route and status");
+    describe_histogram!(
+        REQUEST_DURATION,
+        Unit::Seconds,
+        "HTTP request latency, by route"
+    );
+    describe_counter!(
+        EVENTS_ACCEPTED,
+        Unit::Count,
+        "Usage events durable in Kafka (answered 202)"
+    );
+    describe_counter!(
+        EVENTS_REJECTED,
+        Unit::Count,
+        "Usage events refused, by reason"
+    );
+    describe_counter!(
+        RATE_LIMITED,
+        Unit::Count,
+        "Requests refused with 429 by the tenant rate limit"
+    );
+    describe_histogram!(
+        PRODUCE_DURATION,
+        Unit::Seconds,
+        "From enqueue to the broker's ack, per request"
+    );
+    describe_gauge!(
+        PRODUCER_QUEUE,
+        Unit::Count,
+        "Messages waiting in the producer queue"
+    );
+    describe_counter!(COMMANDS, Unit::Count, "Pool commands sent (grant, void)");
+}

@@ -1,0 +1,209 @@
+//! Input rules shared by every endpoint: ids, amounts, timestamps, dimensions. Each failure
+//! names its field.
+
+use std::str::FromStr;
+
+use chrono::{DateTime, Utc};
+use rust_decimal::Decimal;
+use serde_json::Value;
+use shared::amount::{to_fixed, AmountError};
+
+use crate::error::ApiError;
+
+/// Ids: 1-128 chars of `[A-Za-z0-9._:@-]`.
+pub fn id_ok(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= 128
+        && s.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b':' | b'@' | b'-'))
+}
+
+pub fn id(field: &str, s: &str) -> Result<(), ApiError> {
+    if id_ok(s) {
+        Ok(())
+    } else {
+        Err(ApiError::invalid(
+            field,
+            "invalid_id",
+            "must be 1-128 characters of A-Z a-z 0-9 . _ : @ -",
+        ))
+    }
+}
+
+/// A decimal amount given as a string (or a JSON number), checked against the credit type's
+/// places and the 2^53 fixed-point bound.
+pub fn amount(
+    field: &str,
+    v: &Value,
+    decimals: u32,
+    allow_zero: bool,
+) -> Result<Decimal, ApiError> {
+    let text = match v {
+        Value::String(s) => s.clone(),
+        Value::Number(n) => n.to_string(),
+        _ => {
+            return Err(ApiError::invalid(
+                field,
+                "invalid_amount",
+                "must be a decimal string such as \"12.5\"",
+            ))
+        }
+    };
+    let d = Decimal::from_str(text.trim())
+        .or_else(|_| Decimal::from_scientific(text.trim()))
+        .map_err(|_| {
+            ApiError::invalid(
+                field,
+                "invalid_amount",
+                "must be a decimal string such as \"12.5\"",
+            )
+        })?;
+    if d.is_zero() && !allow_zero {
+        return Err(ApiError::invalid(
+            field,
+            "invalid_amount",
+            "must be greater than zero",
+        ));
+    }
+    match to_fixed(d, decimals) {
+        Ok(_) => Ok(d.normalize()),
+        Err(AmountError::Negative) => Err(ApiError::invalid(
+            field,
+            "invalid_amount",
+            "must not be negative",
+        )),
+        Err(e @ AmountError::TooPrecise(_)) => {
+            Err(ApiError::invalid(field, "too_precise", e.to_string()))
+        }
+        Err(e @ AmountError::TooLarge(_)) => {
+            Err(ApiError::invalid(field, "too_large", e.to_string()))
+        }
+    }
+}
+
+pub fn timestamp(field: &str, v: &Value) -> Result<DateTime<Utc>, ApiError> {
+    v.as_str()
+        .and_then(|s| DateTime::parse_from_rfc3339(s).ok())
+        .map(|t| t.with_timezone(&Utc))
+        .filter(|t| t.timestamp() >= 0)
+        .ok_or_else(|| {
+            ApiError::invalid(
+                field,
+                "invalid_timestamp",
+                "must be an RFC 3339 time such as 2026-01-31T12:00:00Z",
+            )
+        })
+}
+
+/// Dimensions: a flat object of strings and numbers, at most 64 keys of at most 128 chars.
+pub fn dimensions(field: &str, v: &Value) -> Result<serde_json::Map<String, Value>, ApiError> {
+    let Value::Object(map) = v else {
+        return Err(ApiError::invalid(
+            field,
+            "invalid_dimensions",
+            "must be an object of strings and numbers",
+        ));
+    };
+    if map.len() > 64 {
+        return Err(ApiError::invalid(
+            field,
+            "too_many_dimensions",
+            "at most 64 dimensions",
+        ));
+    }
+    for (k, val) in map {
+        if k.is_empty() || k.len() > 128 {
+            return Err(ApiError::invalid(
+                &format!("{field}.{k}"),
+                "invalid_dimension",
+                "names are 1-128 characters",
+            ));
+        }
+        match val {
+            Value::String(s) if s.len() <= 1024 => {}
+            Value::Number(_) => {}
+            _ => {
+                return Err(ApiError::invalid(
+                    &format!("{field}.{k}"),
+                    "invalid_dimension",
+                    "must be a string (at most 1024 chars) or a number",
+                ))
+            }
+        }
+    }
+    Ok(map.clone())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn ids() {
+        assert!(id_ok("c-42"));
+        assert!(id_ok("a.b_c:d@e-f"));
+        assert!(!id_ok(""));
+        assert!(!id_ok("has space"));
+        assert!(!id_ok("slash/"));
+        assert!(!id_ok(&"x".repeat(129)));
+        assert!(id_ok(&"x".repeat(128)));
+    }
+
+    #[test]
+    fn amounts() {
+        assert_eq!(
+            amount("a", &json!("12.50"), 2, false).unwrap(),
+            Decimal::from_str("12.5").unwrap()
+        );
+        assert_eq!(
+            amount("a", &json!("1.001"), 2, false)
+                .unwrap_err()
+                .body
+                .code,
+            "too_precise"
+        );
+        assert_eq!(
+            amount("a", &json!("-1"), 2, false).unwrap_err().body.code,
+            "invalid_amount"
+        );
+        assert_eq!(
+            amount("a", &json!("0"), 2, false).unwrap_err().body.code,
+            "invalid_amount"
+        );
+        assert_eq!(
+            amount("a", &json!("1e30"), 2, false).unwrap_err().body.code,
+            "too_large"
+        );
+        assert_eq!(
+            amount("a", &json!("abc"), 2, false)
+                .unwrap_err()
+                .body
+                .field
+                .as_deref(),
+            Some("a")
+        );
+        assert_eq!(
+            amount("a", &json!({"x": 1}), 2, false)
+                .unwrap_err()
+                .body
+                .code,
+            "invalid_amount"
+        );
+    }
+
+    #[test]
+    fn dims() {
+        assert!(dimensions("d", &json!({"userId": "u-1", "actionTokens": 150})).is_ok());
+        assert_eq!(
+            dimensions("d", &json!({"a": {"b": 1}}))
+                .unwrap_err()
+                .body
+                .field
+                .as_deref(),
+            Some("d.a")
+        );
+        assert!(dimensions("d", &json!([1])).is_err());
+        assert!(dimensions("d", &json!({"a": true})).is_err());
+    }
+}

@@ -1,0 +1,221 @@
+//! The ledger-writer: consumes the ledger topic and settles each batch to Postgres in one
+//! transaction (usage events, ledger entries, grant remainders, pool balances), committing the
+//! Kafka offsets only after the transaction commits.
+//!
+//! Every write is idempotent: ledger entries are unique by (tenant, type, source, index) and
+//! balances move only by the entries actually inserted, so a redelivered batch changes nothing.
+
+pub mod metric;
+pub mod settle;
+
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use anyhow::Context as _;
+use rdkafka::consumer::{Consumer, DefaultConsumerContext, StreamConsumer};
+use rdkafka::message::{BorrowedMessage, Header, OwnedHeaders};
+use rdkafka::producer::FutureRecord;
+use rdkafka::Message;
+use shared::config::{DbArgs, KafkaArgs};
+use shared::model::LedgerMsg;
+use shared::telemetry::Ready;
+use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
+
+#[derive(clap::Parser, Debug)]
+#[command(
+    name = "ledger-writer",
+    about = "Settles the decided credit facts to the Postgres ledger"
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Option<Command>,
+    #[command(flatten)]
+    pub config: Config,
+}
+
+#[derive(clap::Subcommand, Debug, Clone)]
+pub enum Command {
+    /// Consume and settle (the default).
+    Run,
+    /// Apply the database migrations and exit (run once per deploy, not by every replica).
+    Migrate,
+}
+
+/// The ledger-writer's configuration (flags or env).
+#[derive(clap::Args, Debug, Clone)]
+pub struct Config {
+    #[command(flatten)]
+    pub kafka: KafkaArgs,
+    #[command(flatten)]
+    pub db: DbArgs,
+    /// Consumer group of the ledger-writers.
+    #[arg(long, env = "LEDGER_WRITER_GROUP_ID", default_value = "ledger-writer")]
+    pub group_id: String,
+    /// Where /healthz, /readyz and /metrics are served.
+    #[arg(
+        long,
+        env = "LEDGER_WRITER_METRICS_LISTEN",
+        default_value = "127.0.0.1:9102"
+    )]
+    pub metrics_listen: SocketAddr,
+    /// Most messages settled in one transaction.
+    #[arg(long, env = "LEDGER_WRITER_MAX_BATCH", default_value_t = 5000)]
+    pub max_batch: usize,
+    /// Longest wait to fill a batch, in milliseconds.
+    #[arg(long, env = "LEDGER_WRITER_MAX_WAIT_MS", default_value_t = 20)]
+    pub max_wait_ms: u64,
+}
+
+pub async fn migrate(db: &DbArgs) -> anyhow::Result<()> {
+    let pool = shared::db::connect(db).await.context("postgres")?;
+    shared::db::MIGRATOR
+        .run(&pool)
+        .await
+        .context("migrations")?;
+    tracing::info!("migrations applied");
+    Ok(())
+}
+
+/// A consumed ledger message.
+pub struct InMsg {
+    pub partition: i32,
+    pub offset: i64,
+    pub payload: Vec<u8>,
+    pub decoded: Result<LedgerMsg, String>,
+}
+
+impl From<&BorrowedMessage<'_>> for InMsg {
+    fn from(m: &BorrowedMessage<'_>) -> Self {
+        let payload = m.payload().unwrap_or_default().to_vec();
+        let decoded =
+            serde_json::from_slice::<LedgerMsg>(&payload).map_err(|e| format!("undecodable: {e}"));
+        InMsg {
+            partition: m.partition(),
+            offset: m.offset(),
+            payload,
+            decoded,
+        }
+    }
+}
+
+pub async fn run(config: Config, ready: Ready, shutdown: CancellationToken) -> anyhow::Result<()> {
+    crate::metric::describe();
+    shared::kafka::partition_counts(
+        &config.kafka,
+        &[&config.kafka.ledger_topic, &config.kafka.input_topic],
+    )?;
+    let db = shared::db::connect(&config.db).await.context("postgres")?;
+    let producer = shared::kafka::producer(&config.kafka, 1)?;
+    let consumer: StreamConsumer<DefaultConsumerContext> =
+        shared::kafka::consumer(&config.kafka, &config.group_id, DefaultConsumerContext)?;
+    consumer.subscribe(&[&config.kafka.ledger_topic])?;
+    let settler = settle::Settler {
+        db,
+        producer: producer.clone(),
+        input_topic: config.kafka.input_topic.clone(),
+    };
+    ready.set(true);
+    tracing::info!(group = %config.group_id, topic = %config.kafka.ledger_topic, "ledger-writer running");
+
+    let wait = Duration::from_millis(config.max_wait_ms);
+    let result = loop {
+        let Some(batch) = shared::kafka::next_batch(
+            &consumer,
+            config.max_batch,
+            wait,
+            &shutdown,
+            |m: &BorrowedMessage<'_>| InMsg::from(m),
+        )
+        .await
+        else {
+            break Ok(());
+        };
+        let started = Instant::now();
+        let span = tracing::debug_span!(
+            "batch",
+            messages = batch.len(),
+            first_offset = batch[0].offset
+        );
+        // Dead-letter what cannot be decoded, then settle the rest (retrying: it is idempotent).
+        for m in batch.iter().filter(|m| m.decoded.is_err()) {
+            dead_letter(&producer, &config.kafka, m).await?;
+        }
+        let facts: Vec<&LedgerMsg> = batch
+            .iter()
+            .filter_map(|m| m.decoded.as_ref().ok())
+            .collect();
+        let mut attempt = 0u32;
+        loop {
+            match settler.settle(&facts).instrument(span.clone()).await {
+                Ok(()) => break,
+                Err(e) if attempt < 20 && !shutdown.is_cancelled() => {
+                    attempt += 1;
+                    metrics::counter!(crate::metric::ERRORS, "stage" => "settle").increment(1);
+                    tracing::warn!(error = %format!("{e:#}"), attempt, "settle failed, retrying");
+                    tokio::time::sleep(Duration::from_millis(100 * u64::from(attempt.min(10))))
+                        .await;
+                }
+                Err(e) => return Err(e).context("settle failed repeatedly"),
+            }
+        }
+        shared::kafka::store_offsets(
+            &consumer,
+            &config.kafka.ledger_topic,
+            batch.iter().map(|m| (m.partition, m.offset)),
+        )?;
+        metrics::counter!(crate::metric::MESSAGES).increment(batch.len() as u64);
+        metrics::counter!(crate::metric::BATCHES).increment(1);
+        metrics::histogram!(crate::metric::BATCH_SIZE).record(batch.len() as f64);
+        tracing::debug!(
+            elapsed_ms = started.elapsed().as_millis() as u64,
+            "batch settled"
+        );
+    };
+    ready.set(false);
+    shared::kafka::final_commit(&consumer);
+    tracing::info!("ledger-writer stopped");
+    result
+}
+
+async fn dead_letter(
+    producer: &rdkafka::producer::FutureProducer,
+    kafka: &KafkaArgs,
+    m: &InMsg,
+) -> anyhow::Result<()> {
+    let reason = m
+        .decoded
+        .as_ref()
+        .err()
+        .map(String::as_str)
+        .unwrap_or("unknown");
+    tracing::warn!(partition = m.partition, offset = m.offset, %reason, "dead-lettered");
+    metrics::counter!(crate::metric::DLQ, "reason" => "undecodable").increment(1);
+    let headers = OwnedHeaders::new()
+        .insert(Header {
+            key: "reason",
+            value: Some(reason),
+        })
+        .insert(Header {
+            key: "source_topic",
+            value: Some(kafka.ledger_topic.as_str()),
+        })
+        .insert(Header {
+            key: "source_partition",
+            value: Some(&m.partition.to_string()),
+        })
+        .insert(Header {
+            key: "source_offset",
+            value: Some(&m.offset.to_string()),
+        });
+    producer
+        .send(
+            FutureRecord::<(), _>::to(&kafka.dlq_topic)
+                .payload(&m.payload)
+                .headers(headers),
+            Duration::from_secs(30),
+        )
+        .await
+        .map_err(|(e, _)| anyhow::anyhow!("dead-letter produce: {e}"))?;
+    Ok(())
+}

@@ -1,0 +1,27 @@
+use clap::Parser;
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    shared::telemetry::init_tracing();
+    let cli = ledger_writer::Cli::parse();
+    match cli.command {
+        Some(ledger_writer::Command::Migrate) => ledger_writer::migrate(&cli.config.db).await,
+        None | Some(ledger_writer::Command::Run) => {
+            let handle = shared::telemetry::install_metrics();
+            let shutdown = shared::telemetry::shutdown_on_signal();
+            let ready = shared::telemetry::Ready::default();
+            shared::telemetry::serve_ops(
+                cli.config.metrics_listen,
+                handle,
+                ready.clone(),
+                shutdown.clone(),
+            )
+            .await?;
+            let r = ledger_writer::run(cli.config, ready, shutdown).await;
+            if let Err(e) = &r {
+                tracing::error!(error = %format!("{e:#}"), "ledger-writer failed");
+            }
+            r
+        }
+    }
+}

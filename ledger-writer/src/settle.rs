@@ -1,0 +1,565 @@
+//! One batch of facts -> one Postgres transaction.
+//!
+//! 1. usage events: insert, ON CONFLICT DO NOTHING. A conflicting key with the same event_uid
+//!    is a redelivery (skip); with another uid it is a duplicate that slipped past Redis: it is
+//!    counted, its entries are not settled, and a reverse command gives its deduction back to
+//!    the hot pool (produced and acked before the commit; the rater applies it once per uid).
+//! 2. grants: insert, ON CONFLICT DO NOTHING.
+//! 3. ledger entries: insert, ON CONFLICT DO NOTHING RETURNING what was new.
+//! 4. grant remainders and pool balances move by the new entries only.
+
+use std::collections::{HashMap, HashSet};
+use std::time::{Duration, Instant};
+
+use chrono::{DateTime, Utc};
+use rdkafka::producer::{FutureProducer, FutureRecord};
+use rust_decimal::Decimal;
+use shared::model::{partition_key, Entry, InputMsg, LedgerMsg, Outcome, ReverseCmd, UsageFact};
+use sqlx::PgPool;
+use uuid::Uuid;
+
+use crate::metric as m;
+
+pub struct Settler {
+    pub db: PgPool,
+    pub producer: FutureProducer,
+    pub input_topic: String,
+}
+
+/// Column vectors for one multi-row insert into ledger_entries.
+#[derive(Default)]
+struct Entries {
+    tenant: Vec<String>,
+    customer: Vec<String>,
+    resource: Vec<String>,
+    credit_type: Vec<String>,
+    ts: Vec<DateTime<Utc>>,
+    kind: Vec<&'static str>,
+    source: Vec<String>,
+    source_id: Vec<String>,
+    idx: Vec<i32>,
+    grant_id: Vec<Option<Uuid>>,
+    amount: Vec<Decimal>,
+    end_balance: Vec<Decimal>,
+    actor: Vec<String>,
+}
+
+impl Entries {
+    #[allow(clippy::too_many_arguments)]
+    fn push(
+        &mut self,
+        pool: (&str, &str, &str, &str),
+        ts: DateTime<Utc>,
+        kind: &'static str,
+        source: &str,
+        source_id: &str,
+        idx: i32,
+        e: &Entry,
+        actor: &str,
+    ) {
+        self.tenant.push(pool.0.to_owned());
+        self.customer.push(pool.1.to_owned());
+        self.resource.push(pool.2.to_owned());
+        self.credit_type.push(pool.3.to_owned());
+        self.ts.push(ts);
+        self.kind.push(kind);
+        self.source.push(source.to_owned());
+        self.source_id.push(source_id.to_owned());
+        self.idx.push(idx);
+        self.grant_id.push(e.grant_id);
+        self.amount.push(e.amount);
+        self.end_balance.push(e.end_balance);
+        self.actor.push(actor.to_owned());
+    }
+}
+
+type PoolKey = (String, String, String, String);
+
+impl Settler {
+    pub async fn settle(&self, facts: &[&LedgerMsg]) -> anyhow::Result<()> {
+        if facts.is_empty() {
+            return Ok(());
+        }
+        let started = Instant::now();
+        let mut tx = self.db.begin().await?;
+
+        // 1. Usage events that decided something (not Redis-caught duplicates).
+        let usage: Vec<&UsageFact> = facts
+            .iter()
+            .filter_map(|f| match f {
+                LedgerMsg::Usage(u) if u.outcome != Outcome::Duplicate => Some(u),
+                _ => None,
+            })
+            .collect();
+        let mut slipped: Vec<&UsageFact> = Vec::new();
+        if !usage.is_empty() {
+            let mut cols = UsageCols::default();
+            for u in &usage {
+                cols.push(u);
+            }
+            let inserted: Vec<(String, String, Uuid)> = sqlx::query_as(
+                "INSERT INTO usage_events (tenant_id, idempotency_key, event_uid, customer_id, resource_id,
+                    event_name, ts, accepted_at, status, reason, credit_type, cost, dimensions)
+                 SELECT * FROM UNNEST($1::text[], $2::text[], $3::uuid[], $4::text[], $5::text[], $6::text[],
+                    $7::timestamptz[], $8::timestamptz[], $9::text[], $10::text[], $11::text[], $12::numeric[], $13::jsonb[])
+                 ON CONFLICT (tenant_id, idempotency_key) DO NOTHING
+                 RETURNING tenant_id, idempotency_key, event_uid",
+            )
+            .bind(&cols.tenant)
+            .bind(&cols.key)
+            .bind(&cols.uid)
+            .bind(&cols.customer)
+            .bind(&cols.resource)
+            .bind(&cols.name)
+            .bind(&cols.ts)
+            .bind(&cols.accepted)
+            .bind(&cols.status)
+            .bind(&cols.reason)
+            .bind(&cols.credit_type)
+            .bind(&cols.cost)
+            .bind(&cols.dims)
+            .fetch_all(&mut *tx)
+            .await?;
+            metrics::counter!(m::ROWS, "table" => "usage_events").increment(inserted.len() as u64);
+            let new_uids: HashSet<Uuid> = inserted.iter().map(|r| r.2).collect();
+            let lost: Vec<&&UsageFact> = usage
+                .iter()
+                .filter(|u| !new_uids.contains(&u.event.event_uid))
+                .collect();
+            if !lost.is_empty() {
+                // Who holds these keys? Same uid = a redelivery; another uid = a slipped duplicate.
+                let tenants: Vec<String> = lost.iter().map(|u| u.event.tenant_id.clone()).collect();
+                let keys: Vec<String> = lost
+                    .iter()
+                    .map(|u| u.event.idempotency_key.clone())
+                    .collect();
+                let holders: Vec<(String, String, Uuid)> = sqlx::query_as(
+                    "SELECT u.tenant_id, u.idempotency_key, u.event_uid FROM usage_events u
+                     JOIN UNNEST($1::text[], $2::text[]) AS k(t, k) ON u.tenant_id = k.t AND u.idempotency_key = k.k",
+                )
+                .bind(&tenants)
+                .bind(&keys)
+                .fetch_all(&mut *tx)
+                .await?;
+                let holder: HashMap<(&str, &str), Uuid> = holders
+                    .iter()
+                    .map(|(t, k, u)| ((t.as_str(), k.as_str()), *u))
+                    .collect();
+                for u in lost {
+                    let h =
+                        holder.get(&(u.event.tenant_id.as_str(), u.event.idempotency_key.as_str()));
+                    if h != Some(&u.event.event_uid) {
+                        slipped.push(u);
+                    }
+                }
+            }
+        }
+
+        // Duplicates: caught by Redis, or slipped past it and caught here.
+        let mut dup_t = Vec::new();
+        let mut dup_uid = Vec::new();
+        let mut dup_key = Vec::new();
+        let mut dup_by = Vec::new();
+        for f in facts {
+            if let LedgerMsg::Usage(u) = f {
+                if u.outcome == Outcome::Duplicate {
+                    dup_t.push(u.event.tenant_id.clone());
+                    dup_uid.push(u.event.event_uid);
+                    dup_key.push(u.event.idempotency_key.clone());
+                    dup_by.push("redis");
+                }
+            }
+        }
+        for u in &slipped {
+            dup_t.push(u.event.tenant_id.clone());
+            dup_uid.push(u.event.event_uid);
+            dup_key.push(u.event.idempotency_key.clone());
+            dup_by.push("postgres");
+        }
+        if !dup_t.is_empty() {
+            let n = sqlx::query(
+                "INSERT INTO duplicate_events (tenant_id, event_uid, idempotency_key, caught_by)
+                 SELECT * FROM UNNEST($1::text[], $2::uuid[], $3::text[], $4::text[]) ON CONFLICT DO NOTHING",
+            )
+            .bind(&dup_t)
+            .bind(&dup_uid)
+            .bind(&dup_key)
+            .bind(&dup_by)
+            .execute(&mut *tx)
+            .await?
+            .rows_affected();
+            metrics::counter!(m::ROWS, "table" => "duplicate_events").increment(n);
+            for by in &dup_by {
+                metrics::counter!(m::DUPLICATES, "caught_by" => *by).increment(1);
+            }
+        }
+
+        // 2. Grants, and the overdraft each repaid (only for grants inserted now).
+        let mut repaid: HashMap<PoolKey, Decimal> = HashMap::new();
+        for f in facts {
+            if let LedgerMsg::Grant(g) = f {
+                let s = &g.grant;
+                let inserted = sqlx::query(
+                    "INSERT INTO grants (tenant_id, id, customer_id, resource_id, credit_type, amount, remaining,
+                        status, category, priority, cost_amount, cost_currency, effective_at, expires_at,
+                        display_name, description, metadata, source, created_at)
+                     VALUES ($1,$2,$3,$4,$5,$6,$7,'active',$8,$9,$10,$11,$12,$13,$14,$15,$16,$17,$18)
+                     ON CONFLICT DO NOTHING",
+                )
+                .bind(&g.tenant_id)
+                .bind(s.id)
+                .bind(&s.customer_id)
+                .bind(&s.resource_id)
+                .bind(&s.credit_type)
+                .bind(s.amount)
+                .bind(g.remaining)
+                .bind(match s.category {
+                    shared::model::Category::Paid => "paid",
+                    shared::model::Category::Promo => "promo",
+                })
+                .bind(s.priority as i32)
+                .bind(s.cost.as_ref().map(|c| c.amount))
+                .bind(s.cost.as_ref().map(|c| c.currency.clone()))
+                .bind(s.effective_at)
+                .bind(s.expires_at)
+                .bind(&s.display_name)
+                .bind(&s.description)
+                .bind(&s.metadata)
+                .bind(&s.source)
+                .bind(s.created_at)
+                .execute(&mut *tx)
+                .await?
+                .rows_affected();
+                if inserted == 1 && g.remaining < s.amount {
+                    let k = (
+                        g.tenant_id.clone(),
+                        s.customer_id.clone(),
+                        s.resource_id.clone(),
+                        s.credit_type.clone(),
+                    );
+                    *repaid.entry(k).or_default() += s.amount - g.remaining;
+                }
+            }
+        }
+
+        // 3. Ledger entries.
+        let mut es = Entries::default();
+        let mut e2e: Vec<f64> = Vec::new();
+        let now = Utc::now();
+        let slipped_uids: HashSet<Uuid> = slipped.iter().map(|u| u.event.event_uid).collect();
+        for f in facts {
+            match f {
+                LedgerMsg::Usage(u) => {
+                    let ev = &u.event;
+                    if slipped_uids.contains(&ev.event_uid) {
+                        continue;
+                    }
+                    if let Ok(d) = (now - ev.accepted_at).to_std() {
+                        e2e.push(d.as_secs_f64());
+                    }
+                    match &u.outcome {
+                        Outcome::Settled {
+                            credit_type,
+                            entries,
+                            ..
+                        } => {
+                            let pool = (
+                                ev.tenant_id.as_str(),
+                                ev.customer_id.as_str(),
+                                ev.resource_id.as_str(),
+                                credit_type.as_str(),
+                            );
+                            for (i, e) in entries.iter().enumerate() {
+                                es.push(
+                                    pool,
+                                    ev.timestamp,
+                                    "consume",
+                                    "usage",
+                                    &ev.idempotency_key,
+                                    i as i32,
+                                    e,
+                                    "system",
+                                );
+                            }
+                        }
+                        Outcome::Denied {
+                            credit_type,
+                            end_balance,
+                            ..
+                        } => {
+                            let pool = (
+                                ev.tenant_id.as_str(),
+                                ev.customer_id.as_str(),
+                                ev.resource_id.as_str(),
+                                credit_type.as_str(),
+                            );
+                            let e = Entry {
+                                grant_id: None,
+                                amount: Decimal::ZERO,
+                                end_balance: *end_balance,
+                            };
+                            es.push(
+                                pool,
+                                ev.timestamp,
+                                "deny",
+                                "usage",
+                                &ev.idempotency_key,
+                                0,
+                                &e,
+                                "system",
+                            );
+                        }
+                        Outcome::Unpriced { .. } | Outcome::Duplicate => {}
+                    }
+                }
+                LedgerMsg::Grant(g) => {
+                    let s = &g.grant;
+                    let pool = (
+                        g.tenant_id.as_str(),
+                        s.customer_id.as_str(),
+                        s.resource_id.as_str(),
+                        s.credit_type.as_str(),
+                    );
+                    let sid = s.id.to_string();
+                    for (i, e) in g.entries.iter().enumerate() {
+                        es.push(
+                            pool,
+                            s.created_at,
+                            "grant",
+                            &s.source,
+                            &sid,
+                            i as i32,
+                            e,
+                            &g.actor,
+                        );
+                    }
+                }
+                LedgerMsg::Void(v) => {
+                    let p = &v.pool;
+                    let pool = (
+                        p.tenant_id.as_str(),
+                        p.customer_id.as_str(),
+                        p.resource_id.as_str(),
+                        p.credit_type.as_str(),
+                    );
+                    let sid = v.grant_id.to_string();
+                    for (i, e) in v.entries.iter().enumerate() {
+                        es.push(pool, v.at, "void", "api", &sid, i as i32, e, &v.actor);
+                    }
+                }
+            }
+        }
+        type NewRow = (
+            String,
+            String,
+            String,
+            String,
+            String,
+            Option<Uuid>,
+            Decimal,
+        );
+        let new_rows: Vec<NewRow> = if es.tenant.is_empty() {
+            Vec::new()
+        } else {
+            sqlx::query_as(
+                "INSERT INTO ledger_entries (tenant_id, customer_id, resource_id, credit_type, ts, type, source,
+                    source_id, entry_idx, grant_id, amount, end_balance, actor)
+                 SELECT * FROM UNNEST($1::text[], $2::text[], $3::text[], $4::text[], $5::timestamptz[], $6::text[],
+                    $7::text[], $8::text[], $9::int4[], $10::uuid[], $11::numeric[], $12::numeric[], $13::text[])
+                 ON CONFLICT (tenant_id, type, source_id, entry_idx) DO NOTHING
+                 RETURNING tenant_id, customer_id, resource_id, credit_type, type, grant_id, amount",
+            )
+            .bind(&es.tenant)
+            .bind(&es.customer)
+            .bind(&es.resource)
+            .bind(&es.credit_type)
+            .bind(&es.ts)
+            .bind(&es.kind)
+            .bind(&es.source)
+            .bind(&es.source_id)
+            .bind(&es.idx)
+            .bind(&es.grant_id)
+            .bind(&es.amount)
+            .bind(&es.end_balance)
+            .bind(&es.actor)
+            .fetch_all(&mut *tx)
+            .await?
+        };
+        metrics::counter!(m::ROWS, "table" => "ledger_entries").increment(new_rows.len() as u64);
+
+        // 4. Move grant remainders and pool balances by what was inserted now.
+        let mut grant_delta: HashMap<(String, Uuid), (Decimal, bool)> = HashMap::new();
+        let mut pool_delta: HashMap<PoolKey, (Decimal, Decimal)> = HashMap::new();
+        for (t, c, r, ct, kind, gid, amount) in new_rows {
+            let p = pool_delta.entry((t.clone(), c, r, ct)).or_default();
+            p.0 += amount;
+            match (kind.as_str(), gid) {
+                // A grant is inserted with its remaining already; its entry moves the pool only.
+                ("grant", _) => {}
+                (_, Some(g)) => {
+                    let d = grant_delta.entry((t, g)).or_default();
+                    d.0 += amount;
+                    d.1 |= kind == "void";
+                }
+                // Overdraft under a soft limit: consumption beyond every grant.
+                (_, None) => p.1 -= amount,
+            }
+        }
+        for (k, r) in repaid {
+            pool_delta.entry(k).or_default().1 -= r;
+        }
+        if !grant_delta.is_empty() {
+            let (mut t, mut ids, mut ds, mut voids) =
+                (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+            for ((tenant, id), (d, v)) in grant_delta {
+                t.push(tenant);
+                ids.push(id);
+                ds.push(d);
+                voids.push(v);
+            }
+            sqlx::query(
+                "UPDATE grants g SET remaining = g.remaining + d.delta,
+                    status = CASE WHEN d.void THEN 'voided'
+                                  WHEN g.status = 'voided' THEN 'voided'
+                                  WHEN g.remaining + d.delta <= 0 THEN 'depleted' ELSE 'active' END,
+                    voided_at = CASE WHEN d.void THEN now() ELSE g.voided_at END
+                 FROM UNNEST($1::text[], $2::uuid[], $3::numeric[], $4::bool[]) AS d(tenant_id, id, delta, void)
+                 WHERE g.tenant_id = d.tenant_id AND g.id = d.id",
+            )
+            .bind(&t)
+            .bind(&ids)
+            .bind(&ds)
+            .bind(&voids)
+            .execute(&mut *tx)
+            .await?;
+        }
+        if !pool_delta.is_empty() {
+            let (mut t, mut c, mut r, mut ct, mut b, mut o) =
+                (vec![], vec![], vec![], vec![], vec![], vec![]);
+            for ((tenant, customer, resource, credit_type), (bal, od)) in pool_delta {
+                t.push(tenant);
+                c.push(customer);
+                r.push(resource);
+                ct.push(credit_type);
+                b.push(bal);
+                o.push(od);
+            }
+            sqlx::query(
+                "INSERT INTO pools AS p (tenant_id, customer_id, resource_id, credit_type, balance, overdraft)
+                 SELECT * FROM UNNEST($1::text[], $2::text[], $3::text[], $4::text[], $5::numeric[], $6::numeric[])
+                 ON CONFLICT (tenant_id, customer_id, credit_type, resource_id) DO UPDATE
+                 SET balance = p.balance + EXCLUDED.balance, overdraft = p.overdraft + EXCLUDED.overdraft, updated_at = now()",
+            )
+            .bind(&t)
+            .bind(&c)
+            .bind(&r)
+            .bind(&ct)
+            .bind(&b)
+            .bind(&o)
+            .execute(&mut *tx)
+            .await?;
+        }
+
+        // Give back what slipped duplicates deducted, durably, before the commit.
+        if !slipped.is_empty() {
+            self.reverse(&slipped).await?;
+        }
+        tx.commit().await?;
+        metrics::histogram!(m::TX_DURATION).record(started.elapsed().as_secs_f64());
+        for s in e2e {
+            metrics::histogram!(m::E2E).record(s);
+        }
+        Ok(())
+    }
+
+    async fn reverse(&self, slipped: &[&UsageFact]) -> anyhow::Result<()> {
+        for u in slipped {
+            let Outcome::Settled {
+                credit_type,
+                entries,
+                ..
+            } = &u.outcome
+            else {
+                continue;
+            };
+            if entries.is_empty() {
+                continue;
+            }
+            let ev = &u.event;
+            tracing::warn!(tenant = %ev.tenant_id, key = %ev.idempotency_key, "duplicate slipped past redis: reversing");
+            let cmd = InputMsg::Reverse(ReverseCmd {
+                tenant_id: ev.tenant_id.clone(),
+                customer_id: ev.customer_id.clone(),
+                resource_id: ev.resource_id.clone(),
+                credit_type: credit_type.clone(),
+                decimals: entries[0].amount.scale(),
+                event_uid: ev.event_uid,
+                entries: entries.clone(),
+            });
+            let payload = serde_json::to_vec(&cmd)?;
+            let key = partition_key(&ev.tenant_id, &ev.customer_id);
+            // Rare (a duplicate that slipped past Redis): one at a time is fine.
+            self.producer
+                .send(
+                    FutureRecord::to(&self.input_topic)
+                        .key(&key)
+                        .payload(&payload),
+                    Duration::from_secs(30),
+                )
+                .await
+                .map_err(|(e, _)| anyhow::anyhow!("reverse produce: {e}"))?;
+            metrics::counter!(m::REVERSALS).increment(1);
+        }
+        Ok(())
+    }
+}
+
+#[derive(Default)]
+struct UsageCols {
+    tenant: Vec<String>,
+    key: Vec<String>,
+    uid: Vec<Uuid>,
+    customer: Vec<String>,
+    resource: Vec<String>,
+    name: Vec<String>,
+    ts: Vec<DateTime<Utc>>,
+    accepted: Vec<DateTime<Utc>>,
+    status: Vec<&'static str>,
+    reason: Vec<Option<String>>,
+    credit_type: Vec<Option<String>>,
+    cost: Vec<Option<Decimal>>,
+    dims: Vec<serde_json::Value>,
+}
+
+impl UsageCols {
+    fn push(&mut self, u: &UsageFact) {
+        let e = &u.event;
+        self.tenant.push(e.tenant_id.clone());
+        self.key.push(e.idempotency_key.clone());
+        self.uid.push(e.event_uid);
+        self.customer.push(e.customer_id.clone());
+        self.resource.push(e.resource_id.clone());
+        self.name.push(e.event_name.clone());
+        self.ts.push(e.timestamp);
+        self.accepted.push(e.accepted_at);
+        self.status.push(u.outcome.status());
+        let (reason, ct, cost) = match &u.outcome {
+            Outcome::Settled {
+                credit_type, cost, ..
+            } => (None, Some(credit_type.clone()), Some(*cost)),
+            Outcome::Denied {
+                credit_type,
+                cost,
+                reason,
+                ..
+            } => (Some(reason.clone()), Some(credit_type.clone()), Some(*cost)),
+            Outcome::Unpriced { reason } => (Some(reason.clone()), None, None),
+            Outcome::Duplicate => (None, None, None),
+        };
+        self.reason.push(reason);
+        self.credit_type.push(ct);
+        self.cost.push(cost);
+        self.dims
+            .push(serde_json::Value::Object(e.dimensions.clone()));
+    }
+}

@@ -1,0 +1,219 @@
+//! The rater: consumes the input topic, prices usage events, applies each batch to the Redis
+//! pools (one Lua call per pool, pipelined), produces the decided facts to the ledger topic
+//! (same partition number as the input), and only then stores the input offsets.
+//!
+//! A crash anywhere is harmless: a redelivered operation is recognised by its input offset and
+//! answered from the pool's journal with the result decided the first time.
+
+pub mod catalogue;
+pub mod metric;
+pub mod pools;
+pub mod settle;
+pub mod step;
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::Context as _;
+use rdkafka::consumer::{Consumer, ConsumerContext, Rebalance, StreamConsumer};
+use rdkafka::error::KafkaResult;
+use rdkafka::{ClientContext, Offset, TopicPartitionList};
+use shared::config::{DbArgs, KafkaArgs, RedisArgs};
+use shared::telemetry::Ready;
+use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
+
+/// The rater's configuration (flags or env).
+#[derive(clap::Parser, Debug, Clone)]
+#[command(
+    name = "rater",
+    about = "Prices usage events and deducts them from the hot credit pools"
+)]
+pub struct Config {
+    #[command(flatten)]
+    pub kafka: KafkaArgs,
+    #[command(flatten)]
+    pub redis: RedisArgs,
+    #[command(flatten)]
+    pub db: DbArgs,
+    /// Consumer group of the raters.
+    #[arg(long, env = "RATER_GROUP_ID", default_value = "rater")]
+    pub group_id: String,
+    /// Consumer group of the ledger-writers (to wait for settlement before a rebuild).
+    #[arg(long, env = "LEDGER_WRITER_GROUP_ID", default_value = "ledger-writer")]
+    pub ledger_writer_group_id: String,
+    /// Where /healthz, /readyz and /metrics are served.
+    #[arg(long, env = "RATER_METRICS_LISTEN", default_value = "127.0.0.1:9101")]
+    pub metrics_listen: SocketAddr,
+    /// Most messages decided in one batch.
+    #[arg(long, env = "RATER_MAX_BATCH", default_value_t = 5000)]
+    pub max_batch: usize,
+    /// Longest wait to fill a batch, in milliseconds.
+    #[arg(long, env = "RATER_MAX_WAIT_MS", default_value_t = 10)]
+    pub max_wait_ms: u64,
+    /// How long an idempotency key is remembered in Redis, in seconds (default 24 h, at most 35 days).
+    #[arg(long, env = "DEDUPE_WINDOW_SECONDS", default_value_t = 86_400,
+          value_parser = clap::value_parser!(u64).range(60..=35 * 86_400))]
+    pub dedupe_window_s: u64,
+    /// Producer linger for the ledger topic, in milliseconds.
+    #[arg(long, env = "RATER_LINGER_MS", default_value_t = 2)]
+    pub linger_ms: u32,
+}
+
+/// Committed input offsets per partition, fed by librdkafka's commit callback: the journal of a
+/// pool may drop what lies below them.
+#[derive(Clone, Default)]
+pub struct Committed(Arc<Mutex<HashMap<i32, i64>>>);
+
+impl Committed {
+    pub fn raise(&self, partition: i32, offset: i64) {
+        let mut m = self.0.lock().expect("poisoned");
+        let e = m.entry(partition).or_insert(offset);
+        *e = (*e).max(offset);
+    }
+    pub fn snapshot(&self) -> HashMap<i32, i64> {
+        self.0.lock().expect("poisoned").clone()
+    }
+}
+
+pub struct Ctx {
+    committed: Committed,
+}
+
+impl ClientContext for Ctx {}
+
+impl ConsumerContext for Ctx {
+    fn post_rebalance(
+        &self,
+        _base: &rdkafka::consumer::BaseConsumer<Self>,
+        rebalance: &Rebalance<'_>,
+    ) {
+        match rebalance {
+            Rebalance::Assign(tpl) => {
+                tracing::info!(partitions = tpl.count(), "partitions assigned");
+                metrics::gauge!(crate::metric::ASSIGNED_PARTITIONS).set(tpl.count() as f64);
+            }
+            Rebalance::Revoke(tpl) => {
+                tracing::info!(partitions = tpl.count(), "partitions revoked")
+            }
+            Rebalance::Error(e) => tracing::warn!(error = %e, "rebalance error"),
+        }
+    }
+
+    fn commit_callback(&self, result: KafkaResult<()>, offsets: &TopicPartitionList) {
+        match result {
+            Ok(()) => {
+                for e in offsets.elements() {
+                    if let Offset::Offset(o) = e.offset() {
+                        self.committed.raise(e.partition(), o);
+                    }
+                }
+            }
+            Err(e) => tracing::warn!(error = %e, "offset commit failed (will be retried)"),
+        }
+    }
+}
+
+/// Run the rater until `shutdown`. Returns an error for what a restart should handle.
+pub async fn run(config: Config, ready: Ready, shutdown: CancellationToken) -> anyhow::Result<()> {
+    crate::metric::describe();
+    let counts = shared::kafka::partition_counts(
+        &config.kafka,
+        &[&config.kafka.input_topic, &config.kafka.ledger_topic],
+    )?;
+    anyhow::ensure!(
+        counts[0] == counts[1],
+        "the ledger topic must have as many partitions as the input topic ({} vs {})",
+        counts[1],
+        counts[0]
+    );
+    let db = shared::db::connect(&config.db).await.context("postgres")?;
+    let redis =
+        redis::aio::ConnectionManager::new(redis::Client::open(config.redis.redis_url.as_str())?)
+            .await
+            .context("redis")?;
+    let store = pools::PoolStore {
+        redis,
+        keys: shared::keys::Keys::new(config.redis.redis_prefix.clone()),
+        db: db.clone(),
+        dedupe_window_s: config.dedupe_window_s,
+    };
+    store.load_scripts().await?;
+    let producer = shared::kafka::producer(&config.kafka, config.linger_ms)?;
+    let committed = Committed::default();
+    let consumer: StreamConsumer<Ctx> = shared::kafka::consumer(
+        &config.kafka,
+        &config.group_id,
+        Ctx {
+            committed: committed.clone(),
+        },
+    )?;
+    consumer.subscribe(&[&config.kafka.input_topic])?;
+    let settle = settle::Settlement::new(&config.kafka, &config.ledger_writer_group_id)?;
+    let mut stepper = step::Step {
+        catalogue: catalogue::Catalogue::new(db, Duration::from_secs(1)),
+        store,
+        producer,
+        kafka: config.kafka.clone(),
+        settle,
+    };
+    ready.set(true);
+    tracing::info!(group = %config.group_id, topic = %config.kafka.input_topic, "rater running");
+
+    let max_wait = Duration::from_millis(config.max_wait_ms);
+    let result = loop {
+        let Some(batch) = shared::kafka::next_batch(
+            &consumer,
+            config.max_batch,
+            max_wait,
+            &shutdown,
+            |m: &rdkafka::message::BorrowedMessage<'_>| step::InMsg::from(m),
+        )
+        .await
+        else {
+            break Ok(());
+        };
+        let started = Instant::now();
+        let span = tracing::debug_span!(
+            "batch",
+            messages = batch.len(),
+            first_offset = batch[0].offset
+        );
+        // A batch is retried until it succeeds: its effects are idempotent (journal replay).
+        let mut attempt = 0u32;
+        loop {
+            match stepper
+                .process(&batch, &committed.snapshot())
+                .instrument(span.clone())
+                .await
+            {
+                Ok(()) => break,
+                Err(e) if attempt < 20 && !shutdown.is_cancelled() => {
+                    attempt += 1;
+                    metrics::counter!(crate::metric::ERRORS, "stage" => "batch").increment(1);
+                    tracing::warn!(error = %format!("{e:#}"), attempt, "batch failed, retrying");
+                    tokio::time::sleep(Duration::from_millis(100 * u64::from(attempt.min(10))))
+                        .await;
+                }
+                Err(e) => return Err(e).context("batch failed repeatedly"),
+            }
+        }
+        // Side effects are durable: only now may the offsets be committed.
+        shared::kafka::store_offsets(
+            &consumer,
+            &config.kafka.input_topic,
+            batch.iter().map(|m| (m.partition, m.offset)),
+        )?;
+        metrics::counter!(crate::metric::MESSAGES).increment(batch.len() as u64);
+        metrics::counter!(crate::metric::BATCHES).increment(1);
+        metrics::histogram!(crate::metric::BATCH_SIZE).record(batch.len() as f64);
+        metrics::histogram!(crate::metric::BATCH_DURATION).record(started.elapsed().as_secs_f64());
+    };
+    ready.set(false);
+    // Drain: commit what was stored, synchronously.
+    shared::kafka::final_commit(&consumer);
+    tracing::info!("rater stopped");
+    result
+}

@@ -1,0 +1,219 @@
+-- apply.lua: apply one poll's operations for ONE credit pool, atomically.
+--
+-- KEYS[1]  pool hash    cr:{tenant:customer}:p:<credit_type>/<resource>
+-- KEYS[2]  journal list cr:{tenant:customer}:p:<credit_type>/<resource>:j
+-- ARGV[1]  dedupe key prefix of the customer (cr:{tenant:customer}:d:)
+-- ARGV[2]  dedupe window, seconds
+-- ARGV[3]  the partition's committed input offset: journal entries wholly below it are dropped
+-- ARGV[4]  limit kind: "hard" or "soft"
+-- ARGV[5]  number of operations N, then N groups of 6 values:
+--          offset, kind, a, b, c, ts_ms
+--          kind "u" usage:   a = idempotency key, b = cost (fixed int), c = ""
+--          kind "g" grant:   a = grant id, b = amount (fixed int), c = order key
+--          kind "v" void:    a = grant id, b = "", c = ""
+--          kind "r" reverse: a = event uid, b = "gid:amt,gid:amt" (gid "-" = overdraft), c = ""
+--
+-- Pool hash fields: off (highest input offset applied), od (overdraft, fixed int >= 0),
+-- o:<grant id> (order key), r:<grant id> (remaining, fixed int), x:<grant id> (voided marker).
+-- Order key: PPPP.EEEEEEEEEEEEE.C.FFFFFFFFFFFFF.RRRRRRRRRRRRR.<id>
+--   priority, expires_at ms (9999999999999 = never), category (0 promo, 1 paid),
+--   effective_at ms, created_at ms, id: sorting the keys as strings is the consumption order.
+--
+-- Reply: {"MISSING"} if the pool hash does not exist (the caller rebuilds it and retries), else
+-- one string per operation, "<offset>|<result>":
+--   usage   S|<end balance>|<gid>:<delta>:<end>;...   (gid "-" = overdraft)  charged
+--           D|<end balance>|insufficient_balance                           denied (hard limit)
+--           P                                                              duplicate key
+--   grant   G|<end balance>|<remaining>|<repaid overdraft>     X (id already known)
+--   void    V|<end balance>|<removed>                          N (unknown or already void)
+--   reverse R|<end balance>                                    N (already applied)
+--   any     E|<reason>                                         refused, nothing changed
+-- An operation at or below `off` was applied before (a redelivery after a crash): its recorded
+-- result is replayed from the journal, and nothing changes.
+-- Every value stays below 2^53 (Lua numbers are doubles); what would not fit is refused.
+
+if redis.call('EXISTS', KEYS[1]) == 0 then
+  return {'MISSING'}
+end
+local n = tonumber(ARGV[5])
+assert(#ARGV == 5 + 6 * n, 'apply.lua: expected ' .. (5 + 6 * n) .. ' arguments')
+local MAX = 9007199254740992
+local hard = ARGV[4] == 'hard'
+local off = tonumber(redis.call('HGET', KEYS[1], 'off') or '-1')
+local od = tonumber(redis.call('HGET', KEYS[1], 'od') or '0')
+
+-- Load the grants once, sorted into consumption order.
+local grants = {}
+local byid = {}
+local total = 0
+local flat = redis.call('HGETALL', KEYS[1])
+for i = 1, #flat, 2 do
+  local f = flat[i]
+  if string.sub(f, 1, 2) == 'o:' then
+    local id = string.sub(f, 3)
+    local ok = flat[i + 1]
+    local g = { id = id, key = ok, exp = tonumber(string.sub(ok, 6, 18)),
+                eff = tonumber(string.sub(ok, 22, 34)), rem = 0, dirty = false }
+    grants[#grants + 1] = g
+    byid[id] = g
+  end
+end
+for i = 1, #flat, 2 do
+  local f = flat[i]
+  if string.sub(f, 1, 2) == 'r:' then
+    local g = byid[string.sub(f, 3)]
+    if g then g.rem = tonumber(flat[i + 1]); total = total + g.rem end
+  end
+end
+table.sort(grants, function(x, y) return x.key < y.key end)
+
+local function spendable(g, ts) return g.eff <= ts and ts < g.exp end
+local function balance(ts)
+  local b = 0
+  for _, g in ipairs(grants) do
+    if spendable(g, ts) then b = b + g.rem end
+  end
+  return b - od
+end
+local function fmt(x) return string.format('%d', x) end
+
+-- Results recorded before, for redelivered operations.
+local journal = nil
+local function replayed(o)
+  if journal == nil then
+    journal = {}
+    for _, entry in ipairs(redis.call('LRANGE', KEYS[2], 0, -1)) do
+      for line in string.gmatch(entry, '[^\n]+') do
+        local p = string.find(line, '|', 1, true)
+        if p then journal[string.sub(line, 1, p - 1)] = line end
+      end
+    end
+  end
+  return journal[o]
+end
+
+local out = {}
+local fresh = {}
+local maxoff = off
+local pool_dirty = false
+for i = 0, n - 1 do
+  local base = 6 + 6 * i
+  local o, kind, a, b, c = ARGV[base], ARGV[base + 1], ARGV[base + 2], ARGV[base + 3], ARGV[base + 4]
+  local ts = tonumber(ARGV[base + 5])
+  local oi = tonumber(o)
+  local res
+  if oi <= off then
+    res = replayed(o)
+  end
+  if res then
+    out[#out + 1] = res
+  else
+    local r
+    if kind == 'u' then
+      local cost = tonumber(b)
+      if redis.call('SET', ARGV[1] .. a, '1', 'NX', 'EX', ARGV[2]) == false then
+        r = 'P'
+      else
+        local avail = balance(ts)
+        if hard and cost > avail then
+          r = 'D|' .. fmt(avail) .. '|insufficient_balance'
+        else
+          local parts = {}
+          local left = cost
+          local bal = avail
+          for _, g in ipairs(grants) do
+            if left <= 0 then break end
+            if g.rem > 0 and spendable(g, ts) then
+              local take = math.min(g.rem, left)
+              g.rem = g.rem - take; g.dirty = true
+              total = total - take
+              left = left - take
+              bal = bal - take
+              parts[#parts + 1] = g.id .. ':' .. fmt(-take) .. ':' .. fmt(bal)
+            end
+          end
+          if left > 0 then
+            od = od + left; pool_dirty = true
+            bal = bal - left
+            parts[#parts + 1] = '-:' .. fmt(-left) .. ':' .. fmt(bal)
+          end
+          r = 'S|' .. fmt(bal) .. '|' .. table.concat(parts, ';')
+        end
+      end
+    elseif kind == 'g' then
+      local amt = tonumber(b)
+      if byid[a] then
+        r = 'X'
+      elseif total + amt >= MAX then
+        r = 'E|pool_total_too_large'
+      else
+        local g = { id = a, key = c, exp = tonumber(string.sub(c, 6, 18)),
+                    eff = tonumber(string.sub(c, 22, 34)), rem = amt, dirty = true, new = true }
+        -- Overdraft (soft limit) is repaid first by the next grant.
+        local repaid = math.min(od, amt)
+        g.rem = amt - repaid
+        od = od - repaid
+        if repaid > 0 then pool_dirty = true end
+        total = total + g.rem
+        grants[#grants + 1] = g
+        byid[a] = g
+        table.sort(grants, function(x, y) return x.key < y.key end)
+        r = 'G|' .. fmt(balance(ts)) .. '|' .. fmt(g.rem) .. '|' .. fmt(repaid)
+      end
+    elseif kind == 'v' then
+      local g = byid[a]
+      if g == nil or g.voided or redis.call('HEXISTS', KEYS[1], 'x:' .. a) == 1 then
+        r = 'N'
+      else
+        local removed = g.rem
+        total = total - removed
+        g.rem = 0; g.dirty = true; g.voided = true
+        r = 'V|' .. fmt(balance(ts)) .. '|' .. fmt(removed)
+      end
+    elseif kind == 'r' then
+      if redis.call('SET', ARGV[1] .. 'rv:' .. a, '1', 'NX', 'EX', ARGV[2]) == false then
+        r = 'N'
+      else
+        for gid, amt in string.gmatch(b, '([^:,]+):(%-?%d+)') do
+          local back = -tonumber(amt)
+          if gid == '-' then
+            od = math.max(0, od - back); pool_dirty = true
+          elseif byid[gid] and not byid[gid].voided then
+            byid[gid].rem = byid[gid].rem + back; byid[gid].dirty = true
+            total = total + back
+          end
+        end
+        r = 'R|' .. fmt(balance(ts))
+      end
+    else
+      r = 'E|unknown_operation'
+    end
+    res = o .. '|' .. r
+    out[#out + 1] = res
+    fresh[#fresh + 1] = res
+    if oi > maxoff then maxoff = oi end
+  end
+end
+
+-- Write back only what changed.
+for _, g in ipairs(grants) do
+  if g.dirty then
+    if g.new then redis.call('HSET', KEYS[1], 'o:' .. g.id, g.key) end
+    redis.call('HSET', KEYS[1], 'r:' .. g.id, fmt(g.rem))
+    if g.voided then redis.call('HSET', KEYS[1], 'x:' .. g.id, '1') end
+  end
+end
+if pool_dirty then redis.call('HSET', KEYS[1], 'od', fmt(od)) end
+if #fresh > 0 then
+  redis.call('HSET', KEYS[1], 'off', fmt(maxoff))
+  redis.call('RPUSH', KEYS[2], fmt(maxoff) .. '\n' .. table.concat(fresh, '\n'))
+end
+-- Drop journal entries that were committed (their offsets are never delivered again).
+local committed = tonumber(ARGV[3])
+while true do
+  local head = redis.call('LINDEX', KEYS[2], 0)
+  if not head then break end
+  local m = tonumber(string.match(head, '^(%-?%d+)'))
+  if m < committed then redis.call('LPOP', KEYS[2]) else break end
+end
+return out

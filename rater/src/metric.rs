@@ -1,0 +1,79 @@
+//! The rater's metric catalogue: every name in one place, described at start-up.
+
+use metrics::{describe_counter, describe_gauge, describe_histogram, Unit};
+
+pub const MESSAGES: &str = "rater_messages_consumed_total";
+pub const EVENTS: &str = "rater_events_total";
+pub const COMMANDS: &str = "rater_commands_total";
+pub const BATCHES: &str = "rater_batches_total";
+pub const BATCH_SIZE: &str = "rater_batch_size_messages";
+pub const BATCH_DURATION: &str = "rater_batch_duration_seconds";
+pub const LUA_DURATION: &str = "rater_lua_duration_seconds";
+pub const PRODUCE_DURATION: &str = "rater_produce_duration_seconds";
+pub const DLQ: &str = "rater_dlq_messages_total";
+pub const REPLAYED: &str = "rater_replayed_operations_total";
+pub const POOL_REBUILDS: &str = "rater_pool_rebuilds_total";
+pub const CATALOGUE_RELOADS: &str = "rater_catalogue_reloads_total";
+pub const ERRORS: &str = "rater_errors_total";
+pub const ASSIGNED_PARTITIONS: &str = "rater_assigned_partitions";
+
+pub fn describe() {
+    describe_counter!(MESSAGES, Unit::Count, "Input messages consumed");
+    describe_counter!(
+        EVENTS,
+        Unit::Count,
+        "Usage events decided, by outcome (settled, denied, unpriced, duplicate)"
+    );
+    describe_counter!(
+        COMMANDS,
+        Unit::Count,
+        "Pool commands applied, by kind and result"
+    );
+    describe_counter!(
+        BATCHES,
+        Unit::Count,
+        "Batches processed (one loop turn each)"
+    );
+    describe_histogram!(BATCH_SIZE, Unit::Count, "Messages per batch");
+    describe_histogram!(
+        BATCH_DURATION,
+        Unit::Seconds,
+        "Time to decide, produce and store one batch"
+    );
+    describe_histogram!(
+        LUA_DURATION,
+        Unit::Seconds,
+        "One pipelined round of pool scripts"
+    );
+    describe_histogram!(
+        PRODUCE_DURATION,
+        Unit::Seconds,
+        "Time until every fact of a batch is acked"
+    );
+    describe_counter!(
+        DLQ,
+        Unit::Count,
+        "Messages sent to the dead-letter topic, by reason"
+    );
+    describe_counter!(
+        REPLAYED,
+        Unit::Count,
+        "Operations redelivered after a crash and answered from the journal"
+    );
+    describe_counter!(
+        POOL_REBUILDS,
+        Unit::Count,
+        "Pools rebuilt in Redis from Postgres"
+    );
+    describe_counter!(
+        CATALOGUE_RELOADS,
+        Unit::Count,
+        "Tenant catalogue reloads from Postgres"
+    );
+    describe_counter!(ERRORS, Unit::Count, "Transient errors, by stage");
+    describe_gauge!(
+        ASSIGNED_PARTITIONS,
+        Unit::Count,
+        "Input partitions owned by this instance"
+    );
+}

@@ -1,0 +1,472 @@
+//! The hot pools in Redis: one `apply.lua` call per pool per batch, all pools pipelined in one
+//! round trip; typed replies; pools missing from Redis are rebuilt from Postgres.
+
+use std::collections::HashMap;
+use std::time::Instant;
+
+use chrono::{DateTime, Utc};
+use redis::aio::ConnectionManager;
+use redis::Script;
+use rust_decimal::Decimal;
+use shared::amount::{from_fixed, to_fixed_signed};
+use shared::keys::Keys;
+use shared::model::{Category, PoolId};
+use sqlx::PgPool;
+use uuid::Uuid;
+
+use crate::metric as m;
+
+static APPLY: std::sync::LazyLock<Script> =
+    std::sync::LazyLock::new(|| Script::new(include_str!("lua/apply.lua")));
+static INIT: std::sync::LazyLock<Script> =
+    std::sync::LazyLock::new(|| Script::new(include_str!("lua/init.lua")));
+
+/// "never expires" in an order key: sorts after every real expiry.
+const NEVER: i64 = 9_999_999_999_999;
+
+#[derive(Debug, thiserror::Error)]
+pub enum PoolError {
+    #[error("redis: {0}")]
+    Redis(#[from] redis::RedisError),
+    #[error("postgres: {0}")]
+    Postgres(#[from] sqlx::Error),
+    #[error("unexpected reply from apply.lua: {0}")]
+    Reply(String),
+    #[error("pool {0:?} still missing after rebuild")]
+    StillMissing(PoolId),
+    #[error("settlement wait: {0}")]
+    Settlement(String),
+}
+
+/// The order key that makes string order the consumption order (see apply.lua).
+pub fn order_key(
+    priority: u32,
+    expires_at: Option<DateTime<Utc>>,
+    category: Category,
+    effective_at: DateTime<Utc>,
+    created_at: DateTime<Utc>,
+    id: Uuid,
+) -> String {
+    let exp = expires_at.map_or(NEVER, |t| t.timestamp_millis().clamp(0, NEVER));
+    let cat = match category {
+        Category::Promo => 0,
+        Category::Paid => 1,
+    };
+    format!(
+        "{priority:04}.{exp:013}.{cat}.{:013}.{:013}.{id}",
+        effective_at.timestamp_millis().clamp(0, NEVER),
+        created_at.timestamp_millis().clamp(0, NEVER)
+    )
+}
+
+/// One operation for apply.lua.
+#[derive(Debug, Clone)]
+pub struct Op {
+    /// Index of the input message in the batch.
+    pub msg: usize,
+    pub offset: i64,
+    pub kind: &'static str,
+    pub a: String,
+    pub b: String,
+    pub c: String,
+    pub ts_ms: i64,
+}
+
+/// Every operation of one batch for one pool.
+#[derive(Debug)]
+pub struct PoolOps {
+    pub pool: PoolId,
+    pub partition: i32,
+    pub decimals: u32,
+    pub hard: bool,
+    pub ops: Vec<Op>,
+}
+
+/// One touched grant (None = overdraft): delta and the pool balance after it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Part {
+    pub grant_id: Option<Uuid>,
+    pub delta: i64,
+    pub end: i64,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum OpResult {
+    Charged {
+        end: i64,
+        parts: Vec<Part>,
+    },
+    Denied {
+        end: i64,
+        reason: String,
+    },
+    Duplicate,
+    Granted {
+        end: i64,
+        remaining: i64,
+        repaid: i64,
+    },
+    GrantKnown,
+    Voided {
+        end: i64,
+        removed: i64,
+    },
+    Reversed,
+    NotApplied,
+    Refused(String),
+}
+
+fn num(s: Option<&str>, line: &str) -> Result<i64, PoolError> {
+    s.and_then(|v| v.parse().ok())
+        .ok_or_else(|| PoolError::Reply(line.to_owned()))
+}
+
+/// Parse one "<offset>|<result>" line of apply.lua.
+pub fn parse_result(line: &str) -> Result<(i64, OpResult), PoolError> {
+    let mut it = line.split('|');
+    let off = num(it.next(), line)?;
+    let r = match it.next() {
+        Some("S") => {
+            let end = num(it.next(), line)?;
+            let mut parts = Vec::new();
+            for p in it.next().unwrap_or("").split(';').filter(|p| !p.is_empty()) {
+                let mut f = p.split(':');
+                let gid = match f.next() {
+                    Some("-") => None,
+                    Some(g) => {
+                        Some(Uuid::parse_str(g).map_err(|_| PoolError::Reply(line.to_owned()))?)
+                    }
+                    None => return Err(PoolError::Reply(line.to_owned())),
+                };
+                parts.push(Part {
+                    grant_id: gid,
+                    delta: num(f.next(), line)?,
+                    end: num(f.next(), line)?,
+                });
+            }
+            OpResult::Charged { end, parts }
+        }
+        Some("D") => OpResult::Denied {
+            end: num(it.next(), line)?,
+            reason: it.next().unwrap_or("").to_owned(),
+        },
+        Some("P") => OpResult::Duplicate,
+        Some("G") => OpResult::Granted {
+            end: num(it.next(), line)?,
+            remaining: num(it.next(), line)?,
+            repaid: num(it.next(), line)?,
+        },
+        Some("X") => OpResult::GrantKnown,
+        Some("V") => OpResult::Voided {
+            end: num(it.next(), line)?,
+            removed: num(it.next(), line)?,
+        },
+        Some("R") => OpResult::Reversed,
+        Some("N") => OpResult::NotApplied,
+        Some("E") => OpResult::Refused(it.next().unwrap_or("").to_owned()),
+        _ => return Err(PoolError::Reply(line.to_owned())),
+    };
+    Ok((off, r))
+}
+
+/// The Redis side of the rater.
+pub struct PoolStore {
+    pub redis: ConnectionManager,
+    pub keys: Keys,
+    pub db: PgPool,
+    pub dedupe_window_s: u64,
+}
+
+impl PoolStore {
+    /// Load the scripts (again after a Redis restart).
+    pub async fn load_scripts(&self) -> Result<(), redis::RedisError> {
+        let mut con = self.redis.clone();
+        APPLY.prepare_invoke().load_async(&mut con).await?;
+        INIT.prepare_invoke().load_async(&mut con).await?;
+        Ok(())
+    }
+
+    /// One pipelined round: returns per pool either its results or None (pool missing).
+    async fn round(
+        &self,
+        batches: &[&PoolOps],
+        committed: &HashMap<i32, i64>,
+    ) -> Result<Vec<Option<Vec<String>>>, PoolError> {
+        let mut pipe = redis::pipe();
+        for b in batches {
+            let pool_key = self.keys.pool(
+                &b.pool.tenant_id,
+                &b.pool.customer_id,
+                &b.pool.credit_type,
+                &b.pool.resource_id,
+            );
+            let mut inv = APPLY.prepare_invoke();
+            inv.key(&pool_key).key(self.keys.journal(&pool_key));
+            inv.arg(
+                self.keys
+                    .dedupe_prefix(&b.pool.tenant_id, &b.pool.customer_id),
+            )
+            .arg(self.dedupe_window_s)
+            .arg(committed.get(&b.partition).copied().unwrap_or(0))
+            .arg(if b.hard { "hard" } else { "soft" })
+            .arg(b.ops.len());
+            for op in &b.ops {
+                inv.arg(op.offset)
+                    .arg(op.kind)
+                    .arg(&op.a)
+                    .arg(&op.b)
+                    .arg(&op.c)
+                    .arg(op.ts_ms);
+            }
+            pipe.invoke_script(&inv);
+        }
+        let mut con = self.redis.clone();
+        let started = Instant::now();
+        let replies: Vec<Vec<String>> = match pipe.query_async(&mut con).await {
+            Ok(r) => r,
+            Err(e) if e.kind() == redis::ErrorKind::NoScriptError => {
+                self.load_scripts().await?;
+                pipe.query_async(&mut con).await?
+            }
+            Err(e) => return Err(e.into()),
+        };
+        metrics::histogram!(m::LUA_DURATION).record(started.elapsed().as_secs_f64());
+        Ok(replies
+            .into_iter()
+            .map(|r| {
+                if r.first().map(String::as_str) == Some("MISSING") {
+                    None
+                } else {
+                    Some(r)
+                }
+            })
+            .collect())
+    }
+
+    /// Apply every pool's operations. `wait_settled` is called once, before any rebuild, when
+    /// Redis lost its state (the sentinel is gone): it returns once the ledger-writer has settled
+    /// every fact produced so far, so a rebuild from Postgres misses nothing.
+    pub async fn apply<F, Fut>(
+        &self,
+        batches: &[PoolOps],
+        committed: &HashMap<i32, i64>,
+        wait_settled: F,
+    ) -> Result<Vec<Vec<(i64, OpResult)>>, PoolError>
+    where
+        F: Fn() -> Fut,
+        Fut: std::future::Future<Output = Result<(), String>>,
+    {
+        let mut out: Vec<Option<Vec<(i64, OpResult)>>> = vec![None; batches.len()];
+        let mut todo: Vec<usize> = (0..batches.len()).collect();
+        for attempt in 0..3 {
+            if todo.is_empty() {
+                break;
+            }
+            let refs: Vec<&PoolOps> = todo.iter().map(|&i| &batches[i]).collect();
+            let replies = self.round(&refs, committed).await?;
+            let mut missing = Vec::new();
+            for (&i, reply) in todo.iter().zip(replies) {
+                match reply {
+                    Some(lines) => {
+                        let parsed = lines
+                            .iter()
+                            .map(|l| parse_result(l))
+                            .collect::<Result<Vec<_>, _>>()?;
+                        out[i] = Some(parsed);
+                    }
+                    None => missing.push(i),
+                }
+            }
+            if !missing.is_empty() {
+                if attempt == 0 && !self.sentinel_present().await? {
+                    tracing::warn!(
+                        "redis lost its pools: waiting for the ledger to settle before rebuilding"
+                    );
+                    wait_settled().await.map_err(PoolError::Settlement)?;
+                    self.set_sentinel().await?;
+                }
+                for &i in &missing {
+                    self.rebuild(&batches[i]).await?;
+                }
+            }
+            todo = missing;
+        }
+        if let Some(&i) = todo.first() {
+            return Err(PoolError::StillMissing(batches[i].pool.clone()));
+        }
+        Ok(out.into_iter().map(|o| o.unwrap_or_default()).collect())
+    }
+
+    fn sentinel_key(&self) -> String {
+        format!("{}:sentinel", self.keys.prefix())
+    }
+
+    pub async fn sentinel_present(&self) -> Result<bool, redis::RedisError> {
+        let mut con = self.redis.clone();
+        redis::cmd("EXISTS")
+            .arg(self.sentinel_key())
+            .query_async(&mut con)
+            .await
+    }
+
+    pub async fn set_sentinel(&self) -> Result<(), redis::RedisError> {
+        let mut con = self.redis.clone();
+        redis::cmd("SET")
+            .arg(self.sentinel_key())
+            .arg(Utc::now().to_rfc3339())
+            .query_async(&mut con)
+            .await
+    }
+
+    /// Create the pool hash from its settled state in Postgres.
+    async fn rebuild(&self, b: &PoolOps) -> Result<(), PoolError> {
+        let p = &b.pool;
+        type Row = (
+            Uuid,
+            i32,
+            Option<DateTime<Utc>>,
+            String,
+            DateTime<Utc>,
+            DateTime<Utc>,
+            Decimal,
+            String,
+        );
+        let rows: Vec<Row> = sqlx::query_as(
+            "SELECT id, priority, expires_at, category, effective_at, created_at, remaining, status
+             FROM grants WHERE tenant_id = $1 AND customer_id = $2 AND credit_type = $3 AND resource_id = $4",
+        )
+        .bind(&p.tenant_id)
+        .bind(&p.customer_id)
+        .bind(&p.credit_type)
+        .bind(&p.resource_id)
+        .fetch_all(&self.db)
+        .await?;
+        let overdraft: Option<Decimal> = sqlx::query_scalar(
+            "SELECT overdraft FROM pools WHERE tenant_id = $1 AND customer_id = $2 AND credit_type = $3 AND resource_id = $4",
+        )
+        .bind(&p.tenant_id)
+        .bind(&p.customer_id)
+        .bind(&p.credit_type)
+        .bind(&p.resource_id)
+        .fetch_optional(&self.db)
+        .await?;
+        let fixed = |d: Decimal| {
+            to_fixed_signed(d, b.decimals)
+                .map_err(|e| PoolError::Reply(format!("settled amount {d}: {e}")))
+        };
+        let pool_key = self
+            .keys
+            .pool(&p.tenant_id, &p.customer_id, &p.credit_type, &p.resource_id);
+        let mut inv = INIT.prepare_invoke();
+        inv.key(&pool_key)
+            .arg(fixed(overdraft.unwrap_or_default())?)
+            .arg(rows.len());
+        for (id, prio, exp, cat, eff, created, remaining, status) in rows {
+            let cat = if cat == "promo" {
+                Category::Promo
+            } else {
+                Category::Paid
+            };
+            inv.arg(id.to_string())
+                .arg(order_key(prio as u32, exp, cat, eff, created, id));
+            if status == "voided" {
+                inv.arg("v");
+            } else {
+                inv.arg(fixed(remaining)?);
+            }
+        }
+        let mut con = self.redis.clone();
+        let created: i64 = match inv.invoke_async(&mut con).await {
+            Ok(v) => v,
+            Err(e) => return Err(e.into()),
+        };
+        if created == 1 {
+            metrics::counter!(m::POOL_REBUILDS).increment(1);
+        }
+        Ok(())
+    }
+}
+
+/// The decimal value of a fixed amount (re-exported for the batch step).
+pub fn dec(v: i64, decimals: u32) -> Decimal {
+    from_fixed(v, decimals)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn order_keys_sort_in_consumption_order() {
+        let t = |s| DateTime::from_timestamp(s, 0).unwrap();
+        let id = Uuid::nil();
+        let k = |p, e, c, f| order_key(p, e, c, f, t(0), id);
+        // priority first
+        assert!(k(1, None, Category::Paid, t(5)) < k(2, Some(t(1)), Category::Promo, t(0)));
+        // then sooner expiry, never last
+        assert!(k(1, Some(t(10)), Category::Paid, t(0)) < k(1, Some(t(20)), Category::Paid, t(0)));
+        assert!(k(1, Some(t(20)), Category::Paid, t(0)) < k(1, None, Category::Paid, t(0)));
+        // then promo before paid
+        assert!(k(1, None, Category::Promo, t(9)) < k(1, None, Category::Paid, t(0)));
+        // then effective_at
+        assert!(k(1, None, Category::Paid, t(1)) < k(1, None, Category::Paid, t(2)));
+        assert_eq!(
+            k(1000, None, Category::Paid, t(0)).len(),
+            k(0, None, Category::Paid, t(0)).len()
+        );
+    }
+
+    #[test]
+    fn parses_every_reply() {
+        let g = "00000000-0000-0000-0000-000000000001";
+        assert_eq!(
+            parse_result(&format!("7|S|-5|{g}:-10:5;-:-10:-5")).unwrap(),
+            (
+                7,
+                OpResult::Charged {
+                    end: -5,
+                    parts: vec![
+                        Part {
+                            grant_id: Some(Uuid::parse_str(g).unwrap()),
+                            delta: -10,
+                            end: 5
+                        },
+                        Part {
+                            grant_id: None,
+                            delta: -10,
+                            end: -5
+                        }
+                    ]
+                }
+            )
+        );
+        assert_eq!(
+            parse_result("8|S|5|").unwrap().1,
+            OpResult::Charged {
+                end: 5,
+                parts: vec![]
+            }
+        );
+        assert_eq!(parse_result("9|P").unwrap().1, OpResult::Duplicate);
+        assert_eq!(
+            parse_result("9|D|3|insufficient_balance").unwrap().1,
+            OpResult::Denied {
+                end: 3,
+                reason: "insufficient_balance".into()
+            }
+        );
+        assert_eq!(
+            parse_result("9|G|10|8|2").unwrap().1,
+            OpResult::Granted {
+                end: 10,
+                remaining: 8,
+                repaid: 2
+            }
+        );
+        assert_eq!(
+            parse_result("9|E|pool_total_too_large").unwrap().1,
+            OpResult::Refused("pool_total_too_large".into())
+        );
+        assert!(parse_result("x|S").is_err());
+    }
+}

@@ -1,0 +1,466 @@
+//! One batch: decode, price, apply to the pools, produce the facts, wait for every ack.
+//! Offsets are stored by the caller only after this returns Ok.
+
+use std::collections::HashMap;
+use std::time::{Duration, Instant};
+
+use chrono::Utc;
+use rdkafka::message::{BorrowedMessage, Header, OwnedHeaders};
+use rdkafka::producer::{FutureProducer, FutureRecord};
+use rdkafka::Message;
+use rust_decimal::Decimal;
+use shared::amount::to_fixed;
+use shared::config::KafkaArgs;
+use shared::model::{
+    partition_key, Entry, GrantFact, InputMsg, LedgerMsg, Outcome, PoolId, UsageFact, VoidFact,
+};
+use shared::pricing::{price, Price};
+
+use crate::catalogue::Catalogue;
+use crate::metric as m;
+use crate::pools::{dec, order_key, Op, OpResult, PoolOps, PoolStore};
+use crate::settle::Settlement;
+
+/// An input message, owned, decoded once.
+pub struct InMsg {
+    pub partition: i32,
+    pub offset: i64,
+    pub payload: Vec<u8>,
+    pub decoded: Result<InputMsg, String>,
+}
+
+impl From<&BorrowedMessage<'_>> for InMsg {
+    fn from(m: &BorrowedMessage<'_>) -> Self {
+        let payload = m.payload().unwrap_or_default().to_vec();
+        let decoded =
+            serde_json::from_slice::<InputMsg>(&payload).map_err(|e| format!("undecodable: {e}"));
+        InMsg {
+            partition: m.partition(),
+            offset: m.offset(),
+            payload,
+            decoded,
+        }
+    }
+}
+
+pub struct Step {
+    pub catalogue: Catalogue,
+    pub store: PoolStore,
+    pub producer: FutureProducer,
+    pub kafka: KafkaArgs,
+    pub settle: Settlement,
+}
+
+/// What becomes of one input message.
+enum Fate {
+    /// Waiting for its pool's reply (index into the pool list).
+    Pending,
+    Fact(LedgerMsg),
+    Dlq(String),
+    Nothing,
+}
+
+impl Step {
+    pub async fn process(
+        &mut self,
+        batch: &[InMsg],
+        committed: &HashMap<i32, i64>,
+    ) -> anyhow::Result<()> {
+        let mut fates: Vec<Fate> = batch.iter().map(|_| Fate::Nothing).collect();
+        let mut pools: Vec<PoolOps> = Vec::new();
+        let mut index: HashMap<PoolId, usize> = HashMap::new();
+
+        // Catalogues, once per tenant per batch.
+        let mut tenants: HashMap<&str, (chrono::DateTime<Utc>, Vec<&str>)> = HashMap::new();
+        for msg in batch {
+            if let Ok(InputMsg::Usage(e)) = &msg.decoded {
+                let t = tenants
+                    .entry(&e.tenant_id)
+                    .or_insert((e.timestamp, Vec::new()));
+                t.0 = t.0.max(e.timestamp);
+                t.1.push(&e.event_name);
+            }
+        }
+        let mut cats = HashMap::new();
+        for (tenant, (max_ts, names)) in tenants {
+            cats.insert(
+                tenant,
+                self.catalogue
+                    .get(tenant, max_ts, names.into_iter())
+                    .await?,
+            );
+        }
+
+        for (i, msg) in batch.iter().enumerate() {
+            let decoded = match &msg.decoded {
+                Ok(d) => d,
+                Err(reason) => {
+                    fates[i] = Fate::Dlq(reason.clone());
+                    continue;
+                }
+            };
+            let (pool, decimals, hard, op) = match decoded {
+                InputMsg::Usage(e) => {
+                    let cat = &cats[e.tenant_id.as_str()];
+                    let versions = cat
+                        .mappings
+                        .get(&e.event_name)
+                        .map(Vec::as_slice)
+                        .unwrap_or(&[]);
+                    match price(versions, e.timestamp, &e.dimensions) {
+                        Price::Unpriced(reason) => {
+                            metrics::counter!(m::EVENTS, "outcome" => "unpriced").increment(1);
+                            fates[i] = Fate::Fact(LedgerMsg::Usage(UsageFact {
+                                event: e.clone(),
+                                outcome: Outcome::Unpriced {
+                                    reason: reason.to_owned(),
+                                },
+                            }));
+                            continue;
+                        }
+                        Price::Priced {
+                            credit_type,
+                            decimals,
+                            fixed,
+                            ..
+                        } => {
+                            let hard = cat.credit_types.get(credit_type).is_none_or(|c| c.hard);
+                            let pool = PoolId {
+                                tenant_id: e.tenant_id.clone(),
+                                customer_id: e.customer_id.clone(),
+                                resource_id: e.resource_id.clone(),
+                                credit_type: credit_type.to_owned(),
+                            };
+                            let op = Op {
+                                msg: i,
+                                offset: msg.offset,
+                                kind: "u",
+                                a: e.idempotency_key.clone(),
+                                b: fixed.to_string(),
+                                c: String::new(),
+                                ts_ms: e.timestamp.timestamp_millis(),
+                            };
+                            (pool, decimals, hard, op)
+                        }
+                    }
+                }
+                InputMsg::Grant(g) => {
+                    let s = &g.grant;
+                    let fixed = match to_fixed(s.amount, s.decimals) {
+                        Ok(v) => v,
+                        Err(e) => {
+                            fates[i] = Fate::Dlq(format!("grant amount {e}"));
+                            continue;
+                        }
+                    };
+                    let pool = PoolId {
+                        tenant_id: g.tenant_id.clone(),
+                        customer_id: s.customer_id.clone(),
+                        resource_id: s.resource_id.clone(),
+                        credit_type: s.credit_type.clone(),
+                    };
+                    let op = Op {
+                        msg: i,
+                        offset: msg.offset,
+                        kind: "g",
+                        a: s.id.to_string(),
+                        b: fixed.to_string(),
+                        c: order_key(
+                            s.priority,
+                            s.expires_at,
+                            s.category,
+                            s.effective_at,
+                            s.created_at,
+                            s.id,
+                        ),
+                        ts_ms: s.created_at.timestamp_millis(),
+                    };
+                    let hard = self.hard(&g.tenant_id, &s.credit_type).await?;
+                    (pool, s.decimals, hard, op)
+                }
+                InputMsg::Void(v) => {
+                    let pool = PoolId {
+                        tenant_id: v.tenant_id.clone(),
+                        customer_id: v.customer_id.clone(),
+                        resource_id: v.resource_id.clone(),
+                        credit_type: v.credit_type.clone(),
+                    };
+                    let op = Op {
+                        msg: i,
+                        offset: msg.offset,
+                        kind: "v",
+                        a: v.grant_id.to_string(),
+                        b: String::new(),
+                        c: String::new(),
+                        ts_ms: v.at.timestamp_millis(),
+                    };
+                    let hard = self.hard(&v.tenant_id, &v.credit_type).await?;
+                    (pool, v.decimals, hard, op)
+                }
+                InputMsg::Reverse(r) => {
+                    let mut parts = Vec::with_capacity(r.entries.len());
+                    for e in &r.entries {
+                        let gid = e.grant_id.map_or_else(|| "-".to_owned(), |g| g.to_string());
+                        let amt =
+                            shared::amount::to_fixed_signed(e.amount, r.decimals).unwrap_or(0);
+                        parts.push(format!("{gid}:{amt}"));
+                    }
+                    let pool = PoolId {
+                        tenant_id: r.tenant_id.clone(),
+                        customer_id: r.customer_id.clone(),
+                        resource_id: r.resource_id.clone(),
+                        credit_type: r.credit_type.clone(),
+                    };
+                    let op = Op {
+                        msg: i,
+                        offset: msg.offset,
+                        kind: "r",
+                        a: r.event_uid.to_string(),
+                        b: parts.join(","),
+                        c: String::new(),
+                        ts_ms: Utc::now().timestamp_millis(),
+                    };
+                    let hard = self.hard(&r.tenant_id, &r.credit_type).await?;
+                    (pool, r.decimals, hard, op)
+                }
+            };
+            let k = *index.entry(pool.clone()).or_insert_with(|| {
+                pools.push(PoolOps {
+                    pool,
+                    partition: msg.partition,
+                    decimals,
+                    hard,
+                    ops: Vec::new(),
+                });
+                pools.len() - 1
+            });
+            pools[k].ops.push(op);
+            fates[i] = Fate::Pending;
+        }
+
+        // One pipelined round for every pool of the batch.
+        let settle = self.settle.clone();
+        let results = self
+            .store
+            .apply(&pools, committed, || {
+                let s = settle.clone();
+                async move { s.wait(Duration::from_secs(300)).await }
+            })
+            .await?;
+        for (p, res) in pools.iter().zip(results) {
+            for (op, (_, r)) in p.ops.iter().zip(res) {
+                fates[op.msg] = self.fact(&batch[op.msg], p, r);
+            }
+        }
+
+        // Produce every fact and dead letter, then wait for all acks.
+        let started = Instant::now();
+        let mut acks = Vec::with_capacity(batch.len());
+        for (msg, fate) in batch.iter().zip(&fates) {
+            let (topic, key, payload, headers) = match fate {
+                Fate::Fact(f) => {
+                    let (t, c) = fact_owner(f);
+                    let payload = serde_json::to_vec(f)?;
+                    (
+                        &self.kafka.ledger_topic,
+                        partition_key(t, c),
+                        payload,
+                        OwnedHeaders::new(),
+                    )
+                }
+                Fate::Dlq(reason) => {
+                    metrics::counter!(m::DLQ, "reason" => reason_label(reason)).increment(1);
+                    tracing::warn!(partition = msg.partition, offset = msg.offset, %reason, "dead-lettered");
+                    let headers = OwnedHeaders::new()
+                        .insert(Header {
+                            key: "reason",
+                            value: Some(reason.as_str()),
+                        })
+                        .insert(Header {
+                            key: "source_topic",
+                            value: Some(self.kafka.input_topic.as_str()),
+                        })
+                        .insert(Header {
+                            key: "source_partition",
+                            value: Some(&msg.partition.to_string()),
+                        })
+                        .insert(Header {
+                            key: "source_offset",
+                            value: Some(&msg.offset.to_string()),
+                        });
+                    (
+                        &self.kafka.dlq_topic,
+                        String::new(),
+                        msg.payload.clone(),
+                        headers,
+                    )
+                }
+                Fate::Nothing | Fate::Pending => continue,
+            };
+            let mut rec = FutureRecord::to(topic)
+                .key(&key)
+                .payload(&payload)
+                .headers(headers);
+            if matches!(fate, Fate::Fact(_)) {
+                rec = rec.partition(msg.partition);
+            }
+            loop {
+                match self.producer.send_result(rec) {
+                    Ok(f) => {
+                        acks.push(f);
+                        break;
+                    }
+                    Err((e, r)) => {
+                        // Local queue full: wait for some acks to drain it.
+                        tracing::debug!(error = %e, "producer queue full");
+                        rec = r;
+                        tokio::time::sleep(Duration::from_millis(5)).await;
+                    }
+                }
+            }
+        }
+        for a in acks {
+            match a.await {
+                Ok(Ok(_)) => {}
+                Ok(Err((e, _))) => anyhow::bail!("produce failed: {e}"),
+                Err(_) => anyhow::bail!("produce cancelled"),
+            }
+        }
+        metrics::histogram!(m::PRODUCE_DURATION).record(started.elapsed().as_secs_f64());
+        Ok(())
+    }
+
+    async fn hard(&self, tenant: &str, credit_type: &str) -> anyhow::Result<bool> {
+        Ok(self
+            .catalogue
+            .credit_type(tenant, credit_type)
+            .await?
+            .is_none_or(|c| c.hard))
+    }
+
+    /// Turn one pool reply into what is produced.
+    fn fact(&self, msg: &InMsg, p: &PoolOps, r: OpResult) -> Fate {
+        let d = p.decimals;
+        let Ok(decoded) = &msg.decoded else {
+            return Fate::Nothing;
+        };
+        match (decoded, r) {
+            (_, OpResult::Refused(reason)) => Fate::Dlq(reason),
+            (InputMsg::Usage(e), r) => {
+                let outcome = match r {
+                    OpResult::Charged { parts, .. } => {
+                        let total: i64 = parts.iter().map(|x| -x.delta).sum();
+                        Outcome::Settled {
+                            credit_type: p.pool.credit_type.clone(),
+                            cost: dec(total, d),
+                            entries: parts
+                                .into_iter()
+                                .map(|x| Entry {
+                                    grant_id: x.grant_id,
+                                    amount: dec(x.delta, d),
+                                    end_balance: dec(x.end, d),
+                                })
+                                .collect(),
+                        }
+                    }
+                    OpResult::Denied { end, reason } => Outcome::Denied {
+                        credit_type: p.pool.credit_type.clone(),
+                        cost: op_cost(p, msg),
+                        end_balance: dec(end, d),
+                        reason,
+                    },
+                    OpResult::Duplicate => Outcome::Duplicate,
+                    other => return Fate::Dlq(format!("unexpected usage reply {other:?}")),
+                };
+                count_outcome(&outcome);
+                Fate::Fact(LedgerMsg::Usage(UsageFact {
+                    event: e.clone(),
+                    outcome,
+                }))
+            }
+            (InputMsg::Grant(g), OpResult::Granted { end, remaining, .. }) => {
+                metrics::counter!(m::COMMANDS, "kind" => "grant", "result" => "applied")
+                    .increment(1);
+                Fate::Fact(LedgerMsg::Grant(GrantFact {
+                    tenant_id: g.tenant_id.clone(),
+                    grant: g.grant.clone(),
+                    actor: g.actor.clone(),
+                    entries: vec![Entry {
+                        grant_id: Some(g.grant.id),
+                        amount: g.grant.amount,
+                        end_balance: dec(end, d),
+                    }],
+                    remaining: dec(remaining, d),
+                }))
+            }
+            (InputMsg::Grant(_), _) => {
+                metrics::counter!(m::COMMANDS, "kind" => "grant", "result" => "known").increment(1);
+                Fate::Nothing
+            }
+            (InputMsg::Void(v), OpResult::Voided { end, removed }) => {
+                metrics::counter!(m::COMMANDS, "kind" => "void", "result" => "applied")
+                    .increment(1);
+                Fate::Fact(LedgerMsg::Void(VoidFact {
+                    pool: p.pool.clone(),
+                    grant_id: v.grant_id,
+                    at: v.at,
+                    actor: v.actor.clone(),
+                    entries: vec![Entry {
+                        grant_id: Some(v.grant_id),
+                        amount: -dec(removed, d),
+                        end_balance: dec(end, d),
+                    }],
+                }))
+            }
+            (InputMsg::Void(_), _) => {
+                metrics::counter!(m::COMMANDS, "kind" => "void", "result" => "not_applied")
+                    .increment(1);
+                Fate::Nothing
+            }
+            (InputMsg::Reverse(_), r) => {
+                let result = if r == OpResult::Reversed {
+                    "applied"
+                } else {
+                    "not_applied"
+                };
+                metrics::counter!(m::COMMANDS, "kind" => "reverse", "result" => result)
+                    .increment(1);
+                Fate::Nothing
+            }
+        }
+    }
+}
+
+/// The cost the op carried (fixed, as sent to Lua).
+fn op_cost(p: &PoolOps, msg: &InMsg) -> Decimal {
+    p.ops
+        .iter()
+        .find(|o| o.offset == msg.offset)
+        .and_then(|o| o.b.parse::<i64>().ok())
+        .map_or(Decimal::ZERO, |v| dec(v, p.decimals))
+}
+
+fn count_outcome(o: &Outcome) {
+    metrics::counter!(m::EVENTS, "outcome" => o.status()).increment(1);
+}
+
+fn fact_owner(f: &LedgerMsg) -> (&str, &str) {
+    match f {
+        LedgerMsg::Usage(u) => (&u.event.tenant_id, &u.event.customer_id),
+        LedgerMsg::Grant(g) => (&g.tenant_id, &g.grant.customer_id),
+        LedgerMsg::Void(v) => (&v.pool.tenant_id, &v.pool.customer_id),
+    }
+}
+
+/// A fixed label set for dead-letter reasons (never raw text).
+fn reason_label(reason: &str) -> &'static str {
+    if reason.starts_with("undecodable") {
+        "undecodable"
+    } else if reason.starts_with("grant amount") {
+        "invalid_amount"
+    } else if reason.starts_with("pool_total_too_large") {
+        "pool_total_too_large"
+    } else {
+        "other"
+    }
+}

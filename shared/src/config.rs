@@ -1,0 +1,47 @@
+//! Configuration pieces every service flattens into its own `Config` (clap, `--flag` or env).
+
+use std::time::Duration;
+
+/// Where the broker is and what the topics are called.
+#[derive(clap::Args, Debug, Clone)]
+pub struct KafkaArgs {
+    /// Bootstrap servers of the Kafka-API broker (Apache Kafka, Redpanda, MSK or nisshi).
+    #[arg(long, env = "KAFKA_BROKERS", default_value = "127.0.0.1:9092")]
+    pub kafka_brokers: String,
+    /// Usage events and pool commands, keyed by tenant/customer.
+    #[arg(long, env = "INPUT_TOPIC", default_value = "credits.input")]
+    pub input_topic: String,
+    /// Decided ledger facts; must have as many partitions as the input topic.
+    #[arg(long, env = "LEDGER_TOPIC", default_value = "credits.ledger")]
+    pub ledger_topic: String,
+    /// Messages no consumer could process, with the reason in a header.
+    #[arg(long, env = "DLQ_TOPIC", default_value = "credits.dlq")]
+    pub dlq_topic: String,
+}
+
+#[derive(clap::Args, Debug, Clone)]
+pub struct RedisArgs {
+    /// Redis holding the hot pools.
+    #[arg(long, env = "REDIS_URL", default_value = "redis://127.0.0.1:6379")]
+    pub redis_url: String,
+    /// Prefix of every key (tests use their own).
+    #[arg(long, env = "REDIS_PREFIX", default_value = "cr")]
+    pub redis_prefix: String,
+}
+
+#[derive(clap::Args, Debug, Clone)]
+pub struct DbArgs {
+    /// Postgres holding the settled ledger and the catalogue.
+    #[arg(
+        long,
+        env = "DATABASE_URL",
+        default_value = "postgres://postgres@127.0.0.1:5432/credits"
+    )]
+    pub database_url: String,
+    /// Connections in the pool.
+    #[arg(long, env = "DATABASE_MAX_CONNECTIONS", default_value_t = 8)]
+    pub database_max_connections: u32,
+}
+
+/// How long a service may take to drain and commit after SIGTERM.
+pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);

@@ -1,0 +1,11 @@
+//! What the three services of the credits pipeline share: the messages on the topics, amounts,
+//! Redis keys, pricing, configuration pieces and telemetry.
+
+pub mod amount;
+pub mod config;
+pub mod db;
+pub mod kafka;
+pub mod keys;
+pub mod model;
+pub mod pricing;
+pub mod telemetry;

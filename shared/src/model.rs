@@ -1,0 +1,232 @@
+//! The messages on the topics. The input topic carries usage events and pool commands in one
+//! ordered stream per customer (key = `tenant/customer`), so "grant, then use" is never
+//! reordered. The ledger topic carries the facts the rater decided, partition for partition.
+
+use chrono::{DateTime, Utc};
+use rust_decimal::Decimal;
+use serde::{Deserialize, Serialize};
+use uuid::Uuid;
+
+pub type Dimensions = serde_json::Map<String, serde_json::Value>;
+
+/// The Kafka message key that puts every message of one customer on one partition.
+pub fn partition_key(tenant_id: &str, customer_id: &str) -> String {
+    format!("{tenant_id}/{customer_id}")
+}
+
+/// A message on the input topic.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum InputMsg {
+    Usage(UsageEvent),
+    Grant(GrantCmd),
+    Void(VoidCmd),
+    /// Give back what a duplicate that slipped past Redis deducted (sent by ledger-writer).
+    Reverse(ReverseCmd),
+}
+
+impl InputMsg {
+    pub fn tenant_customer(&self) -> (&str, &str) {
+        match self {
+            InputMsg::Usage(e) => (&e.tenant_id, &e.customer_id),
+            InputMsg::Grant(g) => (&g.tenant_id, &g.grant.customer_id),
+            InputMsg::Void(v) => (&v.tenant_id, &v.customer_id),
+            InputMsg::Reverse(r) => (&r.tenant_id, &r.customer_id),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct UsageEvent {
+    pub tenant_id: String,
+    /// Assigned by ingest per accepted copy: tells a redelivery (same uid) from a repeat.
+    pub event_uid: Uuid,
+    pub customer_id: String,
+    #[serde(default)]
+    pub resource_id: String,
+    pub event_name: String,
+    pub idempotency_key: String,
+    pub timestamp: DateTime<Utc>,
+    #[serde(default)]
+    pub dimensions: Dimensions,
+    pub accepted_at: DateTime<Utc>,
+}
+
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum Category {
+    Paid,
+    Promo,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct Cost {
+    pub amount: Decimal,
+    pub currency: String,
+}
+
+/// Everything about a grant, fixed when it is created.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct GrantSpec {
+    pub id: Uuid,
+    pub customer_id: String,
+    #[serde(default)]
+    pub resource_id: String,
+    pub credit_type: String,
+    /// The credit type's decimal places, so the rater needs no lookup to store it.
+    pub decimals: u32,
+    pub amount: Decimal,
+    pub category: Category,
+    pub priority: u32,
+    pub cost: Option<Cost>,
+    pub effective_at: DateTime<Utc>,
+    pub expires_at: Option<DateTime<Utc>>,
+    pub display_name: String,
+    pub description: Option<String>,
+    pub metadata: Option<serde_json::Value>,
+    pub source: String,
+    pub created_at: DateTime<Utc>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct GrantCmd {
+    pub tenant_id: String,
+    pub grant: GrantSpec,
+    pub actor: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct VoidCmd {
+    pub tenant_id: String,
+    pub customer_id: String,
+    pub resource_id: String,
+    pub credit_type: String,
+    pub decimals: u32,
+    pub grant_id: Uuid,
+    pub at: DateTime<Utc>,
+    pub actor: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct ReverseCmd {
+    pub tenant_id: String,
+    pub customer_id: String,
+    pub resource_id: String,
+    pub credit_type: String,
+    pub decimals: u32,
+    /// The uid of the slipped duplicate: a reverse is applied once per uid.
+    pub event_uid: Uuid,
+    pub entries: Vec<Entry>,
+}
+
+/// One line of the ledger as the rater decided it. `grant_id` is None for the overdraft part
+/// of a consumption under a soft limit.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct Entry {
+    pub grant_id: Option<Uuid>,
+    /// Signed: consumption is negative.
+    pub amount: Decimal,
+    /// The pool balance after this entry.
+    pub end_balance: Decimal,
+}
+
+/// The pool a fact belongs to.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq, Hash)]
+pub struct PoolId {
+    pub tenant_id: String,
+    pub customer_id: String,
+    pub resource_id: String,
+    pub credit_type: String,
+}
+
+/// A message on the ledger topic.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum LedgerMsg {
+    Usage(UsageFact),
+    Grant(GrantFact),
+    Void(VoidFact),
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct UsageFact {
+    pub event: UsageEvent,
+    pub outcome: Outcome,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(tag = "status", rename_all = "snake_case")]
+pub enum Outcome {
+    /// Charged: one entry per grant touched (plus overdraft under a soft limit).
+    Settled {
+        credit_type: String,
+        cost: Decimal,
+        entries: Vec<Entry>,
+    },
+    /// Refused by a hard limit: charges nothing.
+    Denied {
+        credit_type: String,
+        cost: Decimal,
+        end_balance: Decimal,
+        reason: String,
+    },
+    /// No mapping at its time, or no usable quantity: charges nothing.
+    Unpriced { reason: String },
+    /// A repeat of an idempotency key already seen: charges nothing.
+    Duplicate,
+}
+
+impl Outcome {
+    pub fn status(&self) -> &'static str {
+        match self {
+            Outcome::Settled { .. } => "settled",
+            Outcome::Denied { .. } => "denied",
+            Outcome::Unpriced { .. } => "unpriced",
+            Outcome::Duplicate => "duplicate",
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct GrantFact {
+    pub tenant_id: String,
+    pub grant: GrantSpec,
+    pub actor: String,
+    /// The grant entry (+amount) and, under a soft limit, overdraft repaid from it.
+    pub entries: Vec<Entry>,
+    /// What is left of the grant once any overdraft is repaid.
+    pub remaining: Decimal,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct VoidFact {
+    pub pool: PoolId,
+    pub grant_id: Uuid,
+    pub at: DateTime<Utc>,
+    pub actor: String,
+    /// Empty when the grant was unknown or already void (nothing left the pool).
+    pub entries: Vec<Entry>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn input_round_trips_as_tagged_json() {
+        let e = InputMsg::Usage(UsageEvent {
+            tenant_id: "t".into(),
+            event_uid: Uuid::nil(),
+            customer_id: "c".into(),
+            resource_id: String::new(),
+            event_name: "image".into(),
+            idempotency_key: "k".into(),
+            timestamp: DateTime::from_timestamp(1_700_000_000, 0).unwrap(),
+            dimensions: Dimensions::new(),
+            accepted_at: DateTime::from_timestamp(1_700_000_000, 0).unwrap(),
+        });
+        let s = serde_json::to_string(&e).unwrap();
+        assert!(s.contains("\"kind\":\"usage\""));
+        assert_eq!(serde_json::from_str::<InputMsg>(&s).unwrap(), e);
+    }
+}
