@@ -1,0 +1,202 @@
+//! Command-line flags of the load generator (clap), with the checks that keep a run meaningful.
+//!
+//! Every flag has a default except the secrets, which usually come from the environment
+//! (`INGEST_ADMIN_TOKEN`, `DATABASE_URL`). Durations are seconds and may be fractional so a
+//! smoke run (`--duration 0.5`) is possible.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::{bail, Result};
+use clap::Parser;
+
+/// Most events one `POST /v1/events` may carry (api.md).
+pub const MAX_BATCH: u32 = 1000;
+
+/// Open-loop load generator for the usage-event pipeline, with end-to-end verification.
+#[derive(Debug, Clone, Parser)]
+#[command(name = "loadtest", version, about)]
+pub struct Args {
+    /// Base URL of the `ingest` HTTP service.
+    #[arg(long, env = "INGEST_URL", default_value = "http://127.0.0.1:8080")]
+    pub url: String,
+
+    /// Operator token for `/v1/admin/` calls.
+    #[arg(long, env = "INGEST_ADMIN_TOKEN", hide_env_values = true)]
+    pub admin_token: String,
+
+    /// Postgres URL used to verify settlement (read only).
+    #[arg(long, env = "DATABASE_URL", hide_env_values = true)]
+    pub database_url: String,
+
+    /// Target arrival rate, events per second (open loop).
+    #[arg(long, default_value_t = 5000.0)]
+    pub rate: f64,
+
+    /// How long to generate load, seconds (warm-up included).
+    #[arg(long, default_value_t = 30.0)]
+    pub duration: f64,
+
+    /// Leading seconds that are sent but left out of the latency figures.
+    #[arg(long, default_value_t = 2.0)]
+    pub warmup: f64,
+
+    /// Number of ordinary customers (Zipf-skewed, spread round-robin over tenants).
+    #[arg(long, default_value_t = 200)]
+    pub customers: u32,
+
+    /// Number of tenants created for the run.
+    #[arg(long, default_value_t = 2)]
+    pub tenants: u32,
+
+    /// Share of events (0..1) sent to one hot customer, `c-hot` of the first tenant.
+    #[arg(long, default_value_t = 0.0)]
+    pub hot_share: f64,
+
+    /// Share of sends (0..1) that repeat an earlier event (same key, identical body).
+    #[arg(long, default_value_t = 0.05)]
+    pub duplicates: f64,
+
+    /// Events per POST (1..=1000).
+    #[arg(long, default_value_t = 100)]
+    pub batch: u32,
+
+    /// Most requests in flight; a batch due while all are busy is dropped, never delayed.
+    #[arg(long, default_value_t = 64)]
+    pub concurrency: u32,
+
+    /// Seconds to wait for Postgres to settle every accepted event.
+    #[arg(long, default_value_t = 120.0)]
+    pub settle_timeout: f64,
+
+    /// Write the JSON report to this file.
+    #[arg(long)]
+    pub report: Option<PathBuf>,
+}
+
+impl Args {
+    /// Rejects flag combinations that would make the run meaningless or the schedule undefined.
+    pub fn validate(&self) -> Result<()> {
+        let finite_pos = |v: f64| v.is_finite() && v > 0.0;
+        if !finite_pos(self.rate) {
+            bail!("--rate must be a positive number, got {}", self.rate);
+        }
+        if !finite_pos(self.duration) {
+            bail!(
+                "--duration must be a positive number of seconds, got {}",
+                self.duration
+            );
+        }
+        if !self.warmup.is_finite() || self.warmup < 0.0 || self.warmup >= self.duration {
+            bail!("--warmup must be in [0, duration), got {}", self.warmup);
+        }
+        if !self.settle_timeout.is_finite() || self.settle_timeout < 0.0 {
+            bail!("--settle-timeout must be >= 0, got {}", self.settle_timeout);
+        }
+        if self.tenants == 0 {
+            bail!("--tenants must be at least 1");
+        }
+        if self.customers < self.tenants {
+            bail!(
+                "--customers ({}) must be at least --tenants ({}) so every tenant has a customer",
+                self.customers,
+                self.tenants
+            );
+        }
+        if !(0.0..=1.0).contains(&self.hot_share) {
+            bail!("--hot-share must be in [0, 1], got {}", self.hot_share);
+        }
+        if !(0.0..1.0).contains(&self.duplicates) {
+            bail!("--duplicates must be in [0, 1), got {}", self.duplicates);
+        }
+        if self.batch == 0 || self.batch > MAX_BATCH {
+            bail!("--batch must be in 1..={MAX_BATCH}, got {}", self.batch);
+        }
+        if self.concurrency == 0 {
+            bail!("--concurrency must be at least 1");
+        }
+        if self.url.trim().is_empty() {
+            bail!("--url must not be empty");
+        }
+        Ok(())
+    }
+
+    /// The ingest base URL without a trailing slash.
+    pub fn base_url(&self) -> &str {
+        self.url.trim_end_matches('/')
+    }
+
+    pub fn duration(&self) -> Duration {
+        Duration::from_secs_f64(self.duration)
+    }
+
+    pub fn warmup(&self) -> Duration {
+        Duration::from_secs_f64(self.warmup)
+    }
+
+    pub fn settle_timeout(&self) -> Duration {
+        Duration::from_secs_f64(self.settle_timeout)
+    }
+
+    /// Per-tenant limit asked for at setup: four times the whole target rate, so neither the
+    /// skew nor duplicates can push a tenant into 429s.
+    pub fn tenant_events_per_second(&self) -> u64 {
+        // Rates are not money; an f64 -> integer conversion is fine here.
+        #[allow(clippy::float_arithmetic)]
+        let eps = (self.rate * 4.0).ceil();
+        (eps as u64).max(1)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(extra: &[&str]) -> Args {
+        let mut argv = vec![
+            "loadtest",
+            "--admin-token",
+            "t",
+            "--database-url",
+            "postgres://x",
+        ];
+        argv.extend_from_slice(extra);
+        Args::try_parse_from(argv).expect("parse")
+    }
+
+    #[test]
+    fn defaults_match_the_documented_ones() {
+        let a = parse(&["--url", "http://127.0.0.1:8080/"]);
+        assert_eq!(a.rate, 5000.0);
+        assert_eq!(a.duration, 30.0);
+        assert_eq!(a.warmup, 2.0);
+        assert_eq!(a.customers, 200);
+        assert_eq!(a.tenants, 2);
+        assert_eq!(a.hot_share, 0.0);
+        assert_eq!(a.duplicates, 0.05);
+        assert_eq!(a.batch, 100);
+        assert_eq!(a.concurrency, 64);
+        assert_eq!(a.settle_timeout, 120.0);
+        assert!(a.report.is_none());
+        assert_eq!(a.base_url(), "http://127.0.0.1:8080");
+        assert_eq!(a.tenant_events_per_second(), 20_000);
+        a.validate().expect("defaults are valid");
+    }
+
+    #[test]
+    fn rejects_out_of_range_values() {
+        assert!(parse(&["--hot-share", "1.5"]).validate().is_err());
+        assert!(parse(&["--duplicates", "1"]).validate().is_err());
+        assert!(parse(&["--batch", "1001"]).validate().is_err());
+        assert!(parse(&["--batch", "0"]).validate().is_err());
+        assert!(parse(&["--warmup", "30"]).validate().is_err());
+        assert!(parse(&["--rate", "0"]).validate().is_err());
+        assert!(parse(&["--customers", "1", "--tenants", "2"])
+            .validate()
+            .is_err());
+        assert!(parse(&["--concurrency", "0"]).validate().is_err());
+        parse(&["--hot-share", "1", "--duration", "0.5", "--warmup", "0"])
+            .validate()
+            .unwrap();
+    }
+}

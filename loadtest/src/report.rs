@@ -1,0 +1,399 @@
+//! The run report: a JSON document with stable keys (consumed by CI and the README's
+//! "Measured" table) and a human summary on stdout.
+//!
+//! Key order is part of the contract: the documented keys come first, in this order, and new
+//! ones are only ever appended after `ok`. The test at the bottom breaks on any rename.
+#![allow(clippy::float_arithmetic)] // rates and latencies only; money is Decimal
+
+use std::collections::BTreeMap;
+use std::path::Path;
+
+use anyhow::{Context, Result};
+use hdrhistogram::Histogram;
+use serde::Serialize;
+
+use crate::args::Args;
+use crate::load::LoadOutcome;
+use crate::verify::Verification;
+
+pub const REPORT_VERSION: u32 = 1;
+
+/// The JSON report. Field order is the serialized key order.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct Report {
+    pub version: u32,
+    pub started_at: String,
+    pub rate_target: f64,
+    pub duration_s: f64,
+    pub batch: u32,
+    pub tenants: u32,
+    pub customers: u32,
+    pub hot_share: f64,
+    pub duplicates_ratio: f64,
+    pub sent: u64,
+    pub accepted: u64,
+    pub rejected: u64,
+    pub rejected_by_status: BTreeMap<String, u64>,
+    pub dropped_by_generator: u64,
+    pub duplicates_sent: u64,
+    pub duplicates_accepted: u64,
+    pub unique_accepted: u64,
+    pub events_per_second: Option<f64>,
+    pub accept_rate: f64,
+    pub http_p50_ms: Option<f64>,
+    pub http_p99_ms: Option<f64>,
+    pub http_p999_ms: Option<f64>,
+    pub http_max_ms: Option<f64>,
+    pub e2e_p50_ms: Option<f64>,
+    pub e2e_p99_ms: Option<f64>,
+    pub e2e_p999_ms: Option<f64>,
+    pub e2e_max_ms: Option<f64>,
+    pub settle_wait_s: f64,
+    pub lost: u64,
+    pub double_charged: u64,
+    pub mismatched_pools: u64,
+    pub pools_checked: u64,
+    pub redis_bytes_per_key: Option<f64>,
+    pub ok: bool,
+    // ---- additions (append only) ----
+    pub settlement_completed: bool,
+    pub warmup_s: f64,
+    pub requests: u64,
+    pub dropped_batches: u64,
+    pub send_window_s: f64,
+    pub accepted_count_mismatches: u64,
+    pub settled_rows: u64,
+    pub duplicate_rows: u64,
+    pub unexpected_rows: u64,
+    pub cost_mismatches: u64,
+    pub not_settled_status: u64,
+    pub over_consumed_keys: u64,
+    pub pools_below_expected: u64,
+    pub measured_events: u64,
+    pub http_samples: u64,
+    pub e2e_samples: u64,
+    /// Why `ok` is false; empty when it is true.
+    pub failures: Vec<String>,
+}
+
+/// Percentiles of a microsecond histogram in milliseconds: p50, p99, p99.9, max.
+fn percentiles_ms(h: &Histogram<u64>) -> [Option<f64>; 4] {
+    if h.is_empty() {
+        return [None; 4];
+    }
+    let ms = |us: u64| Some(us as f64 / 1000.0);
+    [
+        ms(h.value_at_quantile(0.50)),
+        ms(h.value_at_quantile(0.99)),
+        ms(h.value_at_quantile(0.999)),
+        ms(h.max()),
+    ]
+}
+
+impl Report {
+    pub fn build(args: &Args, load: &LoadOutcome, v: &Verification) -> Self {
+        let [http_p50_ms, http_p99_ms, http_p999_ms, http_max_ms] = percentiles_ms(&load.http_us);
+        let [e2e_p50_ms, e2e_p99_ms, e2e_p999_ms, e2e_max_ms] = percentiles_ms(&v.e2e_us);
+        let window = load.send_window.as_secs_f64().max(args.duration);
+        let mut r = Report {
+            version: REPORT_VERSION,
+            started_at: load
+                .started_at
+                .to_rfc3339_opts(chrono::SecondsFormat::Millis, true),
+            rate_target: args.rate,
+            duration_s: args.duration,
+            batch: args.batch,
+            tenants: args.tenants,
+            customers: args.customers,
+            hot_share: args.hot_share,
+            duplicates_ratio: args.duplicates,
+            sent: load.sent,
+            accepted: load.accepted,
+            rejected: load.rejected,
+            rejected_by_status: load.rejected_by_status.clone(),
+            dropped_by_generator: load.dropped_by_generator,
+            duplicates_sent: load.duplicates_sent,
+            duplicates_accepted: load.expected.accepted_repeats(),
+            unique_accepted: load.expected.unique_accepted(),
+            events_per_second: v.events_per_second,
+            accept_rate: load.accepted as f64 / window,
+            http_p50_ms,
+            http_p99_ms,
+            http_p999_ms,
+            http_max_ms,
+            e2e_p50_ms,
+            e2e_p99_ms,
+            e2e_p999_ms,
+            e2e_max_ms,
+            settle_wait_s: v.settle_wait.as_secs_f64(),
+            lost: v.lost,
+            double_charged: v.double_charged,
+            mismatched_pools: v.mismatched_pools,
+            pools_checked: v.pools_checked,
+            redis_bytes_per_key: None,
+            ok: false,
+            settlement_completed: v.settlement_completed,
+            warmup_s: args.warmup,
+            requests: load.requests,
+            dropped_batches: load.dropped_batches,
+            send_window_s: load.send_window.as_secs_f64(),
+            accepted_count_mismatches: load.accepted_count_mismatches,
+            settled_rows: v.settled_rows,
+            duplicate_rows: v.duplicate_rows,
+            unexpected_rows: v.unexpected_rows,
+            cost_mismatches: v.cost_mismatches,
+            not_settled_status: v.not_settled_status,
+            over_consumed_keys: v.over_consumed_keys,
+            pools_below_expected: v.pools_below_expected,
+            measured_events: v.measured_events,
+            http_samples: load.http_us.len(),
+            e2e_samples: v.e2e_us.len(),
+            failures: Vec::new(),
+        };
+        r.failures = r.failure_reasons();
+        r.ok = r.failures.is_empty();
+        r
+    }
+
+    /// Every reason the run is not ok.
+    pub fn failure_reasons(&self) -> Vec<String> {
+        let mut why = Vec::new();
+        if !self.settlement_completed {
+            why.push(format!(
+                "settlement incomplete after {:.1}s: {}/{} events, {}/{} duplicates in Postgres",
+                self.settle_wait_s,
+                self.settled_rows,
+                self.unique_accepted,
+                self.duplicate_rows,
+                self.duplicates_accepted
+            ));
+        }
+        if self.lost > 0 {
+            why.push(format!(
+                "{} accepted events were never settled (lost)",
+                self.lost
+            ));
+        }
+        if self.double_charged > 0 {
+            why.push(format!(
+                "{} double charges ({} keys consumed more than their cost, {} pools below expected)",
+                self.double_charged, self.over_consumed_keys, self.pools_below_expected
+            ));
+        }
+        if self.mismatched_pools > 0 {
+            why.push(format!(
+                "{} of {} pools differ from grant - expected charge",
+                self.mismatched_pools, self.pools_checked
+            ));
+        }
+        if self.accepted == 0 {
+            why.push("no event was accepted, so nothing was verified".to_owned());
+        }
+        why
+    }
+
+    pub fn write_json(&self, path: &Path) -> Result<()> {
+        let json = serde_json::to_string_pretty(self).context("serializing the report")?;
+        std::fs::write(path, json + "\n")
+            .with_context(|| format!("writing the report to {}", path.display()))
+    }
+
+    /// The human summary.
+    pub fn summary(&self) -> String {
+        let ms = |v: Option<f64>| v.map_or_else(|| "-".to_owned(), |v| format!("{v:.1}"));
+        let extra = |got: u64, want: u64| {
+            if got > want {
+                format!(" ({} MORE than expected)", got - want)
+            } else {
+                String::new()
+            }
+        };
+        let mut s = String::new();
+        let mut line = |l: String| {
+            s.push_str(&l);
+            s.push('\n');
+        };
+        line(format!(
+            "loadtest {}: {} ev/s target for {}s ({}s warm-up excluded from latency), batch {}, {} tenants, {} customers, hot {}, duplicates {}",
+            self.started_at, self.rate_target, self.duration_s, self.warmup_s,
+            self.batch, self.tenants, self.customers, self.hot_share, self.duplicates_ratio
+        ));
+        line(format!(
+            "  sent {} in {} requests, accepted {} ({:.0}/s), rejected {} {:?}, dropped by generator {} ({} batches)",
+            self.sent, self.requests, self.accepted, self.accept_rate, self.rejected,
+            self.rejected_by_status, self.dropped_by_generator, self.dropped_batches
+        ));
+        line(format!(
+            "  duplicates sent {}, accepted repeats {}, unique accepted {}",
+            self.duplicates_sent, self.duplicates_accepted, self.unique_accepted
+        ));
+        line(format!(
+            "  http ms   p50 {}  p99 {}  p99.9 {}  max {}  ({} requests measured)",
+            ms(self.http_p50_ms),
+            ms(self.http_p99_ms),
+            ms(self.http_p999_ms),
+            ms(self.http_max_ms),
+            self.http_samples
+        ));
+        line(format!(
+            "  e2e ms    p50 {}  p99 {}  p99.9 {}  max {}  ({} events measured)",
+            ms(self.e2e_p50_ms),
+            ms(self.e2e_p99_ms),
+            ms(self.e2e_p999_ms),
+            ms(self.e2e_max_ms),
+            self.e2e_samples
+        ));
+        line(format!(
+            "  settled throughput {} ev/s; settle wait {:.1}s; rows {}/{}{}, duplicates {}/{}{}",
+            self.events_per_second
+                .map_or_else(|| "-".to_owned(), |v| format!("{v:.0}")),
+            self.settle_wait_s,
+            self.settled_rows,
+            self.unique_accepted,
+            extra(self.settled_rows, self.unique_accepted),
+            self.duplicate_rows,
+            self.duplicates_accepted,
+            extra(self.duplicate_rows, self.duplicates_accepted)
+        ));
+        line(format!(
+            "  lost {}, double charged {}, mismatched pools {} of {}, unexpected rows {}, cost mismatches {}, not settled {}",
+            self.lost, self.double_charged, self.mismatched_pools, self.pools_checked,
+            self.unexpected_rows, self.cost_mismatches, self.not_settled_status
+        ));
+        line(if self.ok {
+            "  OK".to_owned()
+        } else {
+            format!("  FAILED: {}", self.failures.join("; "))
+        });
+        s
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The documented keys, in their documented order.
+    const STABLE_KEYS: &[&str] = &[
+        "version",
+        "started_at",
+        "rate_target",
+        "duration_s",
+        "batch",
+        "tenants",
+        "customers",
+        "hot_share",
+        "duplicates_ratio",
+        "sent",
+        "accepted",
+        "rejected",
+        "rejected_by_status",
+        "dropped_by_generator",
+        "duplicates_sent",
+        "duplicates_accepted",
+        "unique_accepted",
+        "events_per_second",
+        "accept_rate",
+        "http_p50_ms",
+        "http_p99_ms",
+        "http_p999_ms",
+        "http_max_ms",
+        "e2e_p50_ms",
+        "e2e_p99_ms",
+        "e2e_p999_ms",
+        "e2e_max_ms",
+        "settle_wait_s",
+        "lost",
+        "double_charged",
+        "mismatched_pools",
+        "pools_checked",
+        "redis_bytes_per_key",
+        "ok",
+    ];
+
+    #[test]
+    fn every_stable_key_is_present_first_and_in_order() {
+        let mut r = Report {
+            version: REPORT_VERSION,
+            ..Report::default()
+        };
+        r.rejected_by_status.insert("503".into(), 100);
+        let text = serde_json::to_string(&r).unwrap();
+        let value: serde_json::Value = serde_json::from_str(&text).unwrap();
+        let obj = value.as_object().unwrap();
+        let mut last = 0;
+        assert_eq!(STABLE_KEYS.len(), 34);
+        for &key in STABLE_KEYS {
+            assert!(obj.contains_key(key), "missing key {key}");
+            let at = text.find(&format!("\"{key}\":")).unwrap();
+            assert!(at >= last, "key {key} out of order");
+            last = at;
+        }
+        assert_eq!(obj["version"], 1);
+        assert!(obj["redis_bytes_per_key"].is_null());
+        assert_eq!(obj["rejected_by_status"]["503"], 100);
+        // Additions come only after `ok`.
+        let ok_at = text.find("\"ok\":").unwrap();
+        assert!(text.find("\"settlement_completed\":").unwrap() > ok_at);
+    }
+
+    #[test]
+    fn ok_requires_complete_settlement_and_no_errors() {
+        let good = Report {
+            accepted: 10,
+            unique_accepted: 10,
+            settlement_completed: true,
+            ..Report::default()
+        };
+        assert!(good.failure_reasons().is_empty());
+        for bad in [
+            Report {
+                settlement_completed: false,
+                ..good.clone()
+            },
+            Report {
+                lost: 1,
+                ..good.clone()
+            },
+            Report {
+                double_charged: 1,
+                ..good.clone()
+            },
+            Report {
+                mismatched_pools: 1,
+                ..good.clone()
+            },
+            Report {
+                accepted: 0,
+                ..good.clone()
+            },
+        ] {
+            assert!(!bad.failure_reasons().is_empty());
+        }
+        assert!(Report {
+            ok: true,
+            ..good.clone()
+        }
+        .summary()
+        .contains("  OK"));
+        let failed = Report {
+            ok: false,
+            failures: vec!["x".into()],
+            ..good
+        };
+        assert!(failed.summary().contains("FAILED: x"));
+    }
+
+    #[test]
+    fn percentiles_are_milliseconds_or_null() {
+        assert_eq!(percentiles_ms(&crate::load::new_histogram()), [None; 4]);
+        let mut h = crate::load::new_histogram();
+        for us in 1..=1000u64 {
+            h.record(us * 1000).unwrap(); // 1..=1000 ms
+        }
+        let [p50, p99, _, max] = percentiles_ms(&h);
+        assert!((p50.unwrap() - 500.0).abs() < 1.0);
+        assert!((p99.unwrap() - 990.0).abs() < 1.0);
+        assert!((max.unwrap() - 1000.0).abs() < 1.0);
+    }
+}
