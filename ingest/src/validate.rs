@@ -49,15 +49,25 @@ pub fn amount(
             ))
         }
     };
-    let d = Decimal::from_str(text.trim())
-        .or_else(|_| Decimal::from_scientific(text.trim()))
-        .map_err(|_| {
-            ApiError::invalid(
+    let d = match Decimal::from_str(text.trim()).or_else(|_| Decimal::from_scientific(text.trim()))
+    {
+        Ok(d) => d,
+        // A well-formed number too large (or too fine) for any decimal.
+        Err(_) if looks_numeric(text.trim()) => {
+            return Err(ApiError::invalid(
+                field,
+                "too_large",
+                "is too large for an amount",
+            ))
+        }
+        Err(_) => {
+            return Err(ApiError::invalid(
                 field,
                 "invalid_amount",
                 "must be a decimal string such as \"12.5\"",
-            )
-        })?;
+            ))
+        }
+    };
     if d.is_zero() && !allow_zero {
         return Err(ApiError::invalid(
             field,
@@ -79,6 +89,19 @@ pub fn amount(
             Err(ApiError::invalid(field, "too_large", e.to_string()))
         }
     }
+}
+
+/// Digits with an optional sign, point and exponent: a number, if not one a decimal can hold.
+fn looks_numeric(s: &str) -> bool {
+    let s = s.strip_prefix('-').unwrap_or(s);
+    let (m, e) = s.split_once(['e', 'E']).unwrap_or((s, "0"));
+    let e = e.strip_prefix(['+', '-']).unwrap_or(e);
+    let digits = |x: &str| !x.is_empty() && x.bytes().all(|b| b.is_ascii_digit());
+    let m_ok = match m.split_once('.') {
+        Some((a, b)) => digits(a) && digits(b),
+        None => digits(m),
+    };
+    m_ok && digits(e)
 }
 
 pub fn timestamp(field: &str, v: &Value) -> Result<DateTime<Utc>, ApiError> {

@@ -61,7 +61,8 @@ pub fn price<'a>(
                     return Price::Unpriced("quantity_negative")
                 }
                 Ok(q) => q,
-                Err(_) => return Price::Unpriced("quantity_not_a_number"),
+                // A JSON number that no decimal can hold.
+                Err(_) => return Price::Unpriced("cost_too_large"),
             },
             Some(_) => return Price::Unpriced("quantity_not_a_number"),
         },
@@ -138,11 +139,17 @@ mod tests {
             }
         );
         // 0.1 + 0.2 style values stay exact.
-        let p = price(&[v(0, "1", Some("q"))], t(1), &dims(json!({"q": 0.3})));
-        assert!(matches!(p, Price::Priced { fixed: 30, .. }));
+        let vs = [v(0, "1", Some("q"))];
+        assert!(matches!(
+            price(&vs, t(1), &dims(json!({"q": 0.3}))),
+            Price::Priced { fixed: 30, .. }
+        ));
         // Rounded half away from zero to the credit type's places.
-        let p = price(&[v(0, "0.001", Some("q"))], t(1), &dims(json!({"q": 5})));
-        assert!(matches!(p, Price::Priced { fixed: 1, .. }));
+        let vs = [v(0, "0.001", Some("q"))];
+        assert!(matches!(
+            price(&vs, t(1), &dims(json!({"q": 5}))),
+            Price::Priced { fixed: 1, .. }
+        ));
     }
 
     #[test]
