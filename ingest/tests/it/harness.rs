@@ -1,0 +1,415 @@
+//! A whole pipeline per test: its own database, topics, Redis prefix and consumer groups, and
+//! the three real binaries as child processes (so a test can SIGKILL one and restart it).
+//! Addresses come from the environment with loopback defaults.
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+use rdkafka::client::DefaultClientContext;
+use rdkafka::config::ClientConfig;
+use serde_json::{json, Value};
+use sqlx::postgres::PgPoolOptions;
+use sqlx::PgPool;
+use tokio::process::{Child, Command};
+
+pub fn brokers() -> String {
+    std::env::var("KAFKA_BROKERS").unwrap_or_else(|_| "127.0.0.1:9092".into())
+}
+fn db_base() -> String {
+    std::env::var("DATABASE_URL_BASE")
+        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432".into())
+}
+pub fn redis_url() -> String {
+    std::env::var("REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".into())
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+fn bin(name: &str) -> PathBuf {
+    // target/<profile>/deps/it-<hash> -> target/<profile>/<name>
+    let exe = std::env::current_exe().unwrap();
+    let p = exe.parent().unwrap().parent().unwrap().join(name);
+    assert!(
+        p.exists(),
+        "{} missing: build the workspace binaries first (deploy/local/test does)",
+        p.display()
+    );
+    p
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Svc {
+    Ingest,
+    Rater,
+    LedgerWriter,
+}
+
+impl Svc {
+    fn bin(self) -> &'static str {
+        match self {
+            Svc::Ingest => "ingest",
+            Svc::Rater => "rater",
+            Svc::LedgerWriter => "ledger-writer",
+        }
+    }
+}
+
+pub struct Stack {
+    pub name: String,
+    pub db: PgPool,
+    pub db_name: String,
+    pub env: Vec<(String, String)>,
+    pub url: String,
+    pub admin_token: String,
+    pub http: reqwest::Client,
+    pub input_topic: String,
+    pub dlq_topic: String,
+    pub redis_prefix: String,
+    metrics: HashMap<Svc, String>,
+    children: HashMap<Svc, Child>,
+    logs: PathBuf,
+}
+
+impl Stack {
+    /// Bring up a fresh pipeline named after the test.
+    pub async fn start(test: &str, partitions: i32) -> Stack {
+        let suffix: String = uuid::Uuid::new_v4().simple().to_string()[..8].to_owned();
+        let name = format!("{}_{suffix}", test.replace('-', "_"));
+        // Database.
+        let admin = PgPoolOptions::new()
+            .max_connections(1)
+            .connect(&format!("{}/postgres", db_base()))
+            .await
+            .unwrap();
+        let db_name = format!("it_{name}");
+        sqlx::query(&format!("CREATE DATABASE \"{db_name}\""))
+            .execute(&admin)
+            .await
+            .unwrap();
+        admin.close().await;
+        let db_url = format!("{}/{db_name}", db_base());
+        let db = PgPoolOptions::new()
+            .max_connections(4)
+            .connect(&db_url)
+            .await
+            .unwrap();
+        shared::db::MIGRATOR.run(&db).await.unwrap();
+        // Topics.
+        let input_topic = format!("it.{name}.input");
+        let ledger_topic = format!("it.{name}.ledger");
+        let dlq_topic = format!("it.{name}.dlq");
+        create_topics(&[&input_topic, &ledger_topic, &dlq_topic], partitions).await;
+        let admin_token = format!("admin-{}", uuid::Uuid::new_v4().simple());
+        let ingest_port = free_port();
+        let metrics: HashMap<Svc, String> = [Svc::Ingest, Svc::Rater, Svc::LedgerWriter]
+            .into_iter()
+            .map(|s| (s, format!("127.0.0.1:{}", free_port())))
+            .collect();
+        let redis_prefix = format!("it_{name}");
+        let env: Vec<(String, String)> = vec![
+            ("KAFKA_BROKERS".into(), brokers()),
+            ("INPUT_TOPIC".into(), input_topic.clone()),
+            ("LEDGER_TOPIC".into(), ledger_topic.clone()),
+            ("DLQ_TOPIC".into(), dlq_topic.clone()),
+            ("REDIS_URL".into(), redis_url()),
+            ("REDIS_PREFIX".into(), redis_prefix.clone()),
+            ("DATABASE_URL".into(), db_url),
+            ("INGEST_LISTEN".into(), format!("127.0.0.1:{ingest_port}")),
+            ("INGEST_ADMIN_TOKEN".into(), admin_token.clone()),
+            (
+                "INGEST_METRICS_LISTEN".into(),
+                metrics[&Svc::Ingest].clone(),
+            ),
+            ("RATER_METRICS_LISTEN".into(), metrics[&Svc::Rater].clone()),
+            (
+                "LEDGER_WRITER_METRICS_LISTEN".into(),
+                metrics[&Svc::LedgerWriter].clone(),
+            ),
+            ("RATER_GROUP_ID".into(), format!("it-{name}-rater")),
+            (
+                "LEDGER_WRITER_GROUP_ID".into(),
+                format!("it-{name}-ledger-writer"),
+            ),
+            ("RUST_LOG".into(), "info,rdkafka=warn".into()),
+        ];
+        let logs = bin("ingest").parent().unwrap().join("it-logs");
+        std::fs::create_dir_all(&logs).unwrap();
+        let mut s = Stack {
+            name,
+            db,
+            db_name,
+            env,
+            url: format!("http://127.0.0.1:{ingest_port}"),
+            admin_token,
+            http: reqwest::Client::builder()
+                .timeout(Duration::from_secs(30))
+                .build()
+                .unwrap(),
+            input_topic,
+            dlq_topic,
+            redis_prefix,
+            metrics,
+            children: HashMap::new(),
+            logs,
+        };
+        for svc in [Svc::LedgerWriter, Svc::Rater, Svc::Ingest] {
+            s.spawn(svc).await;
+        }
+        s
+    }
+
+    /// Start a service and wait until it is ready.
+    pub async fn spawn(&mut self, svc: Svc) {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.logs.join(format!("{}-{}.log", self.name, svc.bin())))
+            .unwrap();
+        let child = Command::new(bin(svc.bin()))
+            .envs(self.env.iter().cloned())
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .kill_on_drop(true)
+            .spawn()
+            .unwrap();
+        self.children.insert(svc, child);
+        let url = format!("http://{}/readyz", self.metrics[&svc]);
+        let started = Instant::now();
+        loop {
+            if let Ok(r) = self.http.get(&url).send().await {
+                if r.status().is_success() {
+                    break;
+                }
+            }
+            if let Some(c) = self.children.get_mut(&svc) {
+                if let Ok(Some(status)) = c.try_wait() {
+                    panic!(
+                        "{} exited during start-up with {status}; see {}",
+                        svc.bin(),
+                        self.logs.display()
+                    );
+                }
+            }
+            assert!(
+                started.elapsed() < Duration::from_secs(60),
+                "{} not ready in 60 s",
+                svc.bin()
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// SIGKILL: no drain, no final commit.
+    pub async fn kill(&mut self, svc: Svc) {
+        if let Some(mut c) = self.children.remove(&svc) {
+            c.start_kill().unwrap();
+            c.wait().await.unwrap();
+        }
+    }
+
+    /// SIGTERM and wait for a graceful exit.
+    pub async fn stop(&mut self, svc: Svc) {
+        if let Some(mut c) = self.children.remove(&svc) {
+            if let Some(pid) = c.id() {
+                std::process::Command::new("kill")
+                    .arg("-TERM")
+                    .arg(pid.to_string())
+                    .status()
+                    .unwrap();
+            }
+            let _ = tokio::time::timeout(Duration::from_secs(20), c.wait()).await;
+        }
+    }
+
+    pub async fn call(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+        key: &str,
+        body: Option<Value>,
+    ) -> (u16, Value) {
+        let mut rb = self
+            .http
+            .request(method, format!("{}{path}", self.url))
+            .bearer_auth(key);
+        if let Some(b) = body {
+            rb = rb.json(&b);
+        }
+        let r = rb.send().await.unwrap();
+        let status = r.status().as_u16();
+        let text = r.text().await.unwrap();
+        (
+            status,
+            serde_json::from_str(&text).unwrap_or(Value::String(text)),
+        )
+    }
+
+    /// A tenant with a credit type "ai" (2 places, `limit`) and a mapping "llm" at 0.01 per token.
+    pub async fn tenant(&self, limit: &str) -> String {
+        let (st, t) = self
+            .call(
+                reqwest::Method::POST,
+                "/v1/admin/tenants",
+                &self.admin_token,
+                Some(json!({"name": "it"})),
+            )
+            .await;
+        assert_eq!(st, 201, "{t}");
+        let key = t["api_key"].as_str().unwrap().to_owned();
+        let tid = t["tenant_id"].as_str().unwrap().to_owned();
+        let (st, b) = self
+            .call(
+                reqwest::Method::PUT,
+                &format!("/v1/admin/tenants/{tid}/limits"),
+                &self.admin_token,
+                Some(json!({"events_per_second": 1_000_000})),
+            )
+            .await;
+        assert_eq!(st, 200, "{b}");
+        let (st, b) = self
+            .call(
+                reqwest::Method::POST,
+                "/v1/credit-types",
+                &key,
+                Some(json!({"id": "ai", "name": "AI Tokens", "unit_singular": "token", "unit_plural": "tokens", "decimals": 2, "limit": limit})),
+            )
+            .await;
+        assert_eq!(st, 201, "{b}");
+        let (st, b) = self
+            .call(
+                reqwest::Method::PUT,
+                "/v1/features/llm/credit-mapping",
+                &key,
+                Some(json!({"credit_type": "ai", "credits_per_unit": "0.01", "quantity_dimension": "tokens",
+                            "effective_at": "2000-01-01T00:00:00Z"})),
+            )
+            .await;
+        assert_eq!(st, 200, "{b}");
+        key
+    }
+
+    pub async fn grant(&self, key: &str, customer: &str, amount: &str) -> Value {
+        let (st, b) = self
+            .call(
+                reqwest::Method::POST,
+                "/v1/credits/grants",
+                key,
+                Some(json!({"customer_id": customer, "credit_type": "ai", "amount": amount, "display_name": "it"})),
+            )
+            .await;
+        assert!(st == 201, "grant: {st} {b}");
+        b
+    }
+
+    pub async fn balance(&self, key: &str, customer: &str) -> rust_decimal::Decimal {
+        let (st, b) = self
+            .call(
+                reqwest::Method::GET,
+                &format!("/v1/credits/balance?customer_id={customer}&credit_type=ai"),
+                key,
+                None,
+            )
+            .await;
+        assert_eq!(st, 200, "{b}");
+        b["balance"].as_str().unwrap().parse().unwrap()
+    }
+
+    /// Wait until `settled` usage rows and `dups` duplicate rows exist (or time out).
+    pub async fn wait_settled(&self, settled: i64, dups: i64, limit: Duration) {
+        let started = Instant::now();
+        loop {
+            let (n, d): (i64, i64) = sqlx::query_as(
+                "SELECT (SELECT count(*) FROM usage_events), (SELECT count(*) FROM duplicate_events)",
+            )
+            .fetch_one(&self.db)
+            .await
+            .unwrap();
+            if n >= settled && d >= dups {
+                assert_eq!((n, d), (settled, dups), "more rows than events sent");
+                return;
+            }
+            assert!(
+                started.elapsed() < limit,
+                "not settled in {limit:?}: {n}/{settled} events, {d}/{dups} duplicates"
+            );
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+
+    /// Remove everything this stack made (processes, database, keys).
+    pub async fn cleanup(mut self) {
+        for svc in [Svc::Ingest, Svc::Rater, Svc::LedgerWriter] {
+            self.kill(svc).await;
+        }
+        self.db.close().await;
+        if let Ok(admin) = PgPoolOptions::new()
+            .max_connections(1)
+            .connect(&format!("{}/postgres", db_base()))
+            .await
+        {
+            let _ = sqlx::query(&format!(
+                "DROP DATABASE IF EXISTS \"{}\" WITH (FORCE)",
+                self.db_name
+            ))
+            .execute(&admin)
+            .await;
+        }
+        if let Ok(client) = redis::Client::open(redis_url()) {
+            if let Ok(mut con) = client.get_multiplexed_async_connection().await {
+                let keys: Vec<String> = redis::cmd("KEYS")
+                    .arg(format!("{}:*", self.redis_prefix))
+                    .query_async(&mut con)
+                    .await
+                    .unwrap_or_default();
+                for chunk in keys.chunks(500) {
+                    let _: Result<(), _> = redis::cmd("DEL").arg(chunk).query_async(&mut con).await;
+                }
+            }
+        }
+        let admin: Result<AdminClient<DefaultClientContext>, _> = ClientConfig::new()
+            .set("bootstrap.servers", brokers())
+            .create();
+        if let Ok(admin) = admin {
+            let topics = [
+                self.input_topic.clone(),
+                format!("it.{}.ledger", self.name),
+                self.dlq_topic.clone(),
+            ];
+            let refs: Vec<&str> = topics.iter().map(String::as_str).collect();
+            let _ = admin.delete_topics(&refs, &AdminOptions::new()).await;
+        }
+    }
+}
+
+pub async fn create_topics(names: &[&str], partitions: i32) {
+    let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
+        .set("bootstrap.servers", brokers())
+        .create()
+        .unwrap();
+    let topics: Vec<NewTopic> = names
+        .iter()
+        .map(|n| NewTopic::new(n, partitions, TopicReplication::Fixed(1)))
+        .collect();
+    let res = admin
+        .create_topics(
+            &topics,
+            &AdminOptions::new().operation_timeout(Some(Duration::from_secs(10))),
+        )
+        .await
+        .expect("create topics");
+    for r in res {
+        if let Err((t, e)) = r {
+            panic!("create topic {t}: {e}");
+        }
+    }
+}

@@ -1,0 +1,5 @@
+//! Integration tests against the real thing: nisshi (Kafka protocol), Redis, Postgres, HTTP,
+//! and the three service binaries as processes.
+
+mod harness;
+mod pipeline;

@@ -1,0 +1,427 @@
+//! The pipeline end to end: exactly-once settlement with duplicates, kill-and-restart of each
+//! consumer mid-stream, fractional credits without drift, the Postgres backstop, dead letters.
+
+use std::collections::HashMap;
+use std::str::FromStr;
+use std::time::Duration;
+
+use futures::stream::{self, StreamExt};
+use reqwest::Method;
+use rust_decimal::Decimal;
+use serde_json::{json, Value};
+
+use crate::harness::{Stack, Svc};
+
+const GRANT: &str = "1000000";
+
+/// 10,000 events over 200 customers, 10% sent twice (some in the same batch), in batches of
+/// 100 with `concurrency` requests in flight. `during` runs between the two halves of the load.
+struct Load {
+    key: String,
+    /// (customer, idempotency key, tokens) of each unique event.
+    events: Vec<(String, String, u32)>,
+}
+
+impl Load {
+    fn new(key: &str, customers: usize, n: usize) -> Self {
+        let events = (0..n)
+            .map(|i| {
+                (
+                    format!("c-{}", i % customers),
+                    format!("k-{i}"),
+                    (i % 500) as u32 + 1,
+                )
+            })
+            .collect();
+        Load {
+            key: key.to_owned(),
+            events,
+        }
+    }
+
+    fn body(e: &(String, String, u32)) -> Value {
+        json!({"customer_id": e.0, "event_name": "llm", "idempotency_key": e.1, "dimensions": {"tokens": e.2, "userId": "u-1"}})
+    }
+
+    /// The sends in order: every event once, every 10th again (half of those in the same batch).
+    fn batches(&self, range: std::ops::Range<usize>) -> Vec<Vec<Value>> {
+        let mut out = Vec::new();
+        for chunk in self.events[range.clone()].chunks(100) {
+            let mut batch: Vec<Value> = chunk.iter().map(Self::body).collect();
+            // Repeats of this batch's own events (same batch) ...
+            for e in chunk.iter().step_by(20) {
+                batch.push(Self::body(e));
+            }
+            out.push(batch);
+        }
+        // ... and repeats in later batches.
+        let later: Vec<Value> = self.events[range]
+            .iter()
+            .skip(10)
+            .step_by(20)
+            .map(Self::body)
+            .collect();
+        for c in later.chunks(100) {
+            out.push(c.to_vec());
+        }
+        out
+    }
+
+    async fn send(&self, s: &Stack, batches: Vec<Vec<Value>>) {
+        let results: Vec<(u16, Value)> = stream::iter(batches)
+            .map(|b| async move {
+                s.call(
+                    Method::POST,
+                    "/v1/events",
+                    &self.key,
+                    Some(json!({"events": b})),
+                )
+                .await
+            })
+            .buffer_unordered(8)
+            .collect()
+            .await;
+        for (st, b) in results {
+            assert_eq!(st, 202, "{b}");
+        }
+    }
+
+    /// Expected settled balance per customer.
+    fn expected(&self) -> HashMap<String, Decimal> {
+        let mut m = HashMap::new();
+        for (c, _, tokens) in &self.events {
+            let e = m
+                .entry(c.clone())
+                .or_insert_with(|| Decimal::from_str(GRANT).unwrap());
+            *e -= Decimal::from(*tokens) * Decimal::from_str("0.01").unwrap();
+        }
+        m
+    }
+}
+
+async fn setup(s: &Stack, customers: usize, n: usize) -> Load {
+    let key = s.tenant("hard").await;
+    let load = Load::new(&key, customers, n);
+    stream::iter(0..customers)
+        .map(|i| {
+            let key = key.clone();
+            async move { s.grant(&key, &format!("c-{i}"), GRANT).await }
+        })
+        .buffer_unordered(16)
+        .collect::<Vec<_>>()
+        .await;
+    load
+}
+
+/// Every pool: Postgres == expected, Redis == Postgres; every key charged once and settled.
+async fn verify(s: &Stack, load: &Load) {
+    let n = load.events.len() as i64;
+    let expected = load.expected();
+    let rows: Vec<(String, Decimal)> =
+        sqlx::query_as("SELECT customer_id, balance FROM pools WHERE credit_type = 'ai'")
+            .fetch_all(&s.db)
+            .await
+            .unwrap();
+    assert_eq!(rows.len(), expected.len());
+    for (c, bal) in &rows {
+        assert_eq!(bal, &expected[c], "settled balance of {c}");
+    }
+    for (c, bal) in rows.iter().step_by(7) {
+        assert_eq!(
+            &s.balance(&load.key, c).await,
+            bal,
+            "redis balance of {c} equals postgres"
+        );
+    }
+    let (settled, consumes, over): (i64, i64, i64) = sqlx::query_as(
+        "SELECT (SELECT count(*) FROM usage_events WHERE status = 'settled'),
+                (SELECT count(DISTINCT source_id) FROM ledger_entries WHERE type = 'consume'),
+                (SELECT count(*) FROM (SELECT l.source_id FROM ledger_entries l JOIN usage_events u
+                    ON u.idempotency_key = l.source_id WHERE l.type = 'consume'
+                    GROUP BY l.source_id, u.cost HAVING -sum(l.amount) <> u.cost) x)",
+    )
+    .fetch_one(&s.db)
+    .await
+    .unwrap();
+    assert_eq!(
+        (settled, consumes, over),
+        (n, n, 0),
+        "every key settled and charged exactly its cost once"
+    );
+    for (_, k, _) in load.events.iter().step_by(97) {
+        let (st, b) = s
+            .call(Method::GET, &format!("/v1/events/{k}"), &load.key, None)
+            .await;
+        assert_eq!(st, 200, "{b}");
+        assert_eq!(b["status"], "settled", "{b}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ten_thousand_events_with_duplicates_settle_exactly_once() {
+    let s = Stack::start("exact", 4).await;
+    let load = setup(&s, 200, 10_000).await;
+    load.send(&s, load.batches(0..10_000)).await;
+    s.wait_settled(10_000, 1_000, Duration::from_secs(120))
+        .await;
+    verify(&s, &load).await;
+    // A repeated key reports its duplicates: k-0 was repeated within its batch, k-10 later.
+    for k in ["k-0", "k-10"] {
+        let (_, b) = s
+            .call(Method::GET, &format!("/v1/events/{k}"), &load.key, None)
+            .await;
+        assert_eq!(b["duplicates"], 1, "{b}");
+    }
+    let (_, b) = s.call(Method::GET, "/v1/events/k-1", &load.key, None).await;
+    assert_eq!(
+        (b["duplicates"].clone(), b["cost"].clone()),
+        (json!(0), json!("0.02")),
+        "{b}"
+    );
+    s.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigkill_of_rater_and_ledger_writer_mid_stream_loses_and_doubles_nothing() {
+    let mut s = Stack::start("kill", 4).await;
+    let load = setup(&s, 200, 10_000).await;
+    let all = load.batches(0..10_000);
+    let (a, rest) = all.split_at(all.len() / 3);
+    let (b, c) = rest.split_at(rest.len() / 2);
+    load.send(&s, a.to_vec()).await;
+    // Kill the rater while it is working through the backlog, then restart it.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    s.kill(Svc::Rater).await;
+    load.send(&s, b.to_vec()).await;
+    s.spawn(Svc::Rater).await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    s.kill(Svc::LedgerWriter).await;
+    load.send(&s, c.to_vec()).await;
+    s.spawn(Svc::LedgerWriter).await;
+    // And a graceful restart of each (drain + commit) while events are still settling.
+    s.stop(Svc::Rater).await;
+    s.spawn(Svc::Rater).await;
+    s.wait_settled(10_000, 1_000, Duration::from_secs(180))
+        .await;
+    verify(&s, &load).await;
+    s.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fractional_credits_settle_without_drift() {
+    let s = Stack::start("fraction", 2).await;
+    let key = s.tenant("hard").await;
+    s.grant(&key, "c-f", "10").await;
+    // 999 events of one token at 0.01 credit: exactly 9.99 consumed, 0.01 left.
+    let events: Vec<Value> = (0..999)
+        .map(|i| json!({"customer_id": "c-f", "event_name": "llm", "idempotency_key": format!("f-{i}"), "dimensions": {"tokens": 1}}))
+        .collect();
+    for chunk in events.chunks(333) {
+        let (st, b) = s
+            .call(
+                Method::POST,
+                "/v1/events",
+                &key,
+                Some(json!({"events": chunk})),
+            )
+            .await;
+        assert_eq!(st, 202, "{b}");
+    }
+    s.wait_settled(999, 0, Duration::from_secs(60)).await;
+    let bal: Decimal = sqlx::query_scalar("SELECT balance FROM pools")
+        .fetch_one(&s.db)
+        .await
+        .unwrap();
+    assert_eq!(bal, Decimal::from_str("0.01").unwrap());
+    assert_eq!(
+        s.balance(&key, "c-f").await,
+        Decimal::from_str("0.01").unwrap()
+    );
+    let sum: Decimal = sqlx::query_scalar("SELECT sum(amount) FROM ledger_entries")
+        .fetch_one(&s.db)
+        .await
+        .unwrap();
+    assert_eq!(
+        sum,
+        Decimal::from_str("0.01").unwrap(),
+        "ledger sums to the balance"
+    );
+    s.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn grant_then_use_hard_deny_unpriced_and_event_status() {
+    let s = Stack::start("flow", 2).await;
+    let key = s.tenant("hard").await;
+    let g = s.grant(&key, "c-1", "5").await;
+    assert_eq!(g["grant"]["remaining"], "5", "{g}");
+    assert_eq!(s.balance(&key, "c-1").await, Decimal::from(5));
+    let send = |k: &str, tokens: u32, name: &str| json!({"customer_id": "c-1", "event_name": name, "idempotency_key": k, "dimensions": {"tokens": tokens}});
+    let (st, b) = s
+        .call(Method::POST, "/v1/events", &key, Some(json!({"events": [send("a", 300, "llm"), send("b", 300, "llm"), send("c", 1, "nope")]})))
+        .await;
+    assert_eq!(st, 202, "{b}");
+    s.wait_settled(3, 0, Duration::from_secs(30)).await;
+    let status = |k: &'static str| {
+        let s = &s;
+        let key = key.clone();
+        async move {
+            s.call(Method::GET, &format!("/v1/events/{k}"), &key, None)
+                .await
+                .1
+        }
+    };
+    let a = status("a").await;
+    assert_eq!(a["status"], "settled", "{a}");
+    assert_eq!(a["cost"], "3");
+    let b = status("b").await;
+    assert_eq!(b["status"], "denied", "3 + 3 > 5 under a hard limit: {b}");
+    assert_eq!(b["reason"], "insufficient_balance");
+    let c = status("c").await;
+    assert_eq!(c["status"], "unpriced", "{c}");
+    assert_eq!(c["reason"], "no_mapping");
+    assert_eq!(s.balance(&key, "c-1").await, Decimal::from(2));
+    // The ledger, newest first: deny, consume, grant.
+    let (_, l) = s
+        .call(
+            Method::GET,
+            "/v1/credits/ledger?customer_id=c-1&limit=2",
+            &key,
+            None,
+        )
+        .await;
+    let types: Vec<&str> = l["entries"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["type"].as_str().unwrap())
+        .collect();
+    assert_eq!(types, ["deny", "consume"], "{l}");
+    let cursor = l["next_cursor"].as_str().unwrap();
+    let (_, l2) = s
+        .call(
+            Method::GET,
+            &format!("/v1/credits/ledger?customer_id=c-1&limit=2&after={cursor}"),
+            &key,
+            None,
+        )
+        .await;
+    assert_eq!(l2["entries"][0]["type"], "grant");
+    assert_eq!(l2["entries"][0]["amount"], "5");
+    assert!(l2["next_cursor"].is_null());
+    // Another tenant sees none of it.
+    let other = s.tenant("hard").await;
+    let (st, _) = s.call(Method::GET, "/v1/events/a", &other, None).await;
+    assert_eq!(st, 404);
+    let (st, _) = s
+        .call(Method::GET, "/v1/events/a", "ck_nope_nope", None)
+        .await;
+    assert_eq!(st, 401);
+    s.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_duplicate_that_slips_past_redis_is_reversed_not_settled_twice() {
+    let s = Stack::start("backstop", 2).await;
+    let key = s.tenant("hard").await;
+    s.grant(&key, "c-a", "100").await;
+    s.grant(&key, "c-b", "100").await;
+    // The same idempotency key for two customers: Redis dedupes per customer, so the second
+    // copy is charged in Redis and must be caught by the Postgres unique key and given back.
+    for c in ["c-a", "c-b"] {
+        let ev = json!({"customer_id": c, "event_name": "llm", "idempotency_key": "same", "dimensions": {"tokens": 1000}});
+        let (st, b) = s.call(Method::POST, "/v1/events", &key, Some(ev)).await;
+        assert_eq!(st, 202, "{b}");
+        s.wait_settled(1, if c == "c-a" { 0 } else { 1 }, Duration::from_secs(30))
+            .await;
+    }
+    let balances: Vec<(String, Decimal)> =
+        sqlx::query_as("SELECT customer_id, balance FROM pools ORDER BY customer_id")
+            .fetch_all(&s.db)
+            .await
+            .unwrap();
+    assert_eq!(
+        balances,
+        vec![
+            ("c-a".into(), Decimal::from(90)),
+            ("c-b".into(), Decimal::from(100))
+        ]
+    );
+    let caught: String = sqlx::query_scalar("SELECT caught_by FROM duplicate_events")
+        .fetch_one(&s.db)
+        .await
+        .unwrap();
+    assert_eq!(caught, "postgres");
+    // The hot pool of c-b is given back.
+    let mut restored = false;
+    for _ in 0..100 {
+        if s.balance(&key, "c-b").await == Decimal::from(100) {
+            restored = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(restored, "redis balance of c-b reversed to 100");
+    s.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_poison_message_goes_to_the_dead_letter_topic_and_the_partition_moves_on() {
+    use rdkafka::consumer::{Consumer, StreamConsumer};
+    use rdkafka::producer::{FutureProducer, FutureRecord};
+    use rdkafka::Message;
+    let s = Stack::start("poison", 1).await;
+    let key = s.tenant("hard").await;
+    s.grant(&key, "c-p", "100").await;
+    let producer: FutureProducer = rdkafka::ClientConfig::new()
+        .set("bootstrap.servers", crate::harness::brokers())
+        .create()
+        .unwrap();
+    producer
+        .send(
+            FutureRecord::to(&s.input_topic)
+                .key("x")
+                .payload("{not json"),
+            Duration::from_secs(10),
+        )
+        .await
+        .unwrap();
+    let ev = json!({"customer_id": "c-p", "event_name": "llm", "idempotency_key": "after-poison", "dimensions": {"tokens": 100}});
+    let (st, _) = s.call(Method::POST, "/v1/events", &key, Some(ev)).await;
+    assert_eq!(st, 202);
+    s.wait_settled(1, 0, Duration::from_secs(30)).await;
+    // Read the dead-letter partition directly (no group: nothing to leave on drop).
+    let consumer: StreamConsumer = rdkafka::ClientConfig::new()
+        .set("bootstrap.servers", crate::harness::brokers())
+        .set("group.id", format!("it-{}-dlq-reader", s.name))
+        .set("enable.auto.commit", "false")
+        .create()
+        .unwrap();
+    let mut tpl = rdkafka::TopicPartitionList::new();
+    tpl.add_partition_offset(&s.dlq_topic, 0, rdkafka::Offset::Beginning)
+        .unwrap();
+    consumer.assign(&tpl).unwrap();
+    let m = tokio::time::timeout(Duration::from_secs(30), consumer.recv())
+        .await
+        .expect("a dead letter")
+        .unwrap();
+    assert_eq!(m.payload().unwrap(), b"{not json");
+    let reason = m
+        .headers()
+        .and_then(|h| {
+            use rdkafka::message::Headers;
+            h.iter()
+                .find(|x| x.key == "reason")
+                .and_then(|x| x.value)
+                .map(|v| String::from_utf8_lossy(v).to_string())
+        })
+        .unwrap();
+    assert!(reason.starts_with("undecodable"), "{reason}");
+    // Closing a consumer blocks; do it off the runtime, and do not wait on it forever.
+    let _ = tokio::time::timeout(
+        Duration::from_secs(5),
+        tokio::task::spawn_blocking(move || drop(consumer)),
+    )
+    .await;
+    s.cleanup().await;
+}
