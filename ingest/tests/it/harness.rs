@@ -346,6 +346,29 @@ impl Stack {
         }
     }
 
+    /// Delete every Redis key of this stack, the sentinel first (as losing Redis would).
+    pub async fn flush_redis(&self) {
+        let client = redis::Client::open(redis_url()).unwrap();
+        let mut con = client.get_multiplexed_async_connection().await.unwrap();
+        let _: () = redis::cmd("DEL")
+            .arg(format!("{}:sentinel", self.redis_prefix))
+            .query_async(&mut con)
+            .await
+            .unwrap();
+        let keys: Vec<String> = redis::cmd("KEYS")
+            .arg(format!("{}:*", self.redis_prefix))
+            .query_async(&mut con)
+            .await
+            .unwrap();
+        for chunk in keys.chunks(500) {
+            let _: () = redis::cmd("DEL")
+                .arg(chunk)
+                .query_async(&mut con)
+                .await
+                .unwrap();
+        }
+    }
+
     /// Remove everything this stack made (processes, database, keys).
     pub async fn cleanup(mut self) {
         for svc in [Svc::Ingest, Svc::Rater, Svc::LedgerWriter] {

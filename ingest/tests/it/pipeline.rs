@@ -197,7 +197,10 @@ async fn sigkill_of_rater_and_ledger_writer_mid_stream_loses_and_doubles_nothing
     tokio::time::sleep(Duration::from_millis(500)).await;
     s.kill(Svc::LedgerWriter).await;
     load.send(&s, c.to_vec()).await;
+    // 202 means durable in Kafka: killing ingest right after loses nothing.
+    s.kill(Svc::Ingest).await;
     s.spawn(Svc::LedgerWriter).await;
+    s.spawn(Svc::Ingest).await;
     // And a graceful restart of each (drain + commit) while events are still settling.
     s.stop(Svc::Rater).await;
     s.spawn(Svc::Rater).await;
@@ -423,5 +426,167 @@ async fn a_poison_message_goes_to_the_dead_letter_topic_and_the_partition_moves_
         tokio::task::spawn_blocking(move || drop(consumer)),
     )
     .await;
+    s.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn losing_redis_mid_run_loses_nothing_and_charges_nothing_twice() {
+    let s = Stack::start("redisloss", 4).await;
+    let load = setup(&s, 100, 6_000).await;
+    let all = load.batches(0..6_000);
+    let (a, b) = all.split_at(all.len() / 2);
+    load.send(&s, a.to_vec()).await;
+    // Redis loses everything of this stack (the sentinel first, as a flush would take it too),
+    // while the first half may still be in flight.
+    s.flush_redis().await;
+    load.send(&s, b.to_vec()).await;
+    // The first half again: Redis forgot these keys, so Postgres must catch every one.
+    let again: Vec<Vec<Value>> = load.events[..3_000]
+        .chunks(100)
+        .map(|c| c.iter().map(Load::body).collect())
+        .collect();
+    load.send(&s, again).await;
+    s.wait_settled(6_000, 600 + 3_000, Duration::from_secs(180))
+        .await;
+    // Reversals of slipped duplicates reach the hot pools asynchronously.
+    let expected = load.expected();
+    for _ in 0..100 {
+        let mut ok = true;
+        for (c, e) in &expected {
+            ok &= s.balance(&load.key, c).await == *e;
+        }
+        if ok {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    verify(&s, &load).await;
+    s.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_input_gets_a_4xx_naming_the_field_and_never_reaches_kafka() {
+    let s = Stack::start("badinput", 1).await;
+    let key = s.tenant("hard").await;
+    s.grant(&key, "c-1", "100").await;
+    let ev = |patch: Value| {
+        let mut e = json!({"customer_id": "c-1", "event_name": "llm", "idempotency_key": "x", "dimensions": {"tokens": 1}});
+        for (k, v) in patch.as_object().unwrap() {
+            e[k] = v.clone();
+        }
+        e
+    };
+    // Bodies that are not JSON at all.
+    for (body, status) in [
+        ("", 400),
+        ("{\"customer_id\": ", 400),
+        ("[1,2]", 422),
+        ("42", 422),
+    ] {
+        let r = s
+            .http
+            .post(format!("{}/v1/events", s.url))
+            .bearer_auth(&key)
+            .header("content-type", "application/json")
+            .body(body)
+            .send()
+            .await
+            .unwrap();
+        let st = r.status().as_u16();
+        let b = r.json::<Value>().await.unwrap_or(Value::Null);
+        assert_eq!(st, status, "{body:?}: {b}");
+        assert!(b["error"]["code"].is_string(), "{b}");
+    }
+    let too_many: Vec<Value> = (0..1001)
+        .map(|i| ev(json!({"idempotency_key": format!("m-{i}")})))
+        .collect();
+    let cases: Vec<(Value, &str)> = vec![
+        (json!({"events": too_many}), "events"),
+        (json!({"events": "nope"}), "events"),
+        (ev(json!({"customer_id": 7})), "customer_id"),
+        (ev(json!({"customer_id": "has space"})), "customer_id"),
+        (ev(json!({"customer_id": "x".repeat(129)})), "customer_id"),
+        (ev(json!({"idempotency_key": null})), "idempotency_key"),
+        (ev(json!({"event_name": "a/b"})), "event_name"),
+        (ev(json!({"timestamp": "yesterday"})), "timestamp"),
+        (
+            ev(json!({"timestamp": "2001-01-01T00:00:00Z"})),
+            "timestamp",
+        ),
+        (
+            ev(json!({"timestamp": "2999-01-01T00:00:00Z"})),
+            "timestamp",
+        ),
+        (
+            ev(json!({"dimensions": {"a": {"nested": 1}}})),
+            "dimensions.a",
+        ),
+        (ev(json!({"dimensions": [1]})), "dimensions"),
+        (ev(json!({"surprise": 1})), "surprise"),
+        (
+            json!({"events": [ev(json!({})), ev(json!({"resource_id": ""}))]}),
+            "events[1].resource_id",
+        ),
+    ];
+    for (body, field) in cases {
+        let (st, b) = s.call(Method::POST, "/v1/events", &key, Some(body)).await;
+        assert_eq!(st, 422, "{field}: {b}");
+        assert_eq!(b["error"]["field"], field, "{b}");
+    }
+    // Amounts: negative, over-precise, beyond 2^53 in fixed point, not a number.
+    for (amount, code) in [
+        ("-5", "invalid_amount"),
+        ("1.001", "too_precise"),
+        ("100000000000000", "too_large"),
+        ("lots", "invalid_amount"),
+    ] {
+        let (st, b) = s
+            .call(Method::POST, "/v1/credits/grants", &key,
+                  Some(json!({"customer_id": "c-1", "credit_type": "ai", "amount": amount, "display_name": "x"})))
+            .await;
+        assert_eq!(
+            (st, b["error"]["code"].as_str()),
+            (422, Some(code)),
+            "{amount}: {b}"
+        );
+        assert_eq!(b["error"]["field"], "amount");
+    }
+    let (st, b) = s
+        .call(Method::POST, "/v1/credits/grants", &key,
+              Some(json!({"customer_id": "c-1", "credit_type": "nope", "amount": "1", "display_name": "x"})))
+        .await;
+    assert_eq!(
+        (st, b["error"]["field"].as_str()),
+        (422, Some("credit_type")),
+        "{b}"
+    );
+    // A body over 5 MB.
+    let big = format!("{{\"events\": [{}]}}", "1,".repeat(3_000_000));
+    let r = s
+        .http
+        .post(format!("{}/v1/events", s.url))
+        .bearer_auth(&key)
+        .body(big)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 413);
+    // None of it reached the pipeline: one good event is the only thing ever settled.
+    let (st, _) = s
+        .call(
+            Method::POST,
+            "/v1/events",
+            &key,
+            Some(ev(json!({"idempotency_key": "good"}))),
+        )
+        .await;
+    assert_eq!(st, 202);
+    s.wait_settled(1, 0, Duration::from_secs(30)).await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    s.wait_settled(1, 0, Duration::from_secs(1)).await;
+    assert_eq!(
+        s.balance(&key, "c-1").await,
+        Decimal::from_str("99.99").unwrap()
+    );
     s.cleanup().await;
 }
