@@ -590,3 +590,116 @@ async fn bad_input_gets_a_4xx_naming_the_field_and_never_reaches_kafka() {
     );
     s.cleanup().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_raters_share_the_partitions_and_survive_one_being_killed() {
+    let mut s = Stack::start("tworaters", 8).await;
+    s.spawn(Svc::Rater2).await;
+    s.wait_assigned(&[Svc::Rater, Svc::Rater2], 8).await;
+    let load = setup(&s, 200, 8_000).await;
+    let all = load.batches(0..8_000);
+    let (a, b) = all.split_at(all.len() / 2);
+    load.send(&s, a.to_vec()).await;
+    // Partitions move to the survivor while its pools are hot; then a fresh member joins.
+    s.kill(Svc::Rater2).await;
+    load.send(&s, b.to_vec()).await;
+    s.spawn(Svc::Rater2).await;
+    s.wait_settled(8_000, 800, Duration::from_secs(180)).await;
+    verify(&s, &load).await;
+    s.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn soft_limit_overdraws_and_the_next_grant_repays_it_and_void_removes_the_rest() {
+    let s = Stack::start("softvoid", 1).await;
+    let key = s.tenant("soft").await;
+    s.grant(&key, "c-s", "5").await;
+    let ev = |k: &str, tokens: u32| json!({"customer_id": "c-s", "event_name": "llm", "idempotency_key": k, "dimensions": {"tokens": tokens}});
+    let (st, _) = s
+        .call(
+            Method::POST,
+            "/v1/events",
+            &key,
+            Some(json!({"events": [ev("s1", 300), ev("s2", 300)]})),
+        )
+        .await;
+    assert_eq!(st, 202);
+    s.wait_settled(2, 0, Duration::from_secs(30)).await;
+    // Soft limit: 5 - 3 - 3 = -1, both settled.
+    assert_eq!(s.balance(&key, "c-s").await, Decimal::from(-1));
+    let (bal, od): (Decimal, Decimal) = sqlx::query_as("SELECT balance, overdraft FROM pools")
+        .fetch_one(&s.db)
+        .await
+        .unwrap();
+    assert_eq!((bal, od), (Decimal::from(-1), Decimal::from(1)));
+    let (_, e) = s.call(Method::GET, "/v1/events/s2", &key, None).await;
+    assert_eq!(e["status"], "settled", "{e}");
+    let entries = e["ledger_entries"].as_array().unwrap();
+    assert_eq!(entries.len(), 2, "2 from the grant, 1 into overdraft: {e}");
+    assert!(entries[1]["grant_id"].is_null());
+    // The next grant repays the overdraft first.
+    let g = s.grant(&key, "c-s", "10").await;
+    assert_eq!(g["grant"]["remaining"], "9", "{g}");
+    assert_eq!(s.balance(&key, "c-s").await, Decimal::from(9));
+    // Void removes what is left of it, with a void entry.
+    let id = g["grant"]["id"].as_str().unwrap().to_owned();
+    for _ in 0..100 {
+        let n: i64 = sqlx::query_scalar("SELECT count(*) FROM grants")
+            .fetch_one(&s.db)
+            .await
+            .unwrap();
+        if n == 2 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let (st, v) = s
+        .call(
+            Method::POST,
+            &format!("/v1/credits/grants/{id}/void"),
+            &key,
+            None,
+        )
+        .await;
+    assert_eq!(st, 200, "{v}");
+    assert_eq!(v["grant"]["status"], "voided");
+    assert_eq!(s.balance(&key, "c-s").await, Decimal::ZERO);
+    let other = s.tenant("soft").await;
+    let (st, _) = s
+        .call(
+            Method::POST,
+            &format!("/v1/credits/grants/{id}/void"),
+            &other,
+            None,
+        )
+        .await;
+    assert_eq!(st, 404, "another tenant's grant does not exist for it");
+    for _ in 0..100 {
+        let st: String = sqlx::query_scalar("SELECT status FROM grants WHERE id = $1::uuid")
+            .bind(&id)
+            .fetch_one(&s.db)
+            .await
+            .unwrap();
+        if st == "voided" {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let (rem, st): (Decimal, String) =
+        sqlx::query_as("SELECT remaining, status FROM grants WHERE id = $1::uuid")
+            .bind(&id)
+            .fetch_one(&s.db)
+            .await
+            .unwrap();
+    assert_eq!((rem, st.as_str()), (Decimal::ZERO, "voided"));
+    let (bal, od): (Decimal, Decimal) = sqlx::query_as("SELECT balance, overdraft FROM pools")
+        .fetch_one(&s.db)
+        .await
+        .unwrap();
+    assert_eq!(
+        (bal, od),
+        (Decimal::ZERO, Decimal::ZERO),
+        "ledger: -1 + 10 - 9 = 0, overdraft repaid"
+    );
+    s.cleanup().await;
+}
