@@ -24,11 +24,7 @@ pub async fn create_tenant(
     Body(b): Body<NewTenant>,
 ) -> ApiResult<(StatusCode, Json<Value>)> {
     if b.name.trim().is_empty() || b.name.len() > 200 {
-        return Err(ApiError::invalid(
-            "name",
-            "invalid_name",
-            "must be 1-200 characters",
-        ));
+        return Err(ApiError::invalid("name", "invalid_name", "must be 1-200 characters"));
     }
     let tenant_id = format!("t_{}", uuid::Uuid::new_v4().simple());
     let (key, prefix) = new_key();
@@ -70,10 +66,7 @@ pub async fn create_key(
         .bind(hash(&key))
         .execute(&s.db)
         .await?;
-    Ok((
-        StatusCode::CREATED,
-        Json(json!({"api_key": key, "prefix": prefix})),
-    ))
+    Ok((StatusCode::CREATED, Json(json!({"api_key": key, "prefix": prefix}))))
 }
 
 pub async fn revoke_key(
@@ -82,13 +75,11 @@ pub async fn revoke_key(
     Path(prefix): Path<String>,
 ) -> ApiResult<StatusCode> {
     let prefix = prefix.strip_prefix("ck_").unwrap_or(&prefix).to_owned();
-    let n = sqlx::query(
-        "UPDATE api_keys SET revoked_at = now() WHERE prefix = $1 AND revoked_at IS NULL",
-    )
-    .bind(&prefix)
-    .execute(&s.db)
-    .await?
-    .rows_affected();
+    let n = sqlx::query("UPDATE api_keys SET revoked_at = now() WHERE prefix = $1 AND revoked_at IS NULL")
+        .bind(&prefix)
+        .execute(&s.db)
+        .await?
+        .rows_affected();
     forget(&s, Some(&prefix), None);
     if n == 0 {
         return Err(ApiError::not_found("api key"));

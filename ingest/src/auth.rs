@@ -34,16 +34,8 @@ pub struct CachedKey {
 /// A new random key and its prefix.
 pub fn new_key() -> (String, String) {
     let mut rng = rand::thread_rng();
-    let prefix: String = (&mut rng)
-        .sample_iter(&Alphanumeric)
-        .take(10)
-        .map(char::from)
-        .collect();
-    let secret: String = (&mut rng)
-        .sample_iter(&Alphanumeric)
-        .take(32)
-        .map(char::from)
-        .collect();
+    let prefix: String = (&mut rng).sample_iter(&Alphanumeric).take(10).map(char::from).collect();
+    let secret: String = (&mut rng).sample_iter(&Alphanumeric).take(32).map(char::from).collect();
     (format!("ck_{prefix}_{secret}"), prefix)
 }
 
@@ -63,10 +55,7 @@ fn bearer(parts: &Parts) -> Option<&str> {
 
 impl FromRequestParts<Arc<AppState>> for Tenant {
     type Rejection = ApiError;
-    async fn from_request_parts(
-        parts: &mut Parts,
-        state: &Arc<AppState>,
-    ) -> Result<Self, Self::Rejection> {
+    async fn from_request_parts(parts: &mut Parts, state: &Arc<AppState>) -> Result<Self, Self::Rejection> {
         let key = bearer(parts).ok_or_else(ApiError::unauthorized)?;
         let h = hash(key);
         if let Some(c) = state.keys_cache.get(&h) {
@@ -110,9 +99,9 @@ impl FromRequestParts<Arc<AppState>> for Tenant {
 
 /// Forget cached lookups: of one key prefix, or of one tenant (its limits changed).
 pub fn forget(state: &AppState, prefix: Option<&str>, tenant: Option<&str>) {
-    state.keys_cache.retain(|_, c| {
-        prefix.is_none_or(|p| c.prefix != p) && tenant.is_none_or(|t| c.tenant.id != t)
-    });
+    state
+        .keys_cache
+        .retain(|_, c| prefix.is_none_or(|p| c.prefix != p) && tenant.is_none_or(|t| c.tenant.id != t));
 }
 
 /// The operator: `Authorization: Bearer <INGEST_ADMIN_TOKEN>`.
@@ -120,10 +109,7 @@ pub struct Operator;
 
 impl FromRequestParts<Arc<AppState>> for Operator {
     type Rejection = ApiError;
-    async fn from_request_parts(
-        parts: &mut Parts,
-        state: &Arc<AppState>,
-    ) -> Result<Self, Self::Rejection> {
+    async fn from_request_parts(parts: &mut Parts, state: &Arc<AppState>) -> Result<Self, Self::Rejection> {
         let given = bearer(parts).ok_or_else(ApiError::unauthorized)?;
         if hash(given) == hash(&state.config.admin_token) {
             Ok(Operator)

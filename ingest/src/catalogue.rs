@@ -48,8 +48,7 @@ pub struct CreditType {
     pub created_at: DateTime<Utc>,
 }
 
-const CT_COLS: &str =
-    "id, name, unit_singular, unit_plural, decimals, limit_kind AS limit, created_at";
+const CT_COLS: &str = "id, name, unit_singular, unit_plural, decimals, limit_kind AS limit, created_at";
 
 pub async fn create_credit_type(
     t: Tenant,
@@ -63,19 +62,11 @@ pub async fn create_credit_type(
         ("unit_plural", &b.unit_plural),
     ] {
         if v.trim().is_empty() || v.len() > 200 {
-            return Err(ApiError::invalid(
-                f,
-                "invalid_value",
-                "must be 1-200 characters",
-            ));
+            return Err(ApiError::invalid(f, "invalid_value", "must be 1-200 characters"));
         }
     }
     if !(0..=9).contains(&b.decimals) {
-        return Err(ApiError::invalid(
-            "decimals",
-            "out_of_range",
-            "must be between 0 and 9",
-        ));
+        return Err(ApiError::invalid("decimals", "out_of_range", "must be between 0 and 9"));
     }
     if b.limit != "hard" && b.limit != "soft" {
         return Err(ApiError::invalid(
@@ -112,19 +103,11 @@ pub async fn create_credit_type(
     {
         Ok((StatusCode::OK, Json(existing)))
     } else {
-        Err(ApiError::conflict(format!(
-            "credit type {} exists with another definition",
-            b.id
-        ))
-        .field("id"))
+        Err(ApiError::conflict(format!("credit type {} exists with another definition", b.id)).field("id"))
     }
 }
 
-pub async fn credit_type(
-    s: &AppState,
-    tenant: &str,
-    id: &str,
-) -> Result<Option<CreditType>, ApiError> {
+pub async fn credit_type(s: &AppState, tenant: &str, id: &str) -> Result<Option<CreditType>, ApiError> {
     Ok(sqlx::query_as(&format!(
         "SELECT {CT_COLS} FROM credit_types WHERE tenant_id = $1 AND id = $2"
     ))
@@ -135,22 +118,14 @@ pub async fn credit_type(
 }
 
 /// The credit type named by `field`, or a 422 naming it.
-pub async fn require_credit_type(
-    s: &AppState,
-    tenant: &str,
-    id: &str,
-    field: &str,
-) -> Result<CreditType, ApiError> {
+pub async fn require_credit_type(s: &AppState, tenant: &str, id: &str, field: &str) -> Result<CreditType, ApiError> {
     validate::id(field, id)?;
-    credit_type(s, tenant, id).await?.ok_or_else(|| {
-        ApiError::invalid(field, "unknown_credit_type", format!("no credit type {id}"))
-    })
+    credit_type(s, tenant, id)
+        .await?
+        .ok_or_else(|| ApiError::invalid(field, "unknown_credit_type", format!("no credit type {id}")))
 }
 
-pub async fn list_credit_types(
-    t: Tenant,
-    State(s): State<Arc<AppState>>,
-) -> ApiResult<Json<Value>> {
+pub async fn list_credit_types(t: Tenant, State(s): State<Arc<AppState>>) -> ApiResult<Json<Value>> {
     let rows: Vec<CreditType> = sqlx::query_as(&format!(
         "SELECT {CT_COLS} FROM credit_types WHERE tenant_id = $1 ORDER BY id"
     ))
@@ -179,8 +154,7 @@ pub struct Mapping {
     pub created_at: DateTime<Utc>,
 }
 
-const MAP_COLS: &str =
-    "event_name, credit_type, credits_per_unit, quantity_dimension, effective_at, created_at";
+const MAP_COLS: &str = "event_name, credit_type, credits_per_unit, quantity_dimension, effective_at, created_at";
 
 pub async fn put_mapping(
     t: Tenant,

@@ -14,7 +14,7 @@ use rust_decimal::Decimal;
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 use shared::amount::from_fixed;
-use shared::model::{Category, Cost, GrantCmd, GrantSpec, InputMsg, VoidCmd};
+use shared::model::{Category, Cost, GrantCmd, GrantRefCmd, GrantSpec, InputMsg};
 use uuid::Uuid;
 
 use crate::auth::Tenant;
@@ -219,15 +219,8 @@ pub async fn create_grant(
             })
         }
     };
-    if b.metadata
-        .as_ref()
-        .is_some_and(|m| !m.is_object() && !m.is_null())
-    {
-        return Err(ApiError::invalid(
-            "metadata",
-            "invalid_value",
-            "must be an object",
-        ));
+    if b.metadata.as_ref().is_some_and(|m| !m.is_object() && !m.is_null()) {
+        return Err(ApiError::invalid("metadata", "invalid_value", "must be an object"));
     }
     let id = match &b.idempotency_key {
         Some(k) => {
@@ -269,19 +262,13 @@ pub async fn create_grant(
             return if same {
                 Ok((StatusCode::OK, Json(grant_json(&g))))
             } else {
-                Err(
-                    ApiError::conflict("idempotency_key was used with another body")
-                        .field("idempotency_key"),
-                )
+                Err(ApiError::conflict("idempotency_key was used with another body").field("idempotency_key"))
             };
         }
     }
-    let pool_key = s.keys.pool(
-        &t.id,
-        &spec.customer_id,
-        &spec.credit_type,
-        &spec.resource_id,
-    );
+    let pool_key = s
+        .keys
+        .pool(&t.id, &spec.customer_id, &spec.credit_type, &spec.resource_id);
     produce(
         &s,
         std::iter::once(InputMsg::Grant(GrantCmd {
@@ -292,11 +279,7 @@ pub async fn create_grant(
     )
     .await?;
     metrics::counter!(crate::metric::COMMANDS, "kind" => "grant").increment(1);
-    let status = if effective_at > now {
-        "scheduled"
-    } else {
-        "active"
-    };
+    let status = if effective_at > now { "scheduled" } else { "active" };
     match applied(&s, &pool_key, &format!("o:{id}")).await? {
         Some(rem) => Ok((
             StatusCode::CREATED,
@@ -323,11 +306,7 @@ fn limit(l: Option<i64>) -> Result<i64, ApiError> {
     match l {
         None => Ok(50),
         Some(n) if (1..=1000).contains(&n) => Ok(n),
-        Some(_) => Err(ApiError::invalid(
-            "limit",
-            "out_of_range",
-            "must be between 1 and 1000",
-        )),
+        Some(_) => Err(ApiError::invalid("limit", "out_of_range", "must be between 1 and 1000")),
     }
 }
 
@@ -339,20 +318,14 @@ fn decode_cursor<T: std::str::FromStr>(c: &Option<String>) -> Result<Option<T>, 
         .and_then(|b| String::from_utf8(b).ok())
         .and_then(|s| s.parse().ok())
         .map(Some)
-        .ok_or_else(|| {
-            ApiError::invalid("after", "invalid_cursor", "not a cursor this API returned")
-        })
+        .ok_or_else(|| ApiError::invalid("after", "invalid_cursor", "not a cursor this API returned"))
 }
 
 fn encode_cursor(v: impl ToString) -> String {
     base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(v.to_string())
 }
 
-pub async fn list_grants(
-    t: Tenant,
-    State(s): State<Arc<AppState>>,
-    Q(q): Q<GrantQuery>,
-) -> ApiResult<Json<Value>> {
+pub async fn list_grants(t: Tenant, State(s): State<Arc<AppState>>, Q(q): Q<GrantQuery>) -> ApiResult<Json<Value>> {
     let limit = limit(q.limit)?;
     let after: Option<Uuid> = decode_cursor(&q.after)?;
     let rows: Vec<Grant> = sqlx::query_as(&format!(
@@ -380,11 +353,7 @@ pub async fn list_grants(
     Ok(Json(json!({"grants": page, "next_cursor": next})))
 }
 
-pub async fn void_grant(
-    t: Tenant,
-    State(s): State<Arc<AppState>>,
-    Path(id): Path<String>,
-) -> ApiResult<Json<Value>> {
+pub async fn void_grant(t: Tenant, State(s): State<Arc<AppState>>, Path(id): Path<String>) -> ApiResult<Json<Value>> {
     let id = Uuid::parse_str(&id).map_err(|_| ApiError::not_found("grant"))?;
     let g = settled_grant(&s, &t.id, id)
         .await?
@@ -392,7 +361,7 @@ pub async fn void_grant(
     if g.status != "voided" {
         let ct = require_credit_type(&s, &t.id, &g.credit_type, "credit_type").await?;
         let resource = g.resource_id.clone().unwrap_or_default();
-        let cmd = VoidCmd {
+        let cmd = GrantRefCmd {
             tenant_id: t.id.clone(),
             customer_id: g.customer_id.clone(),
             resource_id: resource.clone(),
@@ -404,9 +373,7 @@ pub async fn void_grant(
         };
         produce(&s, std::iter::once(InputMsg::Void(cmd))).await?;
         metrics::counter!(crate::metric::COMMANDS, "kind" => "void").increment(1);
-        let pool_key = s
-            .keys
-            .pool(&t.id, &g.customer_id, &g.credit_type, &resource);
+        let pool_key = s.keys.pool(&t.id, &g.customer_id, &g.credit_type, &resource);
         applied(&s, &pool_key, &format!("x:{id}")).await?;
     }
     let mut v = grant_json(&g);
@@ -423,21 +390,14 @@ pub struct PoolQuery {
 }
 
 /// The real-time balance, computed from the hot pool the way apply.lua spends it.
-pub async fn balance(
-    t: Tenant,
-    State(s): State<Arc<AppState>>,
-    Q(q): Q<PoolQuery>,
-) -> ApiResult<Json<Value>> {
+pub async fn balance(t: Tenant, State(s): State<Arc<AppState>>, Q(q): Q<PoolQuery>) -> ApiResult<Json<Value>> {
     validate::id("customer_id", &q.customer_id)?;
     let ct = require_credit_type(&s, &t.id, &q.credit_type, "credit_type").await?;
     let resource = q.resource_id.unwrap_or_default();
     let d = ct.decimals as u32;
     let mut con = s.redis.clone();
     let h: HashMap<String, String> = redis::cmd("HGETALL")
-        .arg(
-            s.keys
-                .pool(&t.id, &q.customer_id, &q.credit_type, &resource),
-        )
+        .arg(s.keys.pool(&t.id, &q.customer_id, &q.credit_type, &resource))
         .query_async(&mut con)
         .await?;
     let now = Utc::now().timestamp_millis();
@@ -446,14 +406,8 @@ pub async fn balance(
         let Some(id) = f.strip_prefix("o:") else {
             continue;
         };
-        let rem: i64 = h
-            .get(&format!("r:{id}"))
-            .and_then(|r| r.parse().ok())
-            .unwrap_or(0);
-        let exp: i64 = key
-            .get(5..18)
-            .and_then(|x| x.parse().ok())
-            .unwrap_or(i64::MAX);
+        let rem: i64 = h.get(&format!("r:{id}")).and_then(|r| r.parse().ok()).unwrap_or(0);
+        let exp: i64 = key.get(5..18).and_then(|x| x.parse().ok()).unwrap_or(i64::MAX);
         let eff: i64 = key.get(21..34).and_then(|x| x.parse().ok()).unwrap_or(0);
         if eff > now {
             scheduled += rem;
@@ -467,8 +421,8 @@ pub async fn balance(
         "customer_id": q.customer_id,
         "credit_type": q.credit_type,
         "resource_id": if resource.is_empty() { None } else { Some(resource) },
-        "balance": from_fixed(bal, d).to_string(),
-        "scheduled": from_fixed(scheduled, d).to_string(),
+        "balance": from_fixed(bal, d).normalize().to_string(),
+        "scheduled": from_fixed(scheduled, d).normalize().to_string(),
         "has_access": bal > 0 || ct.limit == "soft",
         "limit": ct.limit,
         "as_of": Utc::now(),
@@ -493,8 +447,7 @@ pub struct LedgerEntry {
     pub credit_type: String,
 }
 
-pub const LEDGER_COLS: &str =
-    "id::text AS id, ts AS timestamp, type AS kind, source, source_id, grant_id,
+pub const LEDGER_COLS: &str = "id::text AS id, ts AS timestamp, type AS kind, source, source_id, grant_id,
     amount, end_balance, actor, customer_id, credit_type";
 
 #[derive(Deserialize)]
@@ -511,11 +464,7 @@ pub struct LedgerQuery {
 }
 
 /// The settled ledger, newest first; the cursor is the last entry's id (ids only grow).
-pub async fn ledger(
-    t: Tenant,
-    State(s): State<Arc<AppState>>,
-    Q(q): Q<LedgerQuery>,
-) -> ApiResult<Json<Value>> {
+pub async fn ledger(t: Tenant, State(s): State<Arc<AppState>>, Q(q): Q<LedgerQuery>) -> ApiResult<Json<Value>> {
     validate::id("customer_id", &q.customer_id)?;
     let limit = limit(q.limit)?;
     let after: Option<i64> = decode_cursor(&q.after)?;

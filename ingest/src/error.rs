@@ -58,18 +58,10 @@ impl ApiError {
         Self::new(StatusCode::UNPROCESSABLE_ENTITY, code, message).field(field)
     }
     pub fn not_found(what: &str) -> Self {
-        Self::new(
-            StatusCode::NOT_FOUND,
-            "not_found",
-            format!("{what} not found"),
-        )
+        Self::new(StatusCode::NOT_FOUND, "not_found", format!("{what} not found"))
     }
     pub fn unauthorized() -> Self {
-        Self::new(
-            StatusCode::UNAUTHORIZED,
-            "unauthorized",
-            "missing or invalid API key",
-        )
+        Self::new(StatusCode::UNAUTHORIZED, "unauthorized", "missing or invalid API key")
     }
     pub fn conflict(message: impl Into<String>) -> Self {
         Self::new(StatusCode::CONFLICT, "conflict", message)
@@ -82,11 +74,7 @@ impl ApiError {
     /// A dependency failed: log the cause, answer 503 without it.
     pub fn internal(cause: impl std::fmt::Display) -> Self {
         tracing::error!(error = %cause, "dependency failure");
-        Self::unavailable(
-            "temporarily_unavailable",
-            "a dependency is unavailable, retry later",
-            1,
-        )
+        Self::unavailable("temporarily_unavailable", "a dependency is unavailable, retry later", 1)
     }
 }
 
@@ -119,8 +107,7 @@ impl IntoResponse for ApiError {
         )
             .into_response();
         if let Some(s) = self.retry_after {
-            r.headers_mut()
-                .insert(header::RETRY_AFTER, HeaderValue::from(s));
+            r.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from(s));
         }
         r
     }
@@ -141,9 +128,7 @@ pub fn parse_json<T: DeserializeOwned>(bytes: &[u8]) -> ApiResult<T> {
         let path = e.path().to_string();
         let inner = e.into_inner();
         let (status, code) = match inner.classify() {
-            serde_json::error::Category::Data => {
-                (StatusCode::UNPROCESSABLE_ENTITY, "invalid_value")
-            }
+            serde_json::error::Category::Data => (StatusCode::UNPROCESSABLE_ENTITY, "invalid_value"),
             _ => (StatusCode::BAD_REQUEST, "malformed_json"),
         };
         let mut err = ApiError::new(status, code, inner.to_string());
@@ -188,8 +173,6 @@ impl<S: Send + Sync, T: DeserializeOwned> FromRequestParts<S> for Q<T> {
         axum::extract::Query::<T>::from_request_parts(parts, state)
             .await
             .map(|q| Q(q.0))
-            .map_err(|e: QueryRejection| {
-                ApiError::new(StatusCode::BAD_REQUEST, "invalid_query", e.body_text())
-            })
+            .map_err(|e: QueryRejection| ApiError::new(StatusCode::BAD_REQUEST, "invalid_query", e.body_text()))
     }
 }

@@ -34,12 +34,7 @@ const FIELDS: [&str; 6] = [
 ];
 
 /// Validate one event; `now` bounds its timestamp.
-fn event(
-    tenant: &str,
-    v: &Value,
-    now: DateTime<Utc>,
-    window_s: u64,
-) -> Result<UsageEvent, (String, ApiError)> {
+fn event(tenant: &str, v: &Value, now: DateTime<Utc>, window_s: u64) -> Result<UsageEvent, (String, ApiError)> {
     let err = |f: &str, e: ApiError| (f.to_owned(), e);
     let Value::Object(o) = v else {
         return Err(err(
@@ -56,18 +51,12 @@ fn event(
     let text = |f: &str, required: bool| -> Result<Option<String>, (String, ApiError)> {
         match o.get(f) {
             None | Some(Value::Null) if !required => Ok(None),
-            None | Some(Value::Null) => Err(err(
-                f,
-                ApiError::invalid(f, "required", format!("{f} is required")),
-            )),
+            None | Some(Value::Null) => Err(err(f, ApiError::invalid(f, "required", format!("{f} is required")))),
             Some(Value::String(s)) => {
                 validate::id(f, s).map_err(|e| err(f, e))?;
                 Ok(Some(s.clone()))
             }
-            Some(_) => Err(err(
-                f,
-                ApiError::invalid(f, "invalid_id", "must be a string"),
-            )),
+            Some(_) => Err(err(f, ApiError::invalid(f, "invalid_id", "must be a string"))),
         }
     };
     let customer_id = text("customer_id", true)?.unwrap_or_default();
@@ -85,9 +74,7 @@ fn event(
                     ApiError::invalid(
                         "timestamp",
                         "timestamp_out_of_range",
-                        format!(
-                            "must lie within the last {window_s} s and at most 5 minutes ahead"
-                        ),
+                        format!("must lie within the last {window_s} s and at most 5 minutes ahead"),
                     ),
                 ));
             }
@@ -112,22 +99,11 @@ fn event(
 }
 
 /// Every event valid, or a 422 listing each bad one.
-pub fn validate_body(
-    tenant: &str,
-    body: &Value,
-    now: DateTime<Utc>,
-    window_s: u64,
-) -> ApiResult<Vec<UsageEvent>> {
+pub fn validate_body(tenant: &str, body: &Value, now: DateTime<Utc>, window_s: u64) -> ApiResult<Vec<UsageEvent>> {
     let (items, batched): (Vec<&Value>, bool) = match body {
         Value::Object(o) if o.contains_key("events") => match &o["events"] {
             Value::Array(a) => (a.iter().collect(), true),
-            _ => {
-                return Err(ApiError::invalid(
-                    "events",
-                    "invalid_events",
-                    "events must be an array",
-                ))
-            }
+            _ => return Err(ApiError::invalid("events", "invalid_events", "events must be an array")),
         },
         Value::Object(_) => (vec![body], false),
         _ => {
@@ -179,11 +155,7 @@ pub fn validate_body(
     let mut e = ApiError::invalid(
         &first.field,
         &first.code,
-        format!(
-            "{} invalid event(s); none accepted: {}",
-            errors.len(),
-            first.message
-        ),
+        format!("{} invalid event(s); none accepted: {}", errors.len(), first.message),
     );
     e.errors = errors;
     Err(e)
@@ -196,11 +168,9 @@ pub async fn post_events(
 ) -> ApiResult<(StatusCode, Json<Value>)> {
     let body = body.map_err(crate::error::bytes_rejection)?;
     let v: Value = parse_json(&body)?;
-    let events =
-        validate_body(&t.id, &v, Utc::now(), s.config.dedupe_window_s).inspect_err(|e| {
-            metrics::counter!(m::EVENTS_REJECTED, "reason" => "invalid")
-                .increment(e.errors.len().max(1) as u64);
-        })?;
+    let events = validate_body(&t.id, &v, Utc::now(), s.config.dedupe_window_s).inspect_err(|e| {
+        metrics::counter!(m::EVENTS_REJECTED, "reason" => "invalid").increment(e.errors.len().max(1) as u64);
+    })?;
     let n = events.len();
     let limiter = s.limiter(&t);
     let allowed = u32::try_from(n)
@@ -213,10 +183,7 @@ pub async fn post_events(
         let mut e = ApiError::new(
             StatusCode::TOO_MANY_REQUESTS,
             "rate_limited",
-            format!(
-                "over the tenant's limit of {} events/s",
-                t.events_per_second
-            ),
+            format!("over the tenant's limit of {} events/s", t.events_per_second),
         );
         e.retry_after = Some(1);
         return Err(e);
@@ -306,13 +273,12 @@ pub async fn get_event(
     .bind(&key)
     .fetch_optional(&s.db)
     .await?;
-    let duplicates: i64 = sqlx::query_scalar(
-        "SELECT count(*) FROM duplicate_events WHERE tenant_id = $1 AND idempotency_key = $2",
-    )
-    .bind(&t.id)
-    .bind(&key)
-    .fetch_one(&s.db)
-    .await?;
+    let duplicates: i64 =
+        sqlx::query_scalar("SELECT count(*) FROM duplicate_events WHERE tenant_id = $1 AND idempotency_key = $2")
+            .bind(&t.id)
+            .bind(&key)
+            .fetch_one(&s.db)
+            .await?;
     let Some((
         customer_id,
         resource_id,
@@ -394,15 +360,11 @@ mod tests {
     fn every_bad_event_is_named_and_none_accepted() {
         let good = json!({"customer_id": "c", "event_name": "e", "idempotency_key": "k"});
         let bad_id = json!({"customer_id": "c c", "event_name": "e", "idempotency_key": "k"});
-        let old = json!({"customer_id": "c", "event_name": "e", "idempotency_key": "k", "timestamp": "2020-01-01T00:00:00Z"});
-        let nested = json!({"customer_id": "c", "event_name": "e", "idempotency_key": "k", "dimensions": {"a": {"b": 1}}});
-        let e = validate_body(
-            "t",
-            &json!({"events": [good, bad_id, old, nested]}),
-            now(),
-            86400,
-        )
-        .unwrap_err();
+        let old =
+            json!({"customer_id": "c", "event_name": "e", "idempotency_key": "k", "timestamp": "2020-01-01T00:00:00Z"});
+        let nested =
+            json!({"customer_id": "c", "event_name": "e", "idempotency_key": "k", "dimensions": {"a": {"b": 1}}});
+        let e = validate_body("t", &json!({"events": [good, bad_id, old, nested]}), now(), 86400).unwrap_err();
         assert_eq!(e.status, StatusCode::UNPROCESSABLE_ENTITY);
         let fields: Vec<_> = e
             .errors
@@ -424,10 +386,7 @@ mod tests {
         let one = json!({"customer_id": "c", "event_name": "e", "idempotency_key": "k"});
         let many = json!({"events": vec![one; MAX_BATCH + 1]});
         assert_eq!(
-            validate_body("t", &many, now(), 86400)
-                .unwrap_err()
-                .body
-                .code,
+            validate_body("t", &many, now(), 86400).unwrap_err().body.code,
             "too_many_events"
         );
         assert_eq!(
@@ -438,10 +397,7 @@ mod tests {
             "empty_batch"
         );
         assert_eq!(
-            validate_body("t", &json!([1]), now(), 86400)
-                .unwrap_err()
-                .body
-                .code,
+            validate_body("t", &json!([1]), now(), 86400).unwrap_err().body.code,
             "invalid_body"
         );
     }

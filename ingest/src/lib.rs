@@ -93,18 +93,9 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/healthz", get(|| async { "ok" }))
         .route("/readyz", get(|| async { "ready" }))
         .route("/v1/admin/tenants", post(admin::create_tenant))
-        .route(
-            "/v1/admin/tenants/{tenant_id}/api-keys",
-            post(admin::create_key),
-        )
-        .route(
-            "/v1/admin/api-keys/{prefix}",
-            axum::routing::delete(admin::revoke_key),
-        )
-        .route(
-            "/v1/admin/tenants/{tenant_id}/limits",
-            put(admin::set_limits),
-        )
+        .route("/v1/admin/tenants/{tenant_id}/api-keys", post(admin::create_key))
+        .route("/v1/admin/api-keys/{prefix}", axum::routing::delete(admin::revoke_key))
+        .route("/v1/admin/tenants/{tenant_id}/limits", put(admin::set_limits))
         .route(
             "/v1/credit-types",
             post(catalogue::create_credit_type).get(catalogue::list_credit_types),
@@ -137,10 +128,8 @@ async fn track(req: Request, next: Next) -> Response {
     let started = Instant::now();
     let resp = next.run(req).await;
     let status = resp.status().as_u16().to_string();
-    metrics::counter!(crate::metric::REQUESTS, "route" => route.clone(), "status" => status)
-        .increment(1);
-    metrics::histogram!(crate::metric::REQUEST_DURATION, "route" => route)
-        .record(started.elapsed().as_secs_f64());
+    metrics::counter!(crate::metric::REQUESTS, "route" => route.clone(), "status" => status).increment(1);
+    metrics::histogram!(crate::metric::REQUEST_DURATION, "route" => route).record(started.elapsed().as_secs_f64());
     resp
 }
 
@@ -158,10 +147,9 @@ pub async fn run(
     );
     shared::kafka::partition_counts(&config.kafka, &[&config.kafka.input_topic])?;
     let db = shared::db::connect(&config.db).await.context("postgres")?;
-    let redis =
-        redis::aio::ConnectionManager::new(redis::Client::open(config.redis.redis_url.as_str())?)
-            .await
-            .context("redis")?;
+    let redis = redis::aio::ConnectionManager::new(redis::Client::open(config.redis.redis_url.as_str())?)
+        .await
+        .context("redis")?;
     let producer = shared::kafka::producer(&config.kafka, config.linger_ms)?;
     let state = Arc::new(AppState {
         keys: Keys::new(config.redis.redis_prefix.clone()),
@@ -177,8 +165,7 @@ pub async fn run(
     let gauge_stop = shutdown.clone();
     tokio::spawn(async move {
         while !gauge_stop.is_cancelled() {
-            metrics::gauge!(crate::metric::PRODUCER_QUEUE)
-                .set(f64::from(gauge_producer.in_flight_count()));
+            metrics::gauge!(crate::metric::PRODUCER_QUEUE).set(f64::from(gauge_producer.in_flight_count()));
             tokio::time::sleep(Duration::from_secs(1)).await;
         }
     });

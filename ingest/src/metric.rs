@@ -13,21 +13,13 @@ pub const COMMANDS: &str = "ingest_commands_total";
 
 pub fn describe() {
     describe_counter!(REQUESTS, Unit::Count, "HTTP requests, by route and status");
-    describe_histogram!(
-        REQUEST_DURATION,
-        Unit::Seconds,
-        "HTTP request latency, by route"
-    );
+    describe_histogram!(REQUEST_DURATION, Unit::Seconds, "HTTP request latency, by route");
     describe_counter!(
         EVENTS_ACCEPTED,
         Unit::Count,
         "Usage events durable in Kafka (answered 202)"
     );
-    describe_counter!(
-        EVENTS_REJECTED,
-        Unit::Count,
-        "Usage events refused, by reason"
-    );
+    describe_counter!(EVENTS_REJECTED, Unit::Count, "Usage events refused, by reason");
     describe_counter!(
         RATE_LIMITED,
         Unit::Count,
@@ -38,10 +30,6 @@ pub fn describe() {
         Unit::Seconds,
         "From enqueue to the broker's ack, per request"
     );
-    describe_gauge!(
-        PRODUCER_QUEUE,
-        Unit::Count,
-        "Messages waiting in the producer queue"
-    );
+    describe_gauge!(PRODUCER_QUEUE, Unit::Count, "Messages waiting in the producer queue");
     describe_counter!(COMMANDS, Unit::Count, "Pool commands sent (grant, void)");
 }

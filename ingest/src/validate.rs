@@ -32,12 +32,7 @@ pub fn id(field: &str, s: &str) -> Result<(), ApiError> {
 
 /// A decimal amount given as a string (or a JSON number), checked against the credit type's
 /// places and the 2^53 fixed-point bound.
-pub fn amount(
-    field: &str,
-    v: &Value,
-    decimals: u32,
-    allow_zero: bool,
-) -> Result<Decimal, ApiError> {
+pub fn amount(field: &str, v: &Value, decimals: u32, allow_zero: bool) -> Result<Decimal, ApiError> {
     let text = match v {
         Value::String(s) => s.clone(),
         Value::Number(n) => n.to_string(),
@@ -49,16 +44,11 @@ pub fn amount(
             ))
         }
     };
-    let d = match Decimal::from_str(text.trim()).or_else(|_| Decimal::from_scientific(text.trim()))
-    {
+    let d = match Decimal::from_str(text.trim()).or_else(|_| Decimal::from_scientific(text.trim())) {
         Ok(d) => d,
         // A well-formed number too large (or too fine) for any decimal.
         Err(_) if looks_numeric(text.trim()) => {
-            return Err(ApiError::invalid(
-                field,
-                "too_large",
-                "is too large for an amount",
-            ))
+            return Err(ApiError::invalid(field, "too_large", "is too large for an amount"))
         }
         Err(_) => {
             return Err(ApiError::invalid(
@@ -69,25 +59,13 @@ pub fn amount(
         }
     };
     if d.is_zero() && !allow_zero {
-        return Err(ApiError::invalid(
-            field,
-            "invalid_amount",
-            "must be greater than zero",
-        ));
+        return Err(ApiError::invalid(field, "invalid_amount", "must be greater than zero"));
     }
     match to_fixed(d, decimals) {
         Ok(_) => Ok(d.normalize()),
-        Err(AmountError::Negative) => Err(ApiError::invalid(
-            field,
-            "invalid_amount",
-            "must not be negative",
-        )),
-        Err(e @ AmountError::TooPrecise(_)) => {
-            Err(ApiError::invalid(field, "too_precise", e.to_string()))
-        }
-        Err(e @ AmountError::TooLarge(_)) => {
-            Err(ApiError::invalid(field, "too_large", e.to_string()))
-        }
+        Err(AmountError::Negative) => Err(ApiError::invalid(field, "invalid_amount", "must not be negative")),
+        Err(e @ AmountError::TooPrecise(_)) => Err(ApiError::invalid(field, "too_precise", e.to_string())),
+        Err(e @ AmountError::TooLarge(_)) => Err(ApiError::invalid(field, "too_large", e.to_string())),
     }
 }
 
@@ -128,11 +106,7 @@ pub fn dimensions(field: &str, v: &Value) -> Result<serde_json::Map<String, Valu
         ));
     };
     if map.len() > 64 {
-        return Err(ApiError::invalid(
-            field,
-            "too_many_dimensions",
-            "at most 64 dimensions",
-        ));
+        return Err(ApiError::invalid(field, "too_many_dimensions", "at most 64 dimensions"));
     }
     for (k, val) in map {
         if k.is_empty() || k.len() > 128 {
@@ -180,10 +154,7 @@ mod tests {
             Decimal::from_str("12.5").unwrap()
         );
         assert_eq!(
-            amount("a", &json!("1.001"), 2, false)
-                .unwrap_err()
-                .body
-                .code,
+            amount("a", &json!("1.001"), 2, false).unwrap_err().body.code,
             "too_precise"
         );
         assert_eq!(
@@ -199,18 +170,11 @@ mod tests {
             "too_large"
         );
         assert_eq!(
-            amount("a", &json!("abc"), 2, false)
-                .unwrap_err()
-                .body
-                .field
-                .as_deref(),
+            amount("a", &json!("abc"), 2, false).unwrap_err().body.field.as_deref(),
             Some("a")
         );
         assert_eq!(
-            amount("a", &json!({"x": 1}), 2, false)
-                .unwrap_err()
-                .body
-                .code,
+            amount("a", &json!({"x": 1}), 2, false).unwrap_err().body.code,
             "invalid_amount"
         );
     }

@@ -7,6 +7,7 @@
 
 pub mod metric;
 pub mod settle;
+pub mod sweep;
 
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
@@ -53,11 +54,7 @@ pub struct Config {
     #[arg(long, env = "LEDGER_WRITER_GROUP_ID", default_value = "ledger-writer")]
     pub group_id: String,
     /// Where /healthz, /readyz and /metrics are served.
-    #[arg(
-        long,
-        env = "LEDGER_WRITER_METRICS_LISTEN",
-        default_value = "127.0.0.1:9102"
-    )]
+    #[arg(long, env = "LEDGER_WRITER_METRICS_LISTEN", default_value = "127.0.0.1:9102")]
     pub metrics_listen: SocketAddr,
     /// Most messages settled in one transaction.
     #[arg(long, env = "LEDGER_WRITER_MAX_BATCH", default_value_t = 5000)]
@@ -65,14 +62,14 @@ pub struct Config {
     /// Longest wait to fill a batch, in milliseconds.
     #[arg(long, env = "LEDGER_WRITER_MAX_WAIT_MS", default_value_t = 20)]
     pub max_wait_ms: u64,
+    /// How often the grant sweeper looks for due expiries and activations, in milliseconds.
+    #[arg(long, env = "LEDGER_WRITER_SWEEP_INTERVAL_MS", default_value_t = 1000)]
+    pub sweep_interval_ms: u64,
 }
 
 pub async fn migrate(db: &DbArgs) -> anyhow::Result<()> {
     let pool = shared::db::connect(db).await.context("postgres")?;
-    shared::db::MIGRATOR
-        .run(&pool)
-        .await
-        .context("migrations")?;
+    shared::db::MIGRATOR.run(&pool).await.context("migrations")?;
     tracing::info!("migrations applied");
     Ok(())
 }
@@ -88,8 +85,7 @@ pub struct InMsg {
 impl From<&BorrowedMessage<'_>> for InMsg {
     fn from(m: &BorrowedMessage<'_>) -> Self {
         let payload = m.payload().unwrap_or_default().to_vec();
-        let decoded =
-            serde_json::from_slice::<LedgerMsg>(&payload).map_err(|e| format!("undecodable: {e}"));
+        let decoded = serde_json::from_slice::<LedgerMsg>(&payload).map_err(|e| format!("undecodable: {e}"));
         InMsg {
             partition: m.partition(),
             offset: m.offset(),
@@ -101,10 +97,7 @@ impl From<&BorrowedMessage<'_>> for InMsg {
 
 pub async fn run(config: Config, ready: Ready, shutdown: CancellationToken) -> anyhow::Result<()> {
     crate::metric::describe();
-    shared::kafka::partition_counts(
-        &config.kafka,
-        &[&config.kafka.ledger_topic, &config.kafka.input_topic],
-    )?;
+    shared::kafka::partition_counts(&config.kafka, &[&config.kafka.ledger_topic, &config.kafka.input_topic])?;
     let db = shared::db::connect(&config.db).await.context("postgres")?;
     let producer = shared::kafka::producer(&config.kafka, 1)?;
     let consumer: StreamConsumer<DefaultConsumerContext> =
@@ -115,6 +108,13 @@ pub async fn run(config: Config, ready: Ready, shutdown: CancellationToken) -> a
         producer: producer.clone(),
         input_topic: config.kafka.input_topic.clone(),
     };
+    tokio::spawn(sweep::run(
+        settler.db.clone(),
+        producer.clone(),
+        config.kafka.input_topic.clone(),
+        Duration::from_millis(config.sweep_interval_ms),
+        shutdown.clone(),
+    ));
     ready.set(true);
     tracing::info!(group = %config.group_id, topic = %config.kafka.ledger_topic, "ledger-writer running");
 
@@ -132,19 +132,12 @@ pub async fn run(config: Config, ready: Ready, shutdown: CancellationToken) -> a
             break Ok(());
         };
         let started = Instant::now();
-        let span = tracing::debug_span!(
-            "batch",
-            messages = batch.len(),
-            first_offset = batch[0].offset
-        );
+        let span = tracing::debug_span!("batch", messages = batch.len(), first_offset = batch[0].offset);
         // Dead-letter what cannot be decoded, then settle the rest (retrying: it is idempotent).
         for m in batch.iter().filter(|m| m.decoded.is_err()) {
             dead_letter(&producer, &config.kafka, m).await?;
         }
-        let facts: Vec<&LedgerMsg> = batch
-            .iter()
-            .filter_map(|m| m.decoded.as_ref().ok())
-            .collect();
+        let facts: Vec<&LedgerMsg> = batch.iter().filter_map(|m| m.decoded.as_ref().ok()).collect();
         let mut attempt = 0u32;
         loop {
             match settler.settle(&facts).instrument(span.clone()).await {
@@ -153,8 +146,7 @@ pub async fn run(config: Config, ready: Ready, shutdown: CancellationToken) -> a
                     attempt += 1;
                     metrics::counter!(crate::metric::ERRORS, "stage" => "settle").increment(1);
                     tracing::warn!(error = %format!("{e:#}"), attempt, "settle failed, retrying");
-                    tokio::time::sleep(Duration::from_millis(100 * u64::from(attempt.min(10))))
-                        .await;
+                    tokio::time::sleep(Duration::from_millis(100 * u64::from(attempt.min(10)))).await;
                 }
                 Err(e) => return Err(e).context("settle failed repeatedly"),
             }
@@ -167,10 +159,7 @@ pub async fn run(config: Config, ready: Ready, shutdown: CancellationToken) -> a
         metrics::counter!(crate::metric::MESSAGES).increment(batch.len() as u64);
         metrics::counter!(crate::metric::BATCHES).increment(1);
         metrics::histogram!(crate::metric::BATCH_SIZE).record(batch.len() as f64);
-        tracing::debug!(
-            elapsed_ms = started.elapsed().as_millis() as u64,
-            "batch settled"
-        );
+        tracing::debug!(elapsed_ms = started.elapsed().as_millis() as u64, "batch settled");
     };
     ready.set(false);
     shared::kafka::final_commit(&consumer);
@@ -178,17 +167,8 @@ pub async fn run(config: Config, ready: Ready, shutdown: CancellationToken) -> a
     result
 }
 
-async fn dead_letter(
-    producer: &rdkafka::producer::FutureProducer,
-    kafka: &KafkaArgs,
-    m: &InMsg,
-) -> anyhow::Result<()> {
-    let reason = m
-        .decoded
-        .as_ref()
-        .err()
-        .map(String::as_str)
-        .unwrap_or("unknown");
+async fn dead_letter(producer: &rdkafka::producer::FutureProducer, kafka: &KafkaArgs, m: &InMsg) -> anyhow::Result<()> {
+    let reason = m.decoded.as_ref().err().map(String::as_str).unwrap_or("unknown");
     tracing::warn!(partition = m.partition, offset = m.offset, %reason, "dead-lettered");
     metrics::counter!(crate::metric::DLQ, "reason" => "undecodable").increment(1);
     let headers = OwnedHeaders::new()

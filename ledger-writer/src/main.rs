@@ -10,13 +10,7 @@ async fn main() -> anyhow::Result<()> {
             let handle = shared::telemetry::install_metrics();
             let shutdown = shared::telemetry::shutdown_on_signal();
             let ready = shared::telemetry::Ready::default();
-            shared::telemetry::serve_ops(
-                cli.config.metrics_listen,
-                handle,
-                ready.clone(),
-                shutdown.clone(),
-            )
-            .await?;
+            shared::telemetry::serve_ops(cli.config.metrics_listen, handle, ready.clone(), shutdown.clone()).await?;
             let r = ledger_writer::run(cli.config, ready, shutdown).await;
             if let Err(e) = &r {
                 tracing::error!(error = %format!("{e:#}"), "ledger-writer failed");

@@ -12,14 +12,11 @@ pub const REVERSALS: &str = "ledger_writer_reversals_total";
 pub const E2E: &str = "ledger_writer_e2e_latency_seconds";
 pub const DLQ: &str = "ledger_writer_dlq_messages_total";
 pub const ERRORS: &str = "ledger_writer_errors_total";
+pub const SWEEP_COMMANDS: &str = "ledger_writer_sweep_commands_total";
 
 pub fn describe() {
     describe_counter!(MESSAGES, Unit::Count, "Ledger messages consumed");
-    describe_counter!(
-        BATCHES,
-        Unit::Count,
-        "Batches settled (one transaction each)"
-    );
+    describe_counter!(BATCHES, Unit::Count, "Batches settled (one transaction each)");
     describe_histogram!(BATCH_SIZE, Unit::Count, "Messages per settled batch");
     describe_histogram!(
         TX_DURATION,
@@ -42,10 +39,11 @@ pub fn describe() {
         Unit::Seconds,
         "From acceptance at ingest to settlement in Postgres"
     );
-    describe_counter!(
-        DLQ,
-        Unit::Count,
-        "Messages sent to the dead-letter topic, by reason"
-    );
+    describe_counter!(DLQ, Unit::Count, "Messages sent to the dead-letter topic, by reason");
     describe_counter!(ERRORS, Unit::Count, "Transient errors, by stage");
+    describe_counter!(
+        SWEEP_COMMANDS,
+        Unit::Count,
+        "Expire and activate commands sent by the grant sweeper"
+    );
 }

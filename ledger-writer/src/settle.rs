@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 use chrono::{DateTime, Utc};
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use rust_decimal::Decimal;
-use shared::model::{partition_key, Entry, InputMsg, LedgerMsg, Outcome, ReverseCmd, UsageFact};
+use shared::model::{partition_key, Entry, GrantChange, InputMsg, LedgerMsg, Outcome, ReverseCmd, UsageFact};
 use sqlx::PgPool;
 use uuid::Uuid;
 
@@ -129,10 +129,7 @@ impl Settler {
             if !lost.is_empty() {
                 // Who holds these keys? Same uid = a redelivery; another uid = a slipped duplicate.
                 let tenants: Vec<String> = lost.iter().map(|u| u.event.tenant_id.clone()).collect();
-                let keys: Vec<String> = lost
-                    .iter()
-                    .map(|u| u.event.idempotency_key.clone())
-                    .collect();
+                let keys: Vec<String> = lost.iter().map(|u| u.event.idempotency_key.clone()).collect();
                 let holders: Vec<(String, String, Uuid)> = sqlx::query_as(
                     "SELECT u.tenant_id, u.idempotency_key, u.event_uid FROM usage_events u
                      JOIN UNNEST($1::text[], $2::text[]) AS k(t, k) ON u.tenant_id = k.t AND u.idempotency_key = k.k",
@@ -141,13 +138,10 @@ impl Settler {
                 .bind(&keys)
                 .fetch_all(&mut *tx)
                 .await?;
-                let holder: HashMap<(&str, &str), Uuid> = holders
-                    .iter()
-                    .map(|(t, k, u)| ((t.as_str(), k.as_str()), *u))
-                    .collect();
+                let holder: HashMap<(&str, &str), Uuid> =
+                    holders.iter().map(|(t, k, u)| ((t.as_str(), k.as_str()), *u)).collect();
                 for u in lost {
-                    let h =
-                        holder.get(&(u.event.tenant_id.as_str(), u.event.idempotency_key.as_str()));
+                    let h = holder.get(&(u.event.tenant_id.as_str(), u.event.idempotency_key.as_str()));
                     if h != Some(&u.event.event_uid) {
                         slipped.push(u);
                     }
@@ -202,8 +196,8 @@ impl Settler {
                 let inserted = sqlx::query(
                     "INSERT INTO grants (tenant_id, id, customer_id, resource_id, credit_type, amount, remaining,
                         status, category, priority, cost_amount, cost_currency, effective_at, expires_at,
-                        display_name, description, metadata, source, created_at)
-                     VALUES ($1,$2,$3,$4,$5,$6,$7,'active',$8,$9,$10,$11,$12,$13,$14,$15,$16,$17,$18)
+                        display_name, description, metadata, source, created_at, activated)
+                     VALUES ($1,$2,$3,$4,$5,$6,$7,'active',$8,$9,$10,$11,$12,$13,$14,$15,$16,$17,$18,$19)
                      ON CONFLICT DO NOTHING",
                 )
                 .bind(&g.tenant_id)
@@ -227,6 +221,7 @@ impl Settler {
                 .bind(&s.metadata)
                 .bind(&s.source)
                 .bind(s.created_at)
+                .bind(s.effective_at <= s.created_at)
                 .execute(&mut *tx)
                 .await?
                 .rows_affected();
@@ -244,6 +239,7 @@ impl Settler {
 
         // 3. Ledger entries.
         let mut es = Entries::default();
+        let mut activations: HashMap<(String, String), (Uuid, Decimal, PoolKey)> = HashMap::new();
         let mut e2e: Vec<f64> = Vec::new();
         let now = Utc::now();
         let slipped_uids: HashSet<Uuid> = slipped.iter().map(|u| u.event.event_uid).collect();
@@ -259,9 +255,7 @@ impl Settler {
                     }
                     match &u.outcome {
                         Outcome::Settled {
-                            credit_type,
-                            entries,
-                            ..
+                            credit_type, entries, ..
                         } => {
                             let pool = (
                                 ev.tenant_id.as_str(),
@@ -322,19 +316,10 @@ impl Settler {
                     );
                     let sid = s.id.to_string();
                     for (i, e) in g.entries.iter().enumerate() {
-                        es.push(
-                            pool,
-                            s.created_at,
-                            "grant",
-                            &s.source,
-                            &sid,
-                            i as i32,
-                            e,
-                            &g.actor,
-                        );
+                        es.push(pool, s.created_at, "grant", &s.source, &sid, i as i32, e, &g.actor);
                     }
                 }
-                LedgerMsg::Void(v) => {
+                LedgerMsg::GrantChange(v) => {
                     let p = &v.pool;
                     let pool = (
                         p.tenant_id.as_str(),
@@ -343,21 +328,27 @@ impl Settler {
                         p.credit_type.as_str(),
                     );
                     let sid = v.grant_id.to_string();
+                    let source = if v.change == GrantChange::Void {
+                        "api"
+                    } else {
+                        "sweeper"
+                    };
                     for (i, e) in v.entries.iter().enumerate() {
-                        es.push(pool, v.at, "void", "api", &sid, i as i32, e, &v.actor);
+                        es.push(pool, v.at, v.change.entry_type(), source, &sid, i as i32, e, &v.actor);
+                    }
+                    if v.change == GrantChange::Activate {
+                        let k = (
+                            p.tenant_id.clone(),
+                            p.customer_id.clone(),
+                            p.resource_id.clone(),
+                            p.credit_type.clone(),
+                        );
+                        activations.insert((p.tenant_id.clone(), sid), (v.grant_id, v.repaid, k));
                     }
                 }
             }
         }
-        type NewRow = (
-            String,
-            String,
-            String,
-            String,
-            String,
-            Option<Uuid>,
-            Decimal,
-        );
+        type NewRow = (String, String, String, String, String, Option<Uuid>, Decimal, String);
         let new_rows: Vec<NewRow> = if es.tenant.is_empty() {
             Vec::new()
         } else {
@@ -367,7 +358,7 @@ impl Settler {
                  SELECT * FROM UNNEST($1::text[], $2::text[], $3::text[], $4::text[], $5::timestamptz[], $6::text[],
                     $7::text[], $8::text[], $9::int4[], $10::uuid[], $11::numeric[], $12::numeric[], $13::text[])
                  ON CONFLICT (tenant_id, type, source_id, entry_idx) DO NOTHING
-                 RETURNING tenant_id, customer_id, resource_id, credit_type, type, grant_id, amount",
+                 RETURNING tenant_id, customer_id, resource_id, credit_type, type, grant_id, amount, source_id",
             )
             .bind(&es.tenant)
             .bind(&es.customer)
@@ -388,18 +379,30 @@ impl Settler {
         metrics::counter!(m::ROWS, "table" => "ledger_entries").increment(new_rows.len() as u64);
 
         // 4. Move grant remainders and pool balances by what was inserted now.
-        let mut grant_delta: HashMap<(String, Uuid), (Decimal, bool)> = HashMap::new();
+        let mut grant_delta: HashMap<(String, Uuid), (Decimal, Option<&'static str>, bool)> = HashMap::new();
         let mut pool_delta: HashMap<PoolKey, (Decimal, Decimal)> = HashMap::new();
-        for (t, c, r, ct, kind, gid, amount) in new_rows {
+        for (t, c, r, ct, kind, gid, amount, source_id) in new_rows {
             let p = pool_delta.entry((t.clone(), c, r, ct)).or_default();
             p.0 += amount;
             match (kind.as_str(), gid) {
-                // A grant is inserted with its remaining already; its entry moves the pool only.
-                ("grant", _) => {}
+                // A grant is inserted with its remaining already; its entry moves the pool only,
+                // except that activating a scheduled grant may repay overdraft from it.
+                ("grant", _) => {
+                    if let Some((g, r, k)) = activations.remove(&(t.clone(), source_id)) {
+                        let d = grant_delta.entry((t, g)).or_default();
+                        d.0 -= r;
+                        d.2 = true;
+                        repaid.entry(k).and_modify(|x| *x += r).or_insert(r);
+                    }
+                }
                 (_, Some(g)) => {
                     let d = grant_delta.entry((t, g)).or_default();
                     d.0 += amount;
-                    d.1 |= kind == "void";
+                    match kind.as_str() {
+                        "void" => d.1 = Some("voided"),
+                        "expire" => d.1 = Some("expired"),
+                        _ => {}
+                    }
                 }
                 // Overdraft under a soft limit: consumption beyond every grant.
                 (_, None) => p.1 -= amount,
@@ -409,33 +412,35 @@ impl Settler {
             pool_delta.entry(k).or_default().1 -= r;
         }
         if !grant_delta.is_empty() {
-            let (mut t, mut ids, mut ds, mut voids) =
-                (Vec::new(), Vec::new(), Vec::new(), Vec::new());
-            for ((tenant, id), (d, v)) in grant_delta {
+            let (mut t, mut ids, mut ds, mut ends, mut acts) = (vec![], vec![], vec![], vec![], vec![]);
+            for ((tenant, id), (d, end, act)) in grant_delta {
                 t.push(tenant);
                 ids.push(id);
                 ds.push(d);
-                voids.push(v);
+                ends.push(end);
+                acts.push(act);
             }
             sqlx::query(
                 "UPDATE grants g SET remaining = g.remaining + d.delta,
-                    status = CASE WHEN d.void THEN 'voided'
-                                  WHEN g.status = 'voided' THEN 'voided'
+                    status = CASE WHEN d.ended IS NOT NULL THEN d.ended
+                                  WHEN g.status IN ('voided', 'expired') THEN g.status
                                   WHEN g.remaining + d.delta <= 0 THEN 'depleted' ELSE 'active' END,
-                    voided_at = CASE WHEN d.void THEN now() ELSE g.voided_at END
-                 FROM UNNEST($1::text[], $2::uuid[], $3::numeric[], $4::bool[]) AS d(tenant_id, id, delta, void)
+                    voided_at = CASE WHEN d.ended = 'voided' THEN now() ELSE g.voided_at END,
+                    activated = g.activated OR d.activated
+                 FROM UNNEST($1::text[], $2::uuid[], $3::numeric[], $4::text[], $5::bool[])
+                    AS d(tenant_id, id, delta, ended, activated)
                  WHERE g.tenant_id = d.tenant_id AND g.id = d.id",
             )
             .bind(&t)
             .bind(&ids)
             .bind(&ds)
-            .bind(&voids)
+            .bind(&ends)
+            .bind(&acts)
             .execute(&mut *tx)
             .await?;
         }
         if !pool_delta.is_empty() {
-            let (mut t, mut c, mut r, mut ct, mut b, mut o) =
-                (vec![], vec![], vec![], vec![], vec![], vec![]);
+            let (mut t, mut c, mut r, mut ct, mut b, mut o) = (vec![], vec![], vec![], vec![], vec![], vec![]);
             for ((tenant, customer, resource, credit_type), (bal, od)) in pool_delta {
                 t.push(tenant);
                 c.push(customer);
@@ -475,9 +480,7 @@ impl Settler {
     async fn reverse(&self, slipped: &[&UsageFact]) -> anyhow::Result<()> {
         for u in slipped {
             let Outcome::Settled {
-                credit_type,
-                entries,
-                ..
+                credit_type, entries, ..
             } = &u.outcome
             else {
                 continue;
@@ -501,9 +504,7 @@ impl Settler {
             // Rare (a duplicate that slipped past Redis): one at a time is fine.
             self.producer
                 .send(
-                    FutureRecord::to(&self.input_topic)
-                        .key(&key)
-                        .payload(&payload),
+                    FutureRecord::to(&self.input_topic).key(&key).payload(&payload),
                     Duration::from_secs(30),
                 )
                 .await
@@ -544,9 +545,7 @@ impl UsageCols {
         self.accepted.push(e.accepted_at);
         self.status.push(u.outcome.status());
         let (reason, ct, cost) = match &u.outcome {
-            Outcome::Settled {
-                credit_type, cost, ..
-            } => (None, Some(credit_type.clone()), Some(*cost)),
+            Outcome::Settled { credit_type, cost, .. } => (None, Some(credit_type.clone()), Some(*cost)),
             Outcome::Denied {
                 credit_type,
                 cost,
@@ -559,7 +558,6 @@ impl UsageCols {
         self.reason.push(reason);
         self.credit_type.push(ct);
         self.cost.push(cost);
-        self.dims
-            .push(serde_json::Value::Object(e.dimensions.clone()));
+        self.dims.push(serde_json::Value::Object(e.dimensions.clone()));
     }
 }

@@ -82,10 +82,7 @@ impl Args {
             bail!("--rate must be a positive number, got {}", self.rate);
         }
         if !finite_pos(self.duration) {
-            bail!(
-                "--duration must be a positive number of seconds, got {}",
-                self.duration
-            );
+            bail!("--duration must be a positive number of seconds, got {}", self.duration);
         }
         if !self.warmup.is_finite() || self.warmup < 0.0 || self.warmup >= self.duration {
             bail!("--warmup must be in [0, duration), got {}", self.warmup);
@@ -153,13 +150,7 @@ mod tests {
     use super::*;
 
     fn parse(extra: &[&str]) -> Args {
-        let mut argv = vec![
-            "loadtest",
-            "--admin-token",
-            "t",
-            "--database-url",
-            "postgres://x",
-        ];
+        let mut argv = vec!["loadtest", "--admin-token", "t", "--database-url", "postgres://x"];
         argv.extend_from_slice(extra);
         Args::try_parse_from(argv).expect("parse")
     }
@@ -191,9 +182,7 @@ mod tests {
         assert!(parse(&["--batch", "0"]).validate().is_err());
         assert!(parse(&["--warmup", "30"]).validate().is_err());
         assert!(parse(&["--rate", "0"]).validate().is_err());
-        assert!(parse(&["--customers", "1", "--tenants", "2"])
-            .validate()
-            .is_err());
+        assert!(parse(&["--customers", "1", "--tenants", "2"]).validate().is_err());
         assert!(parse(&["--concurrency", "0"]).validate().is_err());
         parse(&["--hot-share", "1", "--duration", "0.5", "--warmup", "0"])
             .validate()

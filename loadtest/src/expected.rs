@@ -80,15 +80,8 @@ impl Expected {
     }
 
     /// Expected charge of one customer.
-    pub fn charge_of(
-        charges: &HashMap<(usize, u32), Decimal>,
-        tenant: usize,
-        customer: u32,
-    ) -> Decimal {
-        charges
-            .get(&(tenant, customer))
-            .copied()
-            .unwrap_or_default()
+    pub fn charge_of(charges: &HashMap<(usize, u32), Decimal>, tenant: usize, customer: u32) -> Decimal {
+        charges.get(&(tenant, customer)).copied().unwrap_or_default()
     }
 }
 

@@ -45,11 +45,7 @@ pub struct Schedule {
 
 impl Schedule {
     pub fn new(batch: u32, rate: f64, duration: Duration) -> Self {
-        Self {
-            batch,
-            rate,
-            duration,
-        }
+        Self { batch, rate, duration }
     }
 
     /// When batch `k` is due, relative to the start.
@@ -93,9 +89,7 @@ impl WeightedSampler {
 
     /// Maps a uniform `u` in `[0, 1)` to an index.
     pub fn pick(&self, u: f64) -> usize {
-        self.cdf
-            .partition_point(|&c| c <= u)
-            .min(self.cdf.len() - 1)
+        self.cdf.partition_point(|&c| c <= u).min(self.cdf.len() - 1)
     }
 
     pub fn sample<R: Rng + ?Sized>(&self, rng: &mut R) -> usize {
@@ -126,14 +120,10 @@ pub struct CustomerMix {
 
 impl CustomerMix {
     pub fn new(customers: u32, tenants: u32, hot_share: f64) -> Self {
-        assert!(
-            tenants >= 1 && customers >= tenants,
-            "every tenant needs a customer"
-        );
+        assert!(tenants >= 1 && customers >= tenants, "every tenant needs a customer");
         let zipf = zipf_weights(customers, ZIPF_EXPONENT);
         let z_total: f64 = zipf.iter().sum();
-        let mut members: Vec<(Vec<u32>, Vec<f64>)> =
-            vec![(Vec::new(), Vec::new()); tenants as usize];
+        let mut members: Vec<(Vec<u32>, Vec<f64>)> = vec![(Vec::new(), Vec::new()); tenants as usize];
         for (i, w) in zipf.iter().enumerate() {
             let (ids, ws) = &mut members[i % tenants as usize];
             ids.push(i as u32);
@@ -347,10 +337,7 @@ mod tests {
         let head: u32 = counts[..10].iter().sum();
         let tail: u32 = counts[100..].iter().sum();
         assert!(head > 3 * tail, "head {head} tail {tail}");
-        assert!(
-            counts.iter().all(|&c| c > 0),
-            "every customer gets some traffic"
-        );
+        assert!(counts.iter().all(|&c| c > 0), "every customer gets some traffic");
     }
 
     #[test]
@@ -400,11 +387,7 @@ mod tests {
                 assert!((1..=MAX_TOKENS).contains(&ev.tokens) && ev.user < USERS);
                 match seen.get(&ev.key) {
                     Some((t, orig)) => {
-                        assert_eq!(
-                            (*t, orig),
-                            (b.tenant, ev),
-                            "a repeat is identical, same tenant"
-                        );
+                        assert_eq!((*t, orig), (b.tenant, ev), "a repeat is identical, same tenant");
                         same_batch += u32::from(in_batch.contains(&ev.key));
                     }
                     None => {
@@ -419,10 +402,7 @@ mod tests {
         assert_eq!(sends as usize - seen.len(), dups as usize);
         let share = f64::from(dups) / f64::from(sends);
         assert!((0.27..0.33).contains(&share), "duplicate share {share}");
-        assert!(
-            same_batch > dups / 10,
-            "same-batch duplicates {same_batch} of {dups}"
-        );
+        assert!(same_batch > dups / 10, "same-batch duplicates {same_batch} of {dups}");
     }
 
     #[test]

@@ -32,11 +32,7 @@ pub async fn run(args: &Args) -> Result<Report> {
     let client = setup::http_client(args.concurrency as usize)?;
     let mix = CustomerMix::new(args.customers, args.tenants, args.hot_share);
 
-    eprintln!(
-        "setup: creating {} tenants at {}",
-        args.tenants,
-        args.base_url()
-    );
+    eprintln!("setup: creating {} tenants at {}", args.tenants, args.base_url());
     let tenants = setup::setup(&client, args, &mix)
         .await
         .context("setup through the API")?;
@@ -52,17 +48,10 @@ pub async fn run(args: &Args) -> Result<Report> {
     };
     let outcome = load::run_load(&client, &cfg, &tenants, mix).await?;
 
-    let warmup_end = outcome.started_at
-        + chrono::Duration::from_std(args.warmup()).context("warm-up out of range")?;
-    let verification = verify::verify(
-        &pool,
-        &tenants,
-        &outcome.expected,
-        warmup_end,
-        args.settle_timeout(),
-    )
-    .await
-    .context("verifying settlement in Postgres")?;
+    let warmup_end = outcome.started_at + chrono::Duration::from_std(args.warmup()).context("warm-up out of range")?;
+    let verification = verify::verify(&pool, &tenants, &outcome.expected, warmup_end, args.settle_timeout())
+        .await
+        .context("verifying settlement in Postgres")?;
     pool.close().await;
 
     let report = Report::build(args, &outcome, &verification);

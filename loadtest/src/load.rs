@@ -88,20 +88,12 @@ struct AcceptedReply {
 }
 
 /// Runs the load against the tenants and returns what was observed.
-pub async fn run_load(
-    client: &Client,
-    cfg: &LoadConfig,
-    tenants: &[Tenant],
-    mix: CustomerMix,
-) -> Result<LoadOutcome> {
+pub async fn run_load(client: &Client, cfg: &LoadConfig, tenants: &[Tenant], mix: CustomerMix) -> Result<LoadOutcome> {
     let schedule = Schedule::new(cfg.batch, cfg.rate, cfg.duration);
     let total_batches = schedule.total_batches();
     let mut generator = Generator::new(mix, cfg.duplicates, RING_CAPACITY, StdRng::from_entropy());
     let events_url: Arc<str> = format!("{}/v1/events", cfg.url.trim_end_matches('/')).into();
-    let keys: Vec<Arc<str>> = tenants
-        .iter()
-        .map(|t| Arc::from(t.api_key.as_str()))
-        .collect();
+    let keys: Vec<Arc<str>> = tenants.iter().map(|t| Arc::from(t.api_key.as_str())).collect();
 
     let progress = progress_bar(total_batches * u64::from(cfg.batch))?;
     let (tx, rx) = mpsc::unbounded_channel::<Completion>();
@@ -172,9 +164,7 @@ async fn send(client: &Client, url: &str, key: &str, batch: &Batch) -> SendResul
         Err(e) => return SendResult::Rejected(format!("{}_body", transport_label(&e))),
     };
     if status == StatusCode::ACCEPTED {
-        let reported = serde_json::from_slice::<AcceptedReply>(&bytes)
-            .ok()
-            .map(|r| r.accepted);
+        let reported = serde_json::from_slice::<AcceptedReply>(&bytes).ok().map(|r| r.accepted);
         SendResult::Accepted { reported }
     } else {
         SendResult::Rejected(status.as_u16().to_string())
@@ -191,10 +181,7 @@ fn transport_label(e: &reqwest::Error) -> &'static str {
     }
 }
 
-async fn collect(
-    mut rx: mpsc::UnboundedReceiver<Completion>,
-    progress: ProgressBar,
-) -> LoadOutcome {
+async fn collect(mut rx: mpsc::UnboundedReceiver<Completion>, progress: ProgressBar) -> LoadOutcome {
     let mut o = LoadOutcome {
         started_at: Utc::now(),
         send_window: Duration::ZERO,
@@ -241,20 +228,15 @@ async fn collect(
 }
 
 fn progress_message(o: &LoadOutcome) -> String {
-    format!(
-        "sent {} accepted {} rejected {}",
-        o.sent, o.accepted, o.rejected
-    )
+    format!("sent {} accepted {} rejected {}", o.sent, o.accepted, o.rejected)
 }
 
 fn progress_bar(total_events: u64) -> Result<ProgressBar> {
     let bar = ProgressBar::new(total_events);
     bar.set_style(
-        ProgressStyle::with_template(
-            "{elapsed_precise} [{bar:30}] {pos}/{len} events ({per_sec}) {msg}",
-        )
-        .context("progress bar template")?
-        .progress_chars("=> "),
+        ProgressStyle::with_template("{elapsed_precise} [{bar:30}] {pos}/{len} events ({per_sec}) {msg}")
+            .context("progress bar template")?
+            .progress_chars("=> "),
     );
     Ok(bar)
 }
@@ -285,9 +267,7 @@ mod tests {
                             if line == "\r\n" {
                                 break;
                             }
-                            if let Some(v) =
-                                line.to_ascii_lowercase().strip_prefix("content-length:")
-                            {
+                            if let Some(v) = line.to_ascii_lowercase().strip_prefix("content-length:") {
                                 len = v.trim().parse().unwrap();
                             }
                         }
@@ -347,10 +327,7 @@ mod tests {
         assert_eq!(o.sent + o.dropped_by_generator, 1000);
         assert_eq!(o.requests + o.dropped_batches, 50);
         assert_eq!(o.accepted + o.rejected, o.sent);
-        assert_eq!(
-            o.rejected_by_status.get("503").copied().unwrap_or(0),
-            o.rejected
-        );
+        assert_eq!(o.rejected_by_status.get("503").copied().unwrap_or(0), o.rejected);
         assert!(o.rejected > 0 && o.accepted > 0);
         assert_eq!(o.accepted_count_mismatches, 0);
         assert_eq!(o.expected.accepted_sends(), o.accepted);

@@ -97,9 +97,7 @@ impl Report {
         let window = load.send_window.as_secs_f64().max(args.duration);
         let mut r = Report {
             version: REPORT_VERSION,
-            started_at: load
-                .started_at
-                .to_rfc3339_opts(chrono::SecondsFormat::Millis, true),
+            started_at: load.started_at.to_rfc3339_opts(chrono::SecondsFormat::Millis, true),
             rate_target: args.rate,
             duration_s: args.duration,
             batch: args.batch,
@@ -169,10 +167,7 @@ impl Report {
             ));
         }
         if self.lost > 0 {
-            why.push(format!(
-                "{} accepted events were never settled (lost)",
-                self.lost
-            ));
+            why.push(format!("{} accepted events were never settled (lost)", self.lost));
         }
         if self.double_charged > 0 {
             why.push(format!(
@@ -194,8 +189,7 @@ impl Report {
 
     pub fn write_json(&self, path: &Path) -> Result<()> {
         let json = serde_json::to_string_pretty(self).context("serializing the report")?;
-        std::fs::write(path, json + "\n")
-            .with_context(|| format!("writing the report to {}", path.display()))
+        std::fs::write(path, json + "\n").with_context(|| format!("writing the report to {}", path.display()))
     }
 
     /// The human summary.
@@ -220,8 +214,14 @@ impl Report {
         ));
         line(format!(
             "  sent {} in {} requests, accepted {} ({:.0}/s), rejected {} {:?}, dropped by generator {} ({} batches)",
-            self.sent, self.requests, self.accepted, self.accept_rate, self.rejected,
-            self.rejected_by_status, self.dropped_by_generator, self.dropped_batches
+            self.sent,
+            self.requests,
+            self.accepted,
+            self.accept_rate,
+            self.rejected,
+            self.rejected_by_status,
+            self.dropped_by_generator,
+            self.dropped_batches
         ));
         line(format!(
             "  duplicates sent {}, accepted repeats {}, unique accepted {}",

@@ -108,8 +108,7 @@ async fn setup_tenant(client: &Client, args: &Args, customers: &[u32]) -> Result
         &[StatusCode::CREATED, StatusCode::OK],
     )
     .await?;
-    let created: CreatedTenant =
-        serde_json::from_value(created).context("tenant reply lacks {tenant_id, api_key}")?;
+    let created: CreatedTenant = serde_json::from_value(created).context("tenant reply lacks {tenant_id, api_key}")?;
     let id = match created.tenant_id {
         Value::String(s) => s,
         other => other.to_string(),

@@ -106,11 +106,7 @@ pub async fn verify(
         if settlement_completed { "" } else { " (timed out)" }
     );
 
-    let index: HashMap<&str, usize> = tenants
-        .iter()
-        .enumerate()
-        .map(|(i, t)| (t.id.as_str(), i))
-        .collect();
+    let index: HashMap<&str, usize> = tenants.iter().enumerate().map(|(i, t)| (t.id.as_str(), i)).collect();
     let rows = check_rows(pool, &tenant_ids, &index, expected).await?;
     let over_consumed_keys = over_consumed(pool, &tenant_ids).await?;
     let pools = check_pools(pool, tenants, &tenant_ids, expected).await?;
@@ -162,16 +158,11 @@ async fn check_rows(
     )
     .bind(tenant_ids)
     .fetch(pool);
-    while let Some((tenant_id, key, cost, status)) =
-        rows.try_next().await.context("reading usage_events")?
-    {
+    while let Some((tenant_id, key, cost, status)) = rows.try_next().await.context("reading usage_events")? {
         if status.as_deref() != Some("settled") {
             check.not_settled += 1;
         }
-        let parsed = index
-            .get(tenant_id.as_str())
-            .copied()
-            .zip(Uuid::parse_str(&key).ok());
+        let parsed = index.get(tenant_id.as_str()).copied().zip(Uuid::parse_str(&key).ok());
         let Some((tenant, key)) = parsed else {
             check.unexpected += 1;
             continue;
@@ -232,8 +223,7 @@ async fn check_pools(
     .fetch_all(pool)
     .await
     .context("reading pools")?;
-    let balances: HashMap<(String, String), Decimal> =
-        rows.into_iter().map(|(t, c, b)| ((t, c), b)).collect();
+    let balances: HashMap<(String, String), Decimal> = rows.into_iter().map(|(t, c, b)| ((t, c), b)).collect();
     let charges = expected.charges();
     let mut check = PoolCheck {
         checked: 0,
@@ -318,10 +308,7 @@ mod tests {
 
     #[test]
     fn throughput_over_a_window() {
-        assert_eq!(
-            throughput(1000, chrono::TimeDelta::milliseconds(500)),
-            Some(2000.0)
-        );
+        assert_eq!(throughput(1000, chrono::TimeDelta::milliseconds(500)), Some(2000.0));
         assert_eq!(throughput(0, chrono::TimeDelta::seconds(1)), None);
         assert_eq!(throughput(10, chrono::TimeDelta::zero()), None);
         assert_eq!(throughput(10, chrono::TimeDelta::seconds(-1)), None);

@@ -67,16 +67,8 @@ impl Catalogue {
     }
 
     /// The credit type of a tenant, from the cache or a reload.
-    pub async fn credit_type(
-        &self,
-        tenant: &str,
-        id: &str,
-    ) -> Result<Option<CreditType>, sqlx::Error> {
-        if let Some(ct) = self
-            .cache
-            .get(tenant)
-            .and_then(|c| c.credit_types.get(id).cloned())
-        {
+    pub async fn credit_type(&self, tenant: &str, id: &str) -> Result<Option<CreditType>, sqlx::Error> {
+        if let Some(ct) = self.cache.get(tenant).and_then(|c| c.credit_types.get(id).cloned()) {
             return Ok(Some(ct));
         }
         let c = Arc::new(self.load(tenant).await?);
@@ -87,12 +79,11 @@ impl Catalogue {
     async fn load(&self, tenant: &str) -> Result<TenantCatalogue, sqlx::Error> {
         // Taken before the queries: anything committed after this instant counts as unseen.
         let loaded_at = Utc::now();
-        let types: Vec<(String, i16, String)> = sqlx::query_as(
-            "SELECT id, decimals, limit_kind FROM credit_types WHERE tenant_id = $1",
-        )
-        .bind(tenant)
-        .fetch_all(&self.db)
-        .await?;
+        let types: Vec<(String, i16, String)> =
+            sqlx::query_as("SELECT id, decimals, limit_kind FROM credit_types WHERE tenant_id = $1")
+                .bind(tenant)
+                .fetch_all(&self.db)
+                .await?;
         let credit_types: HashMap<String, CreditType> = types
             .into_iter()
             .map(|(id, d, l)| {

@@ -85,11 +85,7 @@ pub struct Ctx {
 impl ClientContext for Ctx {}
 
 impl ConsumerContext for Ctx {
-    fn post_rebalance(
-        &self,
-        _base: &rdkafka::consumer::BaseConsumer<Self>,
-        rebalance: &Rebalance<'_>,
-    ) {
+    fn post_rebalance(&self, _base: &rdkafka::consumer::BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
         match rebalance {
             Rebalance::Assign(tpl) => {
                 tracing::info!(partitions = tpl.count(), "partitions assigned");
@@ -119,10 +115,8 @@ impl ConsumerContext for Ctx {
 /// Run the rater until `shutdown`. Returns an error for what a restart should handle.
 pub async fn run(config: Config, ready: Ready, shutdown: CancellationToken) -> anyhow::Result<()> {
     crate::metric::describe();
-    let counts = shared::kafka::partition_counts(
-        &config.kafka,
-        &[&config.kafka.input_topic, &config.kafka.ledger_topic],
-    )?;
+    let counts =
+        shared::kafka::partition_counts(&config.kafka, &[&config.kafka.input_topic, &config.kafka.ledger_topic])?;
     anyhow::ensure!(
         counts[0] == counts[1],
         "the ledger topic must have as many partitions as the input topic ({} vs {})",
@@ -130,10 +124,9 @@ pub async fn run(config: Config, ready: Ready, shutdown: CancellationToken) -> a
         counts[0]
     );
     let db = shared::db::connect(&config.db).await.context("postgres")?;
-    let redis =
-        redis::aio::ConnectionManager::new(redis::Client::open(config.redis.redis_url.as_str())?)
-            .await
-            .context("redis")?;
+    let redis = redis::aio::ConnectionManager::new(redis::Client::open(config.redis.redis_url.as_str())?)
+        .await
+        .context("redis")?;
     let store = pools::PoolStore {
         redis,
         keys: shared::keys::Keys::new(config.redis.redis_prefix.clone()),
@@ -176,11 +169,7 @@ pub async fn run(config: Config, ready: Ready, shutdown: CancellationToken) -> a
             break Ok(());
         };
         let started = Instant::now();
-        let span = tracing::debug_span!(
-            "batch",
-            messages = batch.len(),
-            first_offset = batch[0].offset
-        );
+        let span = tracing::debug_span!("batch", messages = batch.len(), first_offset = batch[0].offset);
         // A batch is retried until it succeeds: its effects are idempotent (journal replay).
         let mut attempt = 0u32;
         loop {
@@ -194,8 +183,7 @@ pub async fn run(config: Config, ready: Ready, shutdown: CancellationToken) -> a
                     attempt += 1;
                     metrics::counter!(crate::metric::ERRORS, "stage" => "batch").increment(1);
                     tracing::warn!(error = %format!("{e:#}"), attempt, "batch failed, retrying");
-                    tokio::time::sleep(Duration::from_millis(100 * u64::from(attempt.min(10))))
-                        .await;
+                    tokio::time::sleep(Duration::from_millis(100 * u64::from(attempt.min(10)))).await;
                 }
                 Err(e) => return Err(e).context("batch failed repeatedly"),
             }

@@ -24,52 +24,28 @@ pub fn describe() {
         Unit::Count,
         "Usage events decided, by outcome (settled, denied, unpriced, duplicate)"
     );
-    describe_counter!(
-        COMMANDS,
-        Unit::Count,
-        "Pool commands applied, by kind and result"
-    );
-    describe_counter!(
-        BATCHES,
-        Unit::Count,
-        "Batches processed (one loop turn each)"
-    );
+    describe_counter!(COMMANDS, Unit::Count, "Pool commands applied, by kind and result");
+    describe_counter!(BATCHES, Unit::Count, "Batches processed (one loop turn each)");
     describe_histogram!(BATCH_SIZE, Unit::Count, "Messages per batch");
     describe_histogram!(
         BATCH_DURATION,
         Unit::Seconds,
         "Time to decide, produce and store one batch"
     );
-    describe_histogram!(
-        LUA_DURATION,
-        Unit::Seconds,
-        "One pipelined round of pool scripts"
-    );
+    describe_histogram!(LUA_DURATION, Unit::Seconds, "One pipelined round of pool scripts");
     describe_histogram!(
         PRODUCE_DURATION,
         Unit::Seconds,
         "Time until every fact of a batch is acked"
     );
-    describe_counter!(
-        DLQ,
-        Unit::Count,
-        "Messages sent to the dead-letter topic, by reason"
-    );
+    describe_counter!(DLQ, Unit::Count, "Messages sent to the dead-letter topic, by reason");
     describe_counter!(
         REPLAYED,
         Unit::Count,
         "Operations redelivered after a crash and answered from the journal"
     );
-    describe_counter!(
-        POOL_REBUILDS,
-        Unit::Count,
-        "Pools rebuilt in Redis from Postgres"
-    );
-    describe_counter!(
-        CATALOGUE_RELOADS,
-        Unit::Count,
-        "Tenant catalogue reloads from Postgres"
-    );
+    describe_counter!(POOL_REBUILDS, Unit::Count, "Pools rebuilt in Redis from Postgres");
+    describe_counter!(CATALOGUE_RELOADS, Unit::Count, "Tenant catalogue reloads from Postgres");
     describe_counter!(ERRORS, Unit::Count, "Transient errors, by stage");
     describe_gauge!(
         ASSIGNED_PARTITIONS,

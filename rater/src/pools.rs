@@ -16,10 +16,8 @@ use uuid::Uuid;
 
 use crate::metric as m;
 
-static APPLY: std::sync::LazyLock<Script> =
-    std::sync::LazyLock::new(|| Script::new(include_str!("lua/apply.lua")));
-static INIT: std::sync::LazyLock<Script> =
-    std::sync::LazyLock::new(|| Script::new(include_str!("lua/init.lua")));
+static APPLY: std::sync::LazyLock<Script> = std::sync::LazyLock::new(|| Script::new(include_str!("lua/apply.lua")));
+static INIT: std::sync::LazyLock<Script> = std::sync::LazyLock::new(|| Script::new(include_str!("lua/init.lua")));
 
 /// "never expires" in an order key: sorts after every real expiry.
 const NEVER: i64 = 9_999_999_999_999;
@@ -92,25 +90,13 @@ pub struct Part {
 
 #[derive(Debug, Clone, PartialEq)]
 pub enum OpResult {
-    Charged {
-        end: i64,
-        parts: Vec<Part>,
-    },
-    Denied {
-        end: i64,
-        reason: String,
-    },
+    Charged { end: i64, parts: Vec<Part> },
+    Denied { end: i64, reason: String },
     Duplicate,
-    Granted {
-        end: i64,
-        remaining: i64,
-        repaid: i64,
-    },
+    Granted { end: i64, remaining: i64, repaid: i64 },
     GrantKnown,
-    Voided {
-        end: i64,
-        removed: i64,
-    },
+    Voided { end: i64, removed: i64 },
+    Activated { end: i64, remaining: i64, repaid: i64 },
     Reversed,
     NotApplied,
     Refused(String),
@@ -133,9 +119,7 @@ pub fn parse_result(line: &str) -> Result<(i64, OpResult), PoolError> {
                 let mut f = p.split(':');
                 let gid = match f.next() {
                     Some("-") => None,
-                    Some(g) => {
-                        Some(Uuid::parse_str(g).map_err(|_| PoolError::Reply(line.to_owned()))?)
-                    }
+                    Some(g) => Some(Uuid::parse_str(g).map_err(|_| PoolError::Reply(line.to_owned()))?),
                     None => return Err(PoolError::Reply(line.to_owned())),
                 };
                 parts.push(Part {
@@ -160,6 +144,11 @@ pub fn parse_result(line: &str) -> Result<(i64, OpResult), PoolError> {
         Some("V") => OpResult::Voided {
             end: num(it.next(), line)?,
             removed: num(it.next(), line)?,
+        },
+        Some("A") => OpResult::Activated {
+            end: num(it.next(), line)?,
+            remaining: num(it.next(), line)?,
+            repaid: num(it.next(), line)?,
         },
         Some("R") => OpResult::Reversed,
         Some("N") => OpResult::NotApplied,
@@ -202,14 +191,11 @@ impl PoolStore {
             );
             let mut inv = APPLY.prepare_invoke();
             inv.key(&pool_key).key(self.keys.journal(&pool_key));
-            inv.arg(
-                self.keys
-                    .dedupe_prefix(&b.pool.tenant_id, &b.pool.customer_id),
-            )
-            .arg(self.dedupe_window_s)
-            .arg(committed.get(&b.partition).copied().unwrap_or(0))
-            .arg(if b.hard { "hard" } else { "soft" })
-            .arg(b.ops.len());
+            inv.arg(self.keys.dedupe_prefix(&b.pool.tenant_id, &b.pool.customer_id))
+                .arg(self.dedupe_window_s)
+                .arg(committed.get(&b.partition).copied().unwrap_or(0))
+                .arg(if b.hard { "hard" } else { "soft" })
+                .arg(b.ops.len());
             for op in &b.ops {
                 inv.arg(op.offset)
                     .arg(op.kind)
@@ -258,7 +244,7 @@ impl PoolStore {
     {
         let mut out: Vec<Option<Vec<(i64, OpResult)>>> = vec![None; batches.len()];
         let mut todo: Vec<usize> = (0..batches.len()).collect();
-        for attempt in 0..3 {
+        for _ in 0..3 {
             if todo.is_empty() {
                 break;
             }
@@ -268,19 +254,26 @@ impl PoolStore {
             for (&i, reply) in todo.iter().zip(replies) {
                 match reply {
                     Some(lines) => {
-                        let parsed = lines
-                            .iter()
-                            .map(|l| parse_result(l))
-                            .collect::<Result<Vec<_>, _>>()?;
+                        let parsed = lines.iter().map(|l| parse_result(l)).collect::<Result<Vec<_>, _>>()?;
                         out[i] = Some(parsed);
                     }
                     None => missing.push(i),
                 }
             }
             if !missing.is_empty() {
-                if attempt == 0 && !self.sentinel_present().await? {
+                // Wait for settlement before rebuilding when Redis lost everything (no sentinel) or
+                // when a missing pool existed before (Postgres knows it: a partial loss). A pool
+                // Postgres has never seen, with the sentinel present, is new: nothing to wait for.
+                let mut lost = !self.sentinel_present().await?;
+                if !lost {
+                    for &i in &missing {
+                        lost |= self.known(&batches[i].pool).await?;
+                    }
+                }
+                if lost {
                     tracing::warn!(
-                        "redis lost its pools: waiting for the ledger to settle before rebuilding"
+                        pools = missing.len(),
+                        "redis lost pools: waiting for the ledger to settle before rebuilding"
                     );
                     wait_settled().await.map_err(PoolError::Settlement)?;
                     self.set_sentinel().await?;
@@ -318,6 +311,20 @@ impl PoolStore {
             .await
     }
 
+    /// Whether Postgres has settled anything for this pool.
+    async fn known(&self, p: &PoolId) -> Result<bool, PoolError> {
+        Ok(sqlx::query_scalar(
+            "SELECT EXISTS (SELECT 1 FROM pools WHERE tenant_id = $1 AND customer_id = $2 AND credit_type = $3
+                AND resource_id = $4)",
+        )
+        .bind(&p.tenant_id)
+        .bind(&p.customer_id)
+        .bind(&p.credit_type)
+        .bind(&p.resource_id)
+        .fetch_one(&self.db)
+        .await?)
+    }
+
     /// Create the pool hash from its settled state in Postgres.
     async fn rebuild(&self, b: &PoolOps) -> Result<(), PoolError> {
         let p = &b.pool;
@@ -330,9 +337,10 @@ impl PoolStore {
             DateTime<Utc>,
             Decimal,
             String,
+            bool,
         );
         let rows: Vec<Row> = sqlx::query_as(
-            "SELECT id, priority, expires_at, category, effective_at, created_at, remaining, status
+            "SELECT id, priority, expires_at, category, effective_at, created_at, remaining, status, activated
              FROM grants WHERE tenant_id = $1 AND customer_id = $2 AND credit_type = $3 AND resource_id = $4",
         )
         .bind(&p.tenant_id)
@@ -351,8 +359,7 @@ impl PoolStore {
         .fetch_optional(&self.db)
         .await?;
         let fixed = |d: Decimal| {
-            to_fixed_signed(d, b.decimals)
-                .map_err(|e| PoolError::Reply(format!("settled amount {d}: {e}")))
+            to_fixed_signed(d, b.decimals).map_err(|e| PoolError::Reply(format!("settled amount {d}: {e}")))
         };
         let pool_key = self
             .keys
@@ -361,7 +368,7 @@ impl PoolStore {
         inv.key(&pool_key)
             .arg(fixed(overdraft.unwrap_or_default())?)
             .arg(rows.len());
-        for (id, prio, exp, cat, eff, created, remaining, status) in rows {
+        for (id, prio, exp, cat, eff, created, remaining, status, activated) in rows {
             let cat = if cat == "promo" {
                 Category::Promo
             } else {
@@ -369,8 +376,10 @@ impl PoolStore {
             };
             inv.arg(id.to_string())
                 .arg(order_key(prio as u32, exp, cat, eff, created, id));
-            if status == "voided" {
+            if status == "voided" || status == "expired" {
                 inv.arg("v");
+            } else if activated && eff > created {
+                inv.arg(format!("a{}", fixed(remaining)?));
             } else {
                 inv.arg(fixed(remaining)?);
             }
@@ -442,10 +451,7 @@ mod tests {
         );
         assert_eq!(
             parse_result("8|S|5|").unwrap().1,
-            OpResult::Charged {
-                end: 5,
-                parts: vec![]
-            }
+            OpResult::Charged { end: 5, parts: vec![] }
         );
         assert_eq!(parse_result("9|P").unwrap().1, OpResult::Duplicate);
         assert_eq!(

@@ -32,9 +32,7 @@ impl Settlement {
 
     /// True once every ledger partition is settled up to its high watermark.
     fn settled(&self) -> anyhow::Result<bool> {
-        let md = self
-            .reader
-            .fetch_metadata(Some(&self.topic), Duration::from_secs(5))?;
+        let md = self.reader.fetch_metadata(Some(&self.topic), Duration::from_secs(5))?;
         let parts: Vec<i32> = md
             .topics()
             .iter()
@@ -46,9 +44,7 @@ impl Settlement {
         }
         let committed = self.reader.committed_offsets(tpl, Duration::from_secs(5))?;
         for p in parts {
-            let (low, high) =
-                self.reader
-                    .fetch_watermarks(&self.topic, p, Duration::from_secs(5))?;
+            let (low, high) = self.reader.fetch_watermarks(&self.topic, p, Duration::from_secs(5))?;
             let done = match committed.find_partition(&self.topic, p).map(|e| e.offset()) {
                 Some(Offset::Offset(o)) => o >= high,
                 // Never committed: settled only if the partition holds nothing.

@@ -12,7 +12,7 @@ use rust_decimal::Decimal;
 use shared::amount::to_fixed;
 use shared::config::KafkaArgs;
 use shared::model::{
-    partition_key, Entry, GrantFact, InputMsg, LedgerMsg, Outcome, PoolId, UsageFact, VoidFact,
+    partition_key, Entry, GrantChange, GrantChangeFact, GrantFact, InputMsg, LedgerMsg, Outcome, PoolId, UsageFact,
 };
 use shared::pricing::{price, Price};
 
@@ -32,8 +32,7 @@ pub struct InMsg {
 impl From<&BorrowedMessage<'_>> for InMsg {
     fn from(m: &BorrowedMessage<'_>) -> Self {
         let payload = m.payload().unwrap_or_default().to_vec();
-        let decoded =
-            serde_json::from_slice::<InputMsg>(&payload).map_err(|e| format!("undecodable: {e}"));
+        let decoded = serde_json::from_slice::<InputMsg>(&payload).map_err(|e| format!("undecodable: {e}"));
         InMsg {
             partition: m.partition(),
             offset: m.offset(),
@@ -61,11 +60,7 @@ enum Fate {
 }
 
 impl Step {
-    pub async fn process(
-        &mut self,
-        batch: &[InMsg],
-        committed: &HashMap<i32, i64>,
-    ) -> anyhow::Result<()> {
+    pub async fn process(&mut self, batch: &[InMsg], committed: &HashMap<i32, i64>) -> anyhow::Result<()> {
         let mut fates: Vec<Fate> = batch.iter().map(|_| Fate::Nothing).collect();
         let mut pools: Vec<PoolOps> = Vec::new();
         let mut index: HashMap<PoolId, usize> = HashMap::new();
@@ -74,21 +69,14 @@ impl Step {
         let mut tenants: HashMap<&str, (chrono::DateTime<Utc>, Vec<&str>)> = HashMap::new();
         for msg in batch {
             if let Ok(InputMsg::Usage(e)) = &msg.decoded {
-                let t = tenants
-                    .entry(&e.tenant_id)
-                    .or_insert((e.timestamp, Vec::new()));
+                let t = tenants.entry(&e.tenant_id).or_insert((e.timestamp, Vec::new()));
                 t.0 = t.0.max(e.timestamp);
                 t.1.push(&e.event_name);
             }
         }
         let mut cats = HashMap::new();
         for (tenant, (max_ts, names)) in tenants {
-            cats.insert(
-                tenant,
-                self.catalogue
-                    .get(tenant, max_ts, names.into_iter())
-                    .await?,
-            );
+            cats.insert(tenant, self.catalogue.get(tenant, max_ts, names.into_iter()).await?);
         }
 
         for (i, msg) in batch.iter().enumerate() {
@@ -102,11 +90,7 @@ impl Step {
             let (pool, decimals, hard, op) = match decoded {
                 InputMsg::Usage(e) => {
                     let cat = &cats[e.tenant_id.as_str()];
-                    let versions = cat
-                        .mappings
-                        .get(&e.event_name)
-                        .map(Vec::as_slice)
-                        .unwrap_or(&[]);
+                    let versions = cat.mappings.get(&e.event_name).map(Vec::as_slice).unwrap_or(&[]);
                     match price(versions, e.timestamp, &e.dimensions) {
                         Price::Unpriced(reason) => {
                             metrics::counter!(m::EVENTS, "outcome" => "unpriced").increment(1);
@@ -165,30 +149,28 @@ impl Step {
                         kind: "g",
                         a: s.id.to_string(),
                         b: fixed.to_string(),
-                        c: order_key(
-                            s.priority,
-                            s.expires_at,
-                            s.category,
-                            s.effective_at,
-                            s.created_at,
-                            s.id,
-                        ),
+                        c: order_key(s.priority, s.expires_at, s.category, s.effective_at, s.created_at, s.id),
                         ts_ms: s.created_at.timestamp_millis(),
                     };
                     let hard = self.hard(&g.tenant_id, &s.credit_type).await?;
                     (pool, s.decimals, hard, op)
                 }
-                InputMsg::Void(v) => {
+                InputMsg::Void(v) | InputMsg::Expire(v) | InputMsg::Activate(v) => {
                     let pool = PoolId {
                         tenant_id: v.tenant_id.clone(),
                         customer_id: v.customer_id.clone(),
                         resource_id: v.resource_id.clone(),
                         credit_type: v.credit_type.clone(),
                     };
+                    let kind = match decoded {
+                        InputMsg::Void(_) => "v",
+                        InputMsg::Expire(_) => "e",
+                        _ => "a",
+                    };
                     let op = Op {
                         msg: i,
                         offset: msg.offset,
-                        kind: "v",
+                        kind,
                         a: v.grant_id.to_string(),
                         b: String::new(),
                         c: String::new(),
@@ -201,8 +183,7 @@ impl Step {
                     let mut parts = Vec::with_capacity(r.entries.len());
                     for e in &r.entries {
                         let gid = e.grant_id.map_or_else(|| "-".to_owned(), |g| g.to_string());
-                        let amt =
-                            shared::amount::to_fixed_signed(e.amount, r.decimals).unwrap_or(0);
+                        let amt = shared::amount::to_fixed_signed(e.amount, r.decimals).unwrap_or(0);
                         parts.push(format!("{gid}:{amt}"));
                     }
                     let pool = PoolId {
@@ -288,19 +269,11 @@ impl Step {
                             key: "source_offset",
                             value: Some(&msg.offset.to_string()),
                         });
-                    (
-                        &self.kafka.dlq_topic,
-                        String::new(),
-                        msg.payload.clone(),
-                        headers,
-                    )
+                    (&self.kafka.dlq_topic, String::new(), msg.payload.clone(), headers)
                 }
                 Fate::Nothing | Fate::Pending => continue,
             };
-            let mut rec = FutureRecord::to(topic)
-                .key(&key)
-                .payload(&payload)
-                .headers(headers);
+            let mut rec = FutureRecord::to(topic).key(&key).payload(&payload).headers(headers);
             if matches!(fate, Fate::Fact(_)) {
                 rec = rec.partition(msg.partition);
             }
@@ -379,17 +352,23 @@ impl Step {
                 }))
             }
             (InputMsg::Grant(g), OpResult::Granted { end, remaining, .. }) => {
-                metrics::counter!(m::COMMANDS, "kind" => "grant", "result" => "applied")
-                    .increment(1);
+                metrics::counter!(m::COMMANDS, "kind" => "grant", "result" => "applied").increment(1);
+                // A scheduled grant enters the ledger when it is activated, not before.
+                let scheduled = g.grant.effective_at > g.grant.created_at;
+                let entries = if scheduled {
+                    Vec::new()
+                } else {
+                    vec![Entry {
+                        grant_id: Some(g.grant.id),
+                        amount: g.grant.amount,
+                        end_balance: dec(end, d),
+                    }]
+                };
                 Fate::Fact(LedgerMsg::Grant(GrantFact {
                     tenant_id: g.tenant_id.clone(),
                     grant: g.grant.clone(),
                     actor: g.actor.clone(),
-                    entries: vec![Entry {
-                        grant_id: Some(g.grant.id),
-                        amount: g.grant.amount,
-                        end_balance: dec(end, d),
-                    }],
+                    entries,
                     remaining: dec(remaining, d),
                 }))
             }
@@ -397,25 +376,44 @@ impl Step {
                 metrics::counter!(m::COMMANDS, "kind" => "grant", "result" => "known").increment(1);
                 Fate::Nothing
             }
-            (InputMsg::Void(v), OpResult::Voided { end, removed }) => {
-                metrics::counter!(m::COMMANDS, "kind" => "void", "result" => "applied")
-                    .increment(1);
-                Fate::Fact(LedgerMsg::Void(VoidFact {
+            (InputMsg::Void(v) | InputMsg::Expire(v) | InputMsg::Activate(v), r) => {
+                let (change, kind) = match decoded {
+                    InputMsg::Void(_) => (GrantChange::Void, "void"),
+                    InputMsg::Expire(_) => (GrantChange::Expire, "expire"),
+                    _ => (GrantChange::Activate, "activate"),
+                };
+                let (entry, repaid) = match r {
+                    OpResult::Voided { end, removed } => (
+                        Entry {
+                            grant_id: Some(v.grant_id),
+                            amount: -dec(removed, d),
+                            end_balance: dec(end, d),
+                        },
+                        0,
+                    ),
+                    OpResult::Activated { end, remaining, repaid } => (
+                        Entry {
+                            grant_id: Some(v.grant_id),
+                            amount: dec(remaining + repaid, d),
+                            end_balance: dec(end, d),
+                        },
+                        repaid,
+                    ),
+                    _ => {
+                        metrics::counter!(m::COMMANDS, "kind" => kind, "result" => "not_applied").increment(1);
+                        return Fate::Nothing;
+                    }
+                };
+                metrics::counter!(m::COMMANDS, "kind" => kind, "result" => "applied").increment(1);
+                Fate::Fact(LedgerMsg::GrantChange(GrantChangeFact {
+                    change,
                     pool: p.pool.clone(),
                     grant_id: v.grant_id,
                     at: v.at,
                     actor: v.actor.clone(),
-                    entries: vec![Entry {
-                        grant_id: Some(v.grant_id),
-                        amount: -dec(removed, d),
-                        end_balance: dec(end, d),
-                    }],
+                    entries: vec![entry],
+                    repaid: dec(repaid, d),
                 }))
-            }
-            (InputMsg::Void(_), _) => {
-                metrics::counter!(m::COMMANDS, "kind" => "void", "result" => "not_applied")
-                    .increment(1);
-                Fate::Nothing
             }
             (InputMsg::Reverse(_), r) => {
                 let result = if r == OpResult::Reversed {
@@ -423,8 +421,7 @@ impl Step {
                 } else {
                     "not_applied"
                 };
-                metrics::counter!(m::COMMANDS, "kind" => "reverse", "result" => result)
-                    .increment(1);
+                metrics::counter!(m::COMMANDS, "kind" => "reverse", "result" => result).increment(1);
                 Fate::Nothing
             }
         }
@@ -448,7 +445,7 @@ fn fact_owner(f: &LedgerMsg) -> (&str, &str) {
     match f {
         LedgerMsg::Usage(u) => (&u.event.tenant_id, &u.event.customer_id),
         LedgerMsg::Grant(g) => (&g.tenant_id, &g.grant.customer_id),
-        LedgerMsg::Void(v) => (&v.pool.tenant_id, &v.pool.customer_id),
+        LedgerMsg::GrantChange(v) => (&v.pool.tenant_id, &v.pool.customer_id),
     }
 }
 

@@ -57,10 +57,7 @@ pub fn max_amount(decimals: u32) -> Decimal {
 /// Round a computed cost to the credit type's places: half away from zero, the rule every
 /// event is priced by (documented in the README), so the same event always costs the same.
 pub fn round_cost(d: Decimal, decimals: u32) -> Decimal {
-    d.round_dp_with_strategy(
-        decimals,
-        rust_decimal::RoundingStrategy::MidpointAwayFromZero,
-    )
+    d.round_dp_with_strategy(decimals, rust_decimal::RoundingStrategy::MidpointAwayFromZero)
 }
 
 #[cfg(test)]

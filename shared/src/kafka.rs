@@ -11,10 +11,7 @@ use rdkafka::producer::FutureProducer;
 use crate::config::KafkaArgs;
 
 /// An idempotent producer: acks=all, no reordering or duplicates on retry.
-pub fn producer(
-    args: &KafkaArgs,
-    linger_ms: u32,
-) -> Result<FutureProducer, rdkafka::error::KafkaError> {
+pub fn producer(args: &KafkaArgs, linger_ms: u32) -> Result<FutureProducer, rdkafka::error::KafkaError> {
     ClientConfig::new()
         .set("bootstrap.servers", &args.kafka_brokers)
         .set("enable.idempotence", "true")

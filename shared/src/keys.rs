@@ -9,9 +9,7 @@ pub struct Keys {
 
 impl Keys {
     pub fn new(prefix: impl Into<String>) -> Self {
-        Self {
-            prefix: prefix.into(),
-        }
+        Self { prefix: prefix.into() }
     }
 
     pub fn prefix(&self) -> &str {
@@ -21,10 +19,7 @@ impl Keys {
     /// The hash holding one pool: its grants, overdraft, applied-offset watermark.
     pub fn pool(&self, tenant: &str, customer: &str, credit_type: &str, resource: &str) -> String {
         // `/` cannot occur in ids, so credit type and resource never run together.
-        format!(
-            "{}:{{{tenant}:{customer}}}:p:{credit_type}/{resource}",
-            self.prefix
-        )
+        format!("{}:{{{tenant}:{customer}}}:p:{credit_type}/{resource}", self.prefix)
     }
 
     /// The journal of recent outcomes of one pool (for exact replay after a crash).

@@ -20,7 +20,11 @@ pub fn partition_key(tenant_id: &str, customer_id: &str) -> String {
 pub enum InputMsg {
     Usage(UsageEvent),
     Grant(GrantCmd),
-    Void(VoidCmd),
+    Void(GrantRefCmd),
+    /// The sweeper: the grant's expires_at has passed; its remainder leaves the pool.
+    Expire(GrantRefCmd),
+    /// The sweeper: a scheduled grant's effective_at has passed; it enters the pool.
+    Activate(GrantRefCmd),
     /// Give back what a duplicate that slipped past Redis deducted (sent by ledger-writer).
     Reverse(ReverseCmd),
 }
@@ -30,7 +34,7 @@ impl InputMsg {
         match self {
             InputMsg::Usage(e) => (&e.tenant_id, &e.customer_id),
             InputMsg::Grant(g) => (&g.tenant_id, &g.grant.customer_id),
-            InputMsg::Void(v) => (&v.tenant_id, &v.customer_id),
+            InputMsg::Void(v) | InputMsg::Expire(v) | InputMsg::Activate(v) => (&v.tenant_id, &v.customer_id),
             InputMsg::Reverse(r) => (&r.tenant_id, &r.customer_id),
         }
     }
@@ -95,8 +99,9 @@ pub struct GrantCmd {
     pub actor: String,
 }
 
+/// A command on one grant of a pool (void, expire, activate).
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
-pub struct VoidCmd {
+pub struct GrantRefCmd {
     pub tenant_id: String,
     pub customer_id: String,
     pub resource_id: String,
@@ -145,7 +150,27 @@ pub struct PoolId {
 pub enum LedgerMsg {
     Usage(UsageFact),
     Grant(GrantFact),
-    Void(VoidFact),
+    GrantChange(GrantChangeFact),
+}
+
+/// What happened to a grant after its creation.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum GrantChange {
+    Void,
+    Expire,
+    Activate,
+}
+
+impl GrantChange {
+    /// The ledger entry type it writes.
+    pub fn entry_type(self) -> &'static str {
+        match self {
+            GrantChange::Void => "void",
+            GrantChange::Expire => "expire",
+            GrantChange::Activate => "grant",
+        }
+    }
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -199,13 +224,16 @@ pub struct GrantFact {
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
-pub struct VoidFact {
+pub struct GrantChangeFact {
+    pub change: GrantChange,
     pub pool: PoolId,
     pub grant_id: Uuid,
     pub at: DateTime<Utc>,
     pub actor: String,
-    /// Empty when the grant was unknown or already void (nothing left the pool).
     pub entries: Vec<Entry>,
+    /// Overdraft repaid from the grant when it was activated.
+    #[serde(default)]
+    pub repaid: Decimal,
 }
 
 #[cfg(test)]

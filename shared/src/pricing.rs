@@ -36,11 +36,7 @@ pub enum Price<'a> {
 }
 
 /// Price one event. `versions` is sorted by `effective_at` ascending.
-pub fn price<'a>(
-    versions: &'a [MappingVersion],
-    ts: DateTime<Utc>,
-    dims: &Dimensions,
-) -> Price<'a> {
+pub fn price<'a>(versions: &'a [MappingVersion], ts: DateTime<Utc>, dims: &Dimensions) -> Price<'a> {
     let idx = versions.partition_point(|v| v.effective_at <= ts);
     let Some(m) = idx.checked_sub(1).map(|i| &versions[i]) else {
         return Price::Unpriced(if versions.is_empty() {
@@ -54,16 +50,14 @@ pub fn price<'a>(
         Some(dim) => match dims.get(dim) {
             None => return Price::Unpriced("quantity_dimension_missing"),
             // serde_json keeps numbers as their text (arbitrary_precision): no float on the way.
-            Some(serde_json::Value::Number(n)) => match Decimal::from_str(&n.to_string())
-                .or_else(|_| Decimal::from_scientific(&n.to_string()))
-            {
-                Ok(q) if q.is_sign_negative() && !q.is_zero() => {
-                    return Price::Unpriced("quantity_negative")
+            Some(serde_json::Value::Number(n)) => {
+                match Decimal::from_str(&n.to_string()).or_else(|_| Decimal::from_scientific(&n.to_string())) {
+                    Ok(q) if q.is_sign_negative() && !q.is_zero() => return Price::Unpriced("quantity_negative"),
+                    Ok(q) => q,
+                    // A JSON number that no decimal can hold.
+                    Err(_) => return Price::Unpriced("cost_too_large"),
                 }
-                Ok(q) => q,
-                // A JSON number that no decimal can hold.
-                Err(_) => return Price::Unpriced("cost_too_large"),
-            },
+            }
             Some(_) => return Price::Unpriced("quantity_not_a_number"),
         },
     };
@@ -110,18 +104,9 @@ mod tests {
         let vs = [v(100, "10", None), v(200, "20", None)];
         let d = Dimensions::new();
         assert_eq!(price(&vs, t(50), &d), Price::Unpriced("no_mapping_at_time"));
-        assert!(matches!(
-            price(&vs, t(100), &d),
-            Price::Priced { fixed: 1000, .. }
-        ));
-        assert!(matches!(
-            price(&vs, t(199), &d),
-            Price::Priced { fixed: 1000, .. }
-        ));
-        assert!(matches!(
-            price(&vs, t(200), &d),
-            Price::Priced { fixed: 2000, .. }
-        ));
+        assert!(matches!(price(&vs, t(100), &d), Price::Priced { fixed: 1000, .. }));
+        assert!(matches!(price(&vs, t(199), &d), Price::Priced { fixed: 1000, .. }));
+        assert!(matches!(price(&vs, t(200), &d), Price::Priced { fixed: 2000, .. }));
         assert_eq!(price(&[], t(200), &d), Price::Unpriced("no_mapping"));
     }
 

@@ -19,8 +19,7 @@ pub fn brokers() -> String {
     std::env::var("KAFKA_BROKERS").unwrap_or_else(|_| "127.0.0.1:9092".into())
 }
 fn db_base() -> String {
-    std::env::var("DATABASE_URL_BASE")
-        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432".into())
+    std::env::var("DATABASE_URL_BASE").unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432".into())
 }
 pub fn redis_url() -> String {
     std::env::var("REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".into())
@@ -99,11 +98,7 @@ impl Stack {
             .unwrap();
         admin.close().await;
         let db_url = format!("{}/{db_name}", db_base());
-        let db = PgPoolOptions::new()
-            .max_connections(4)
-            .connect(&db_url)
-            .await
-            .unwrap();
+        let db = PgPoolOptions::new().max_connections(4).connect(&db_url).await.unwrap();
         shared::db::MIGRATOR.run(&db).await.unwrap();
         // Topics.
         let input_topic = format!("it.{name}.input");
@@ -112,11 +107,10 @@ impl Stack {
         create_topics(&[&input_topic, &ledger_topic, &dlq_topic], partitions).await;
         let admin_token = format!("admin-{}", uuid::Uuid::new_v4().simple());
         let ingest_port = free_port();
-        let metrics: HashMap<Svc, String> =
-            [Svc::Ingest, Svc::Rater, Svc::Rater2, Svc::LedgerWriter]
-                .into_iter()
-                .map(|s| (s, format!("127.0.0.1:{}", free_port())))
-                .collect();
+        let metrics: HashMap<Svc, String> = [Svc::Ingest, Svc::Rater, Svc::Rater2, Svc::LedgerWriter]
+            .into_iter()
+            .map(|s| (s, format!("127.0.0.1:{}", free_port())))
+            .collect();
         let redis_prefix = format!("it_{name}");
         let env: Vec<(String, String)> = vec![
             ("KAFKA_BROKERS".into(), brokers()),
@@ -128,20 +122,14 @@ impl Stack {
             ("DATABASE_URL".into(), db_url),
             ("INGEST_LISTEN".into(), format!("127.0.0.1:{ingest_port}")),
             ("INGEST_ADMIN_TOKEN".into(), admin_token.clone()),
-            (
-                "INGEST_METRICS_LISTEN".into(),
-                metrics[&Svc::Ingest].clone(),
-            ),
+            ("INGEST_METRICS_LISTEN".into(), metrics[&Svc::Ingest].clone()),
             ("RATER_METRICS_LISTEN".into(), metrics[&Svc::Rater].clone()),
             (
                 "LEDGER_WRITER_METRICS_LISTEN".into(),
                 metrics[&Svc::LedgerWriter].clone(),
             ),
             ("RATER_GROUP_ID".into(), format!("it-{name}-rater")),
-            (
-                "LEDGER_WRITER_GROUP_ID".into(),
-                format!("it-{name}-ledger-writer"),
-            ),
+            ("LEDGER_WRITER_GROUP_ID".into(), format!("it-{name}-ledger-writer")),
             ("RUST_LOG".into(), "info,rdkafka=warn".into()),
         ];
         let logs = bin("ingest").parent().unwrap().join("it-logs");
@@ -181,11 +169,7 @@ impl Stack {
             .envs(self.env.iter().cloned())
             .env(
                 "RATER_METRICS_LISTEN",
-                &self.metrics[if svc == Svc::Rater2 {
-                    &Svc::Rater2
-                } else {
-                    &Svc::Rater
-                }],
+                &self.metrics[if svc == Svc::Rater2 { &Svc::Rater2 } else { &Svc::Rater }],
             )
             .stdin(Stdio::null())
             .stdout(log.try_clone().unwrap())
@@ -276,13 +260,7 @@ impl Stack {
         }
     }
 
-    pub async fn call(
-        &self,
-        method: reqwest::Method,
-        path: &str,
-        key: &str,
-        body: Option<Value>,
-    ) -> (u16, Value) {
+    pub async fn call(&self, method: reqwest::Method, path: &str, key: &str, body: Option<Value>) -> (u16, Value) {
         let mut rb = self
             .http
             .request(method, format!("{}{path}", self.url))
@@ -293,10 +271,7 @@ impl Stack {
         let r = rb.send().await.unwrap();
         let status = r.status().as_u16();
         let text = r.text().await.unwrap();
-        (
-            status,
-            serde_json::from_str(&text).unwrap_or(Value::String(text)),
-        )
+        (status, serde_json::from_str(&text).unwrap_or(Value::String(text)))
     }
 
     /// A tenant with a credit type "ai" (2 places, `limit`) and a mapping "llm" at 0.01 per token.
@@ -335,8 +310,10 @@ impl Stack {
                 reqwest::Method::PUT,
                 "/v1/features/llm/credit-mapping",
                 &key,
-                Some(json!({"credit_type": "ai", "credits_per_unit": "0.01", "quantity_dimension": "tokens",
-                            "effective_at": "2000-01-01T00:00:00Z"})),
+                Some(
+                    json!({"credit_type": "ai", "credits_per_unit": "0.01", "quantity_dimension": "tokens",
+                            "effective_at": "2000-01-01T00:00:00Z"}),
+                ),
             )
             .await;
         assert_eq!(st, 200, "{b}");
@@ -375,12 +352,11 @@ impl Stack {
     pub async fn wait_settled(&self, settled: i64, dups: i64, limit: Duration) {
         let started = Instant::now();
         loop {
-            let (n, d): (i64, i64) = sqlx::query_as(
-                "SELECT (SELECT count(*) FROM usage_events), (SELECT count(*) FROM duplicate_events)",
-            )
-            .fetch_one(&self.db)
-            .await
-            .unwrap();
+            let (n, d): (i64, i64) =
+                sqlx::query_as("SELECT (SELECT count(*) FROM usage_events), (SELECT count(*) FROM duplicate_events)")
+                    .fetch_one(&self.db)
+                    .await
+                    .unwrap();
             if n >= settled && d >= dups {
                 assert_eq!((n, d), (settled, dups), "more rows than events sent");
                 return;
@@ -393,27 +369,20 @@ impl Stack {
         }
     }
 
-    /// Delete every Redis key of this stack, the sentinel first (as losing Redis would).
+    /// Delete every Redis key of this stack at once, as losing Redis would (one Lua call: atomic).
     pub async fn flush_redis(&self) {
         let client = redis::Client::open(redis_url()).unwrap();
         let mut con = client.get_multiplexed_async_connection().await.unwrap();
-        let _: () = redis::cmd("DEL")
-            .arg(format!("{}:sentinel", self.redis_prefix))
-            .query_async(&mut con)
-            .await
-            .unwrap();
-        let keys: Vec<String> = redis::cmd("KEYS")
-            .arg(format!("{}:*", self.redis_prefix))
-            .query_async(&mut con)
-            .await
-            .unwrap();
-        for chunk in keys.chunks(500) {
-            let _: () = redis::cmd("DEL")
-                .arg(chunk)
-                .query_async(&mut con)
-                .await
-                .unwrap();
-        }
+        let n: i64 = redis::Script::new(
+            "local n = 0
+             for _, k in ipairs(redis.call('KEYS', ARGV[1])) do redis.call('DEL', k); n = n + 1 end
+             return n",
+        )
+        .arg(format!("{}:*", self.redis_prefix))
+        .invoke_async(&mut con)
+        .await
+        .unwrap();
+        assert!(n > 0, "nothing to flush");
     }
 
     /// Remove everything this stack made (processes, database, keys).
@@ -427,12 +396,9 @@ impl Stack {
             .connect(&format!("{}/postgres", db_base()))
             .await
         {
-            let _ = sqlx::query(&format!(
-                "DROP DATABASE IF EXISTS \"{}\" WITH (FORCE)",
-                self.db_name
-            ))
-            .execute(&admin)
-            .await;
+            let _ = sqlx::query(&format!("DROP DATABASE IF EXISTS \"{}\" WITH (FORCE)", self.db_name))
+                .execute(&admin)
+                .await;
         }
         if let Ok(client) = redis::Client::open(redis_url()) {
             if let Ok(mut con) = client.get_multiplexed_async_connection().await {
@@ -446,9 +412,8 @@ impl Stack {
                 }
             }
         }
-        let admin: Result<AdminClient<DefaultClientContext>, _> = ClientConfig::new()
-            .set("bootstrap.servers", brokers())
-            .create();
+        let admin: Result<AdminClient<DefaultClientContext>, _> =
+            ClientConfig::new().set("bootstrap.servers", brokers()).create();
         if let Ok(admin) = admin {
             let topics = [
                 self.input_topic.clone(),

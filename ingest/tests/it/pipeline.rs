@@ -25,13 +25,7 @@ struct Load {
 impl Load {
     fn new(key: &str, customers: usize, n: usize) -> Self {
         let events = (0..n)
-            .map(|i| {
-                (
-                    format!("c-{}", i % customers),
-                    format!("k-{i}"),
-                    (i % 500) as u32 + 1,
-                )
-            })
+            .map(|i| (format!("c-{}", i % customers), format!("k-{i}"), (i % 500) as u32 + 1))
             .collect();
         Load {
             key: key.to_owned(),
@@ -55,12 +49,7 @@ impl Load {
             out.push(batch);
         }
         // ... and repeats in later batches.
-        let later: Vec<Value> = self.events[range]
-            .iter()
-            .skip(10)
-            .step_by(20)
-            .map(Self::body)
-            .collect();
+        let later: Vec<Value> = self.events[range].iter().skip(10).step_by(20).map(Self::body).collect();
         for c in later.chunks(100) {
             out.push(c.to_vec());
         }
@@ -70,13 +59,8 @@ impl Load {
     async fn send(&self, s: &Stack, batches: Vec<Vec<Value>>) {
         let results: Vec<(u16, Value)> = stream::iter(batches)
             .map(|b| async move {
-                s.call(
-                    Method::POST,
-                    "/v1/events",
-                    &self.key,
-                    Some(json!({"events": b})),
-                )
-                .await
+                s.call(Method::POST, "/v1/events", &self.key, Some(json!({"events": b})))
+                    .await
             })
             .buffer_unordered(8)
             .collect()
@@ -90,9 +74,7 @@ impl Load {
     fn expected(&self) -> HashMap<String, Decimal> {
         let mut m = HashMap::new();
         for (c, _, tokens) in &self.events {
-            let e = m
-                .entry(c.clone())
-                .or_insert_with(|| Decimal::from_str(GRANT).unwrap());
+            let e = m.entry(c.clone()).or_insert_with(|| Decimal::from_str(GRANT).unwrap());
             *e -= Decimal::from(*tokens) * Decimal::from_str("0.01").unwrap();
         }
         m
@@ -149,9 +131,7 @@ async fn verify(s: &Stack, load: &Load) {
         "every key settled and charged exactly its cost once"
     );
     for (_, k, _) in load.events.iter().step_by(97) {
-        let (st, b) = s
-            .call(Method::GET, &format!("/v1/events/{k}"), &load.key, None)
-            .await;
+        let (st, b) = s.call(Method::GET, &format!("/v1/events/{k}"), &load.key, None).await;
         assert_eq!(st, 200, "{b}");
         assert_eq!(b["status"], "settled", "{b}");
     }
@@ -162,14 +142,11 @@ async fn ten_thousand_events_with_duplicates_settle_exactly_once() {
     let s = Stack::start("exact", 4).await;
     let load = setup(&s, 200, 10_000).await;
     load.send(&s, load.batches(0..10_000)).await;
-    s.wait_settled(10_000, 1_000, Duration::from_secs(120))
-        .await;
+    s.wait_settled(10_000, 1_000, Duration::from_secs(120)).await;
     verify(&s, &load).await;
     // A repeated key reports its duplicates: k-0 was repeated within its batch, k-10 later.
     for k in ["k-0", "k-10"] {
-        let (_, b) = s
-            .call(Method::GET, &format!("/v1/events/{k}"), &load.key, None)
-            .await;
+        let (_, b) = s.call(Method::GET, &format!("/v1/events/{k}"), &load.key, None).await;
         assert_eq!(b["duplicates"], 1, "{b}");
     }
     let (_, b) = s.call(Method::GET, "/v1/events/k-1", &load.key, None).await;
@@ -204,8 +181,7 @@ async fn sigkill_of_rater_and_ledger_writer_mid_stream_loses_and_doubles_nothing
     // And a graceful restart of each (drain + commit) while events are still settling.
     s.stop(Svc::Rater).await;
     s.spawn(Svc::Rater).await;
-    s.wait_settled(10_000, 1_000, Duration::from_secs(180))
-        .await;
+    s.wait_settled(10_000, 1_000, Duration::from_secs(180)).await;
     verify(&s, &load).await;
     s.cleanup().await;
 }
@@ -221,12 +197,7 @@ async fn fractional_credits_settle_without_drift() {
         .collect();
     for chunk in events.chunks(333) {
         let (st, b) = s
-            .call(
-                Method::POST,
-                "/v1/events",
-                &key,
-                Some(json!({"events": chunk})),
-            )
+            .call(Method::POST, "/v1/events", &key, Some(json!({"events": chunk})))
             .await;
         assert_eq!(st, 202, "{b}");
     }
@@ -236,19 +207,12 @@ async fn fractional_credits_settle_without_drift() {
         .await
         .unwrap();
     assert_eq!(bal, Decimal::from_str("0.01").unwrap());
-    assert_eq!(
-        s.balance(&key, "c-f").await,
-        Decimal::from_str("0.01").unwrap()
-    );
+    assert_eq!(s.balance(&key, "c-f").await, Decimal::from_str("0.01").unwrap());
     let sum: Decimal = sqlx::query_scalar("SELECT sum(amount) FROM ledger_entries")
         .fetch_one(&s.db)
         .await
         .unwrap();
-    assert_eq!(
-        sum,
-        Decimal::from_str("0.01").unwrap(),
-        "ledger sums to the balance"
-    );
+    assert_eq!(sum, Decimal::from_str("0.01").unwrap(), "ledger sums to the balance");
     s.cleanup().await;
 }
 
@@ -261,18 +225,19 @@ async fn grant_then_use_hard_deny_unpriced_and_event_status() {
     assert_eq!(s.balance(&key, "c-1").await, Decimal::from(5));
     let send = |k: &str, tokens: u32, name: &str| json!({"customer_id": "c-1", "event_name": name, "idempotency_key": k, "dimensions": {"tokens": tokens}});
     let (st, b) = s
-        .call(Method::POST, "/v1/events", &key, Some(json!({"events": [send("a", 300, "llm"), send("b", 300, "llm"), send("c", 1, "nope")]})))
+        .call(
+            Method::POST,
+            "/v1/events",
+            &key,
+            Some(json!({"events": [send("a", 300, "llm"), send("b", 300, "llm"), send("c", 1, "nope")]})),
+        )
         .await;
     assert_eq!(st, 202, "{b}");
     s.wait_settled(3, 0, Duration::from_secs(30)).await;
     let status = |k: &'static str| {
         let s = &s;
         let key = key.clone();
-        async move {
-            s.call(Method::GET, &format!("/v1/events/{k}"), &key, None)
-                .await
-                .1
-        }
+        async move { s.call(Method::GET, &format!("/v1/events/{k}"), &key, None).await.1 }
     };
     let a = status("a").await;
     assert_eq!(a["status"], "settled", "{a}");
@@ -286,12 +251,7 @@ async fn grant_then_use_hard_deny_unpriced_and_event_status() {
     assert_eq!(s.balance(&key, "c-1").await, Decimal::from(2));
     // The ledger, newest first: deny, consume, grant.
     let (_, l) = s
-        .call(
-            Method::GET,
-            "/v1/credits/ledger?customer_id=c-1&limit=2",
-            &key,
-            None,
-        )
+        .call(Method::GET, "/v1/credits/ledger?customer_id=c-1&limit=2", &key, None)
         .await;
     let types: Vec<&str> = l["entries"]
         .as_array()
@@ -316,9 +276,7 @@ async fn grant_then_use_hard_deny_unpriced_and_event_status() {
     let other = s.tenant("hard").await;
     let (st, _) = s.call(Method::GET, "/v1/events/a", &other, None).await;
     assert_eq!(st, 404);
-    let (st, _) = s
-        .call(Method::GET, "/v1/events/a", "ck_nope_nope", None)
-        .await;
+    let (st, _) = s.call(Method::GET, "/v1/events/a", "ck_nope_nope", None).await;
     assert_eq!(st, 401);
     s.cleanup().await;
 }
@@ -332,7 +290,8 @@ async fn a_duplicate_that_slips_past_redis_is_reversed_not_settled_twice() {
     // The same idempotency key for two customers: Redis dedupes per customer, so the second
     // copy is charged in Redis and must be caught by the Postgres unique key and given back.
     for c in ["c-a", "c-b"] {
-        let ev = json!({"customer_id": c, "event_name": "llm", "idempotency_key": "same", "dimensions": {"tokens": 1000}});
+        let ev =
+            json!({"customer_id": c, "event_name": "llm", "idempotency_key": "same", "dimensions": {"tokens": 1000}});
         let (st, b) = s.call(Method::POST, "/v1/events", &key, Some(ev)).await;
         assert_eq!(st, 202, "{b}");
         s.wait_settled(1, if c == "c-a" { 0 } else { 1 }, Duration::from_secs(30))
@@ -345,10 +304,7 @@ async fn a_duplicate_that_slips_past_redis_is_reversed_not_settled_twice() {
             .unwrap();
     assert_eq!(
         balances,
-        vec![
-            ("c-a".into(), Decimal::from(90)),
-            ("c-b".into(), Decimal::from(100))
-        ]
+        vec![("c-a".into(), Decimal::from(90)), ("c-b".into(), Decimal::from(100))]
     );
     let caught: String = sqlx::query_scalar("SELECT caught_by FROM duplicate_events")
         .fetch_one(&s.db)
@@ -382,9 +338,7 @@ async fn a_poison_message_goes_to_the_dead_letter_topic_and_the_partition_moves_
         .unwrap();
     producer
         .send(
-            FutureRecord::to(&s.input_topic)
-                .key("x")
-                .payload("{not json"),
+            FutureRecord::to(&s.input_topic).key("x").payload("{not json"),
             Duration::from_secs(10),
         )
         .await
@@ -446,8 +400,7 @@ async fn losing_redis_mid_run_loses_nothing_and_charges_nothing_twice() {
         .map(|c| c.iter().map(Load::body).collect())
         .collect();
     load.send(&s, again).await;
-    s.wait_settled(6_000, 600 + 3_000, Duration::from_secs(180))
-        .await;
+    s.wait_settled(6_000, 600 + 3_000, Duration::from_secs(180)).await;
     // Reversals of slipped duplicates reach the hot pools asynchronously.
     let expected = load.expected();
     for _ in 0..100 {
@@ -470,19 +423,15 @@ async fn bad_input_gets_a_4xx_naming_the_field_and_never_reaches_kafka() {
     let key = s.tenant("hard").await;
     s.grant(&key, "c-1", "100").await;
     let ev = |patch: Value| {
-        let mut e = json!({"customer_id": "c-1", "event_name": "llm", "idempotency_key": "x", "dimensions": {"tokens": 1}});
+        let mut e =
+            json!({"customer_id": "c-1", "event_name": "llm", "idempotency_key": "x", "dimensions": {"tokens": 1}});
         for (k, v) in patch.as_object().unwrap() {
             e[k] = v.clone();
         }
         e
     };
     // Bodies that are not JSON at all.
-    for (body, status) in [
-        ("", 400),
-        ("{\"customer_id\": ", 400),
-        ("[1,2]", 422),
-        ("42", 422),
-    ] {
+    for (body, status) in [("", 400), ("{\"customer_id\": ", 400), ("[1,2]", 422), ("42", 422)] {
         let r = s
             .http
             .post(format!("{}/v1/events", s.url))
@@ -509,18 +458,9 @@ async fn bad_input_gets_a_4xx_naming_the_field_and_never_reaches_kafka() {
         (ev(json!({"idempotency_key": null})), "idempotency_key"),
         (ev(json!({"event_name": "a/b"})), "event_name"),
         (ev(json!({"timestamp": "yesterday"})), "timestamp"),
-        (
-            ev(json!({"timestamp": "2001-01-01T00:00:00Z"})),
-            "timestamp",
-        ),
-        (
-            ev(json!({"timestamp": "2999-01-01T00:00:00Z"})),
-            "timestamp",
-        ),
-        (
-            ev(json!({"dimensions": {"a": {"nested": 1}}})),
-            "dimensions.a",
-        ),
+        (ev(json!({"timestamp": "2001-01-01T00:00:00Z"})), "timestamp"),
+        (ev(json!({"timestamp": "2999-01-01T00:00:00Z"})), "timestamp"),
+        (ev(json!({"dimensions": {"a": {"nested": 1}}})), "dimensions.a"),
         (ev(json!({"dimensions": [1]})), "dimensions"),
         (ev(json!({"surprise": 1})), "surprise"),
         (
@@ -541,25 +481,25 @@ async fn bad_input_gets_a_4xx_naming_the_field_and_never_reaches_kafka() {
         ("lots", "invalid_amount"),
     ] {
         let (st, b) = s
-            .call(Method::POST, "/v1/credits/grants", &key,
-                  Some(json!({"customer_id": "c-1", "credit_type": "ai", "amount": amount, "display_name": "x"})))
+            .call(
+                Method::POST,
+                "/v1/credits/grants",
+                &key,
+                Some(json!({"customer_id": "c-1", "credit_type": "ai", "amount": amount, "display_name": "x"})),
+            )
             .await;
-        assert_eq!(
-            (st, b["error"]["code"].as_str()),
-            (422, Some(code)),
-            "{amount}: {b}"
-        );
+        assert_eq!((st, b["error"]["code"].as_str()), (422, Some(code)), "{amount}: {b}");
         assert_eq!(b["error"]["field"], "amount");
     }
     let (st, b) = s
-        .call(Method::POST, "/v1/credits/grants", &key,
-              Some(json!({"customer_id": "c-1", "credit_type": "nope", "amount": "1", "display_name": "x"})))
+        .call(
+            Method::POST,
+            "/v1/credits/grants",
+            &key,
+            Some(json!({"customer_id": "c-1", "credit_type": "nope", "amount": "1", "display_name": "x"})),
+        )
         .await;
-    assert_eq!(
-        (st, b["error"]["field"].as_str()),
-        (422, Some("credit_type")),
-        "{b}"
-    );
+    assert_eq!((st, b["error"]["field"].as_str()), (422, Some("credit_type")), "{b}");
     // A body over 5 MB.
     let big = format!("{{\"events\": [{}]}}", "1,".repeat(3_000_000));
     let r = s
@@ -584,10 +524,7 @@ async fn bad_input_gets_a_4xx_naming_the_field_and_never_reaches_kafka() {
     s.wait_settled(1, 0, Duration::from_secs(30)).await;
     tokio::time::sleep(Duration::from_millis(500)).await;
     s.wait_settled(1, 0, Duration::from_secs(1)).await;
-    assert_eq!(
-        s.balance(&key, "c-1").await,
-        Decimal::from_str("99.99").unwrap()
-    );
+    assert_eq!(s.balance(&key, "c-1").await, Decimal::from_str("99.99").unwrap());
     s.cleanup().await;
 }
 
@@ -654,24 +591,14 @@ async fn soft_limit_overdraws_and_the_next_grant_repays_it_and_void_removes_the_
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     let (st, v) = s
-        .call(
-            Method::POST,
-            &format!("/v1/credits/grants/{id}/void"),
-            &key,
-            None,
-        )
+        .call(Method::POST, &format!("/v1/credits/grants/{id}/void"), &key, None)
         .await;
     assert_eq!(st, 200, "{v}");
     assert_eq!(v["grant"]["status"], "voided");
     assert_eq!(s.balance(&key, "c-s").await, Decimal::ZERO);
     let other = s.tenant("soft").await;
     let (st, _) = s
-        .call(
-            Method::POST,
-            &format!("/v1/credits/grants/{id}/void"),
-            &other,
-            None,
-        )
+        .call(Method::POST, &format!("/v1/credits/grants/{id}/void"), &other, None)
         .await;
     assert_eq!(st, 404, "another tenant's grant does not exist for it");
     for _ in 0..100 {
@@ -685,12 +612,11 @@ async fn soft_limit_overdraws_and_the_next_grant_repays_it_and_void_removes_the_
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    let (rem, st): (Decimal, String) =
-        sqlx::query_as("SELECT remaining, status FROM grants WHERE id = $1::uuid")
-            .bind(&id)
-            .fetch_one(&s.db)
-            .await
-            .unwrap();
+    let (rem, st): (Decimal, String) = sqlx::query_as("SELECT remaining, status FROM grants WHERE id = $1::uuid")
+        .bind(&id)
+        .fetch_one(&s.db)
+        .await
+        .unwrap();
     assert_eq!((rem, st.as_str()), (Decimal::ZERO, "voided"));
     let (bal, od): (Decimal, Decimal) = sqlx::query_as("SELECT balance, overdraft FROM pools")
         .fetch_one(&s.db)
@@ -702,4 +628,103 @@ async fn soft_limit_overdraws_and_the_next_grant_repays_it_and_void_removes_the_
         "ledger: -1 + 10 - 9 = 0, overdraft repaid"
     );
     s.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn grants_expire_and_scheduled_grants_activate_without_traffic() {
+    let s = Stack::start("lifecycle", 1).await;
+    let key = s.tenant("hard").await;
+    // Warm the pipeline (the first group join takes seconds) so the windows below are honest.
+    s.grant(&key, "c-warm", "1").await;
+    let at = |secs: i64| (chrono::Utc::now() + chrono::Duration::seconds(secs)).to_rfc3339();
+    let expiring = post_grant(
+        &s,
+        &key,
+        json!({"customer_id": "c-l", "credit_type": "ai", "amount": "10", "display_name": "trial",
+                                "expires_at": at(5)}),
+    )
+    .await;
+    let scheduled = post_grant(
+        &s,
+        &key,
+        json!({"customer_id": "c-l", "credit_type": "ai", "amount": "7", "display_name": "next month",
+                                 "effective_at": at(5)}),
+    )
+    .await;
+    assert_eq!(scheduled["status"], "scheduled");
+    let (_, b) = s
+        .call(
+            Method::GET,
+            "/v1/credits/balance?customer_id=c-l&credit_type=ai",
+            &key,
+            None,
+        )
+        .await;
+    assert_eq!(
+        (b["balance"].as_str(), b["scheduled"].as_str()),
+        (Some("10"), Some("7")),
+        "{b}"
+    );
+    let ev = |k: &str| json!({"customer_id": "c-l", "event_name": "llm", "idempotency_key": k, "dimensions": {"tokens": 400}});
+    let (st, _) = s.call(Method::POST, "/v1/events", &key, Some(ev("before"))).await;
+    assert_eq!(st, 202);
+    s.wait_settled(1, 0, Duration::from_secs(30)).await;
+    // No traffic: the sweeper expires the trial's 6 left and activates the scheduled 7.
+    let mut done = false;
+    for _ in 0..100 {
+        let n: i64 =
+            sqlx::query_scalar("SELECT count(*) FROM ledger_entries WHERE type = 'expire' OR source = 'sweeper'")
+                .fetch_one(&s.db)
+                .await
+                .unwrap();
+        if n == 2 {
+            done = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(done, "expiry and activation entries written without traffic");
+    let rows: Vec<(String, Decimal, Decimal)> =
+        sqlx::query_as("SELECT type, amount, end_balance FROM ledger_entries WHERE source = 'sweeper' ORDER BY amount")
+            .fetch_all(&s.db)
+            .await
+            .unwrap();
+    assert_eq!(rows[0].0, "expire");
+    assert_eq!(rows[0].1, Decimal::from(-6));
+    assert_eq!(rows[1].0, "grant");
+    assert_eq!(rows[1].1, Decimal::from(7));
+    assert_eq!(s.balance(&key, "c-l").await, Decimal::from(7));
+    let bal: Decimal = sqlx::query_scalar("SELECT balance FROM pools WHERE customer_id = 'c-l'")
+        .fetch_one(&s.db)
+        .await
+        .unwrap();
+    assert_eq!(bal, Decimal::from(7), "settled: 10 - 4 - 6 + 7");
+    let (_, gs) = s
+        .call(Method::GET, "/v1/credits/grants?customer_id=c-l", &key, None)
+        .await;
+    let status = |id: &Value| {
+        gs["grants"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|g| g["id"] == *id)
+            .unwrap()["status"]
+            .as_str()
+            .unwrap()
+            .to_owned()
+    };
+    assert_eq!(status(&expiring["id"]), "expired", "{gs}");
+    assert_eq!(status(&scheduled["id"]), "active", "{gs}");
+    // And the activated grant is spent by the next event.
+    let (st, _) = s.call(Method::POST, "/v1/events", &key, Some(ev("after"))).await;
+    assert_eq!(st, 202);
+    s.wait_settled(2, 0, Duration::from_secs(30)).await;
+    assert_eq!(s.balance(&key, "c-l").await, Decimal::from(3));
+    s.cleanup().await;
+}
+
+async fn post_grant(s: &Stack, key: &str, body: Value) -> Value {
+    let (st, b) = s.call(Method::POST, "/v1/credits/grants", key, Some(body)).await;
+    assert_eq!(st, 201, "{b}");
+    b["grant"].clone()
 }

@@ -11,10 +11,13 @@
 --          kind "u" usage:   a = idempotency key, b = cost (fixed int), c = ""
 --          kind "g" grant:   a = grant id, b = amount (fixed int), c = order key
 --          kind "v" void:    a = grant id, b = "", c = ""
+--          kind "e" expire:  a = grant id, b = "", c = ""  (applies once ts >= its expiry)
+--          kind "a" activate: a = grant id, b = "", c = "" (a scheduled grant, once ts >= effective)
 --          kind "r" reverse: a = event uid, b = "gid:amt,gid:amt" (gid "-" = overdraft), c = ""
 --
 -- Pool hash fields: off (highest input offset applied), od (overdraft, fixed int >= 0),
--- o:<grant id> (order key), r:<grant id> (remaining, fixed int), x:<grant id> (voided marker).
+-- o:<grant id> (order key), r:<grant id> (remaining, fixed int), x:<grant id> (ended: "1" voided,
+-- "e" expired), a:<grant id> (a scheduled grant was activated).
 -- Order key: PPPP.EEEEEEEEEEEEE.C.FFFFFFFFFFFFF.RRRRRRRRRRRRR.<id>
 --   priority, expires_at ms (9999999999999 = never), category (0 promo, 1 paid),
 --   effective_at ms, created_at ms, id: sorting the keys as strings is the consumption order.
@@ -25,7 +28,9 @@
 --           D|<end balance>|insufficient_balance                           denied (hard limit)
 --           P                                                              duplicate key
 --   grant   G|<end balance>|<remaining>|<repaid overdraft>     X (id already known)
---   void    V|<end balance>|<removed>                          N (unknown or already void)
+--   void    V|<end balance>|<removed>                          N (unknown or already ended)
+--   expire  V|<end balance>|<removed>                          N (unknown, ended, or not yet due)
+--   activate A|<end balance>|<remaining>|<repaid overdraft>    N (unknown, ended, done or not due)
 --   reverse R|<end balance>                                    N (already applied)
 --   any     E|<reason>                                         refused, nothing changed
 -- An operation at or below `off` was applied before (a redelivery after a crash): its recorded
@@ -60,9 +65,12 @@ for i = 1, #flat, 2 do
 end
 for i = 1, #flat, 2 do
   local f = flat[i]
-  if string.sub(f, 1, 2) == 'r:' then
-    local g = byid[string.sub(f, 3)]
-    if g then g.rem = tonumber(flat[i + 1]); total = total + g.rem end
+  local p = string.sub(f, 1, 2)
+  local g = byid[string.sub(f, 3)]
+  if g then
+    if p == 'r:' then g.rem = tonumber(flat[i + 1]); total = total + g.rem
+    elseif p == 'x:' then g.voided = true
+    elseif p == 'a:' then g.activated = true end
   end
 end
 table.sort(grants, function(x, y) return x.key < y.key end)
@@ -149,8 +157,9 @@ for i = 0, n - 1 do
       else
         local g = { id = a, key = c, exp = tonumber(string.sub(c, 6, 18)),
                     eff = tonumber(string.sub(c, 22, 34)), rem = amt, dirty = true, new = true }
-        -- Overdraft (soft limit) is repaid first by the next grant.
-        local repaid = math.min(od, amt)
+        -- Overdraft (soft limit) is repaid first by the next grant that is spendable.
+        local repaid = 0
+        if spendable(g, ts) then repaid = math.min(od, amt) end
         g.rem = amt - repaid
         od = od - repaid
         if repaid > 0 then pool_dirty = true end
@@ -160,15 +169,28 @@ for i = 0, n - 1 do
         table.sort(grants, function(x, y) return x.key < y.key end)
         r = 'G|' .. fmt(balance(ts)) .. '|' .. fmt(g.rem) .. '|' .. fmt(repaid)
       end
-    elseif kind == 'v' then
+    elseif kind == 'v' or kind == 'e' then
       local g = byid[a]
-      if g == nil or g.voided or redis.call('HEXISTS', KEYS[1], 'x:' .. a) == 1 then
+      if g == nil or g.voided or (kind == 'e' and ts < g.exp) then
         r = 'N'
       else
         local removed = g.rem
         total = total - removed
         g.rem = 0; g.dirty = true; g.voided = true
+        g.ended = (kind == 'v') and '1' or 'e'
         r = 'V|' .. fmt(balance(ts)) .. '|' .. fmt(removed)
+      end
+    elseif kind == 'a' then
+      local g = byid[a]
+      if g == nil or g.voided or g.activated or ts < g.eff then
+        r = 'N'
+      else
+        local repaid = math.min(od, g.rem)
+        g.rem = g.rem - repaid; total = total - repaid
+        od = od - repaid
+        if repaid > 0 then pool_dirty = true end
+        g.dirty = true; g.activated = true; g.newly_activated = true
+        r = 'A|' .. fmt(balance(ts)) .. '|' .. fmt(g.rem) .. '|' .. fmt(repaid)
       end
     elseif kind == 'r' then
       if redis.call('SET', ARGV[1] .. 'rv:' .. a, '1', 'NX', 'EX', ARGV[2]) == false then
@@ -200,7 +222,8 @@ for _, g in ipairs(grants) do
   if g.dirty then
     if g.new then redis.call('HSET', KEYS[1], 'o:' .. g.id, g.key) end
     redis.call('HSET', KEYS[1], 'r:' .. g.id, fmt(g.rem))
-    if g.voided then redis.call('HSET', KEYS[1], 'x:' .. g.id, '1') end
+    if g.ended then redis.call('HSET', KEYS[1], 'x:' .. g.id, g.ended) end
+    if g.newly_activated then redis.call('HSET', KEYS[1], 'a:' .. g.id, '1') end
   end
 end
 if pool_dirty then redis.call('HSET', KEYS[1], 'od', fmt(od)) end

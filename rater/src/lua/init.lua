@@ -3,7 +3,8 @@
 -- KEYS[1]  pool hash
 -- ARGV[1]  overdraft (fixed int)
 -- ARGV[2]  number of grants N, then N groups of 3 values: grant id, order key, remaining
---          (voided grants are sent with remaining "v")
+--          (ended grants are sent with remaining "v"; scheduled grants already activated with
+--          remaining "a<n>")
 -- Reply: 1 if created, 0 if the pool already existed (nothing written).
 
 local n = tonumber(ARGV[2])
@@ -17,6 +18,8 @@ for i = 0, n - 1 do
   redis.call('HSET', KEYS[1], 'o:' .. id, key)
   if rem == 'v' then
     redis.call('HSET', KEYS[1], 'r:' .. id, '0', 'x:' .. id, '1')
+  elseif string.sub(rem, 1, 1) == 'a' then
+    redis.call('HSET', KEYS[1], 'r:' .. id, string.sub(rem, 2), 'a:' .. id, '1')
   else
     redis.call('HSET', KEYS[1], 'r:' .. id, rem)
   end
