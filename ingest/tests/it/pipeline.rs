@@ -728,3 +728,84 @@ async fn post_grant(s: &Stack, key: &str, body: Value) -> Value {
     assert_eq!(st, 201, "{b}");
     b["grant"].clone()
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn over_the_rate_limit_is_429_then_recovers_and_revoked_keys_are_401() {
+    let s = Stack::start("limits", 1).await;
+    let (st, t) = s
+        .call(
+            Method::POST,
+            "/v1/admin/tenants",
+            &s.admin_token,
+            Some(json!({"name": "limited"})),
+        )
+        .await;
+    assert_eq!(st, 201);
+    let key = t["api_key"].as_str().unwrap().to_owned();
+    let tid = t["tenant_id"].as_str().unwrap().to_owned();
+    let (st, _) = s
+        .call(
+            Method::PUT,
+            &format!("/v1/admin/tenants/{tid}/limits"),
+            &s.admin_token,
+            Some(json!({"events_per_second": 100})),
+        )
+        .await;
+    assert_eq!(st, 200);
+    let batch = |tag: &str| {
+        let events: Vec<Value> = (0..100)
+            .map(|i| json!({"customer_id": "c", "event_name": "x", "idempotency_key": format!("{tag}-{i}")}))
+            .collect();
+        json!({ "events": events })
+    };
+    let (st, _) = s.call(Method::POST, "/v1/events", &key, Some(batch("a"))).await;
+    assert_eq!(st, 202, "the first 100 fit the burst");
+    let r = s
+        .http
+        .post(format!("{}/v1/events", s.url))
+        .bearer_auth(&key)
+        .json(&batch("b"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 429, "the next 100 at once do not");
+    assert!(r.headers().get("retry-after").is_some());
+    let body: Value = r.json().await.unwrap();
+    assert_eq!(body["error"]["code"], "rate_limited");
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    let (st, _) = s.call(Method::POST, "/v1/events", &key, Some(batch("c"))).await;
+    assert_eq!(st, 202, "after a second the rate has recovered");
+    // Keys: a second key works; revoked, it is 401 at once; the operator token is not a key.
+    let (st, k2) = s
+        .call(
+            Method::POST,
+            &format!("/v1/admin/tenants/{tid}/api-keys"),
+            &s.admin_token,
+            None,
+        )
+        .await;
+    assert_eq!(st, 201);
+    let key2 = k2["api_key"].as_str().unwrap();
+    let (st, _) = s.call(Method::GET, "/v1/credit-types", key2, None).await;
+    assert_eq!(st, 200);
+    let (st, _) = s
+        .call(
+            Method::DELETE,
+            &format!("/v1/admin/api-keys/{}", k2["prefix"].as_str().unwrap()),
+            &s.admin_token,
+            None,
+        )
+        .await;
+    assert_eq!(st, 204);
+    let (st, b) = s.call(Method::GET, "/v1/credit-types", key2, None).await;
+    assert_eq!(st, 401, "{b}");
+    let (st, _) = s.call(Method::GET, "/v1/credit-types", &key, None).await;
+    assert_eq!(st, 200, "the first key still works");
+    let (st, _) = s.call(Method::GET, "/v1/credit-types", &s.admin_token, None).await;
+    assert_eq!(st, 401);
+    let (st, _) = s
+        .call(Method::POST, "/v1/admin/tenants", &key, Some(json!({"name": "x"})))
+        .await;
+    assert_eq!(st, 401, "a tenant key is not the operator token");
+    s.cleanup().await;
+}
