@@ -6,6 +6,7 @@
 //! balances move only by the entries actually inserted, so a redelivered batch changes nothing.
 
 pub mod metric;
+pub mod reconcile;
 pub mod settle;
 pub mod sweep;
 
@@ -41,6 +42,13 @@ pub enum Command {
     Run,
     /// Apply the database migrations and exit (run once per deploy, not by every replica).
     Migrate,
+    /// Compare every pool's ledger sum, grant remainders and Redis hot pool with its settled
+    /// balance; print each difference as a JSON line; exit 1 if there is any.
+    Reconcile {
+        /// Only this tenant's pools.
+        #[arg(long)]
+        tenant: Option<String>,
+    },
 }
 
 /// The ledger-writer's configuration (flags or env).
@@ -50,6 +58,9 @@ pub struct Config {
     pub kafka: KafkaArgs,
     #[command(flatten)]
     pub db: DbArgs,
+    /// Redis (read by `reconcile` only).
+    #[command(flatten)]
+    pub redis: shared::config::RedisArgs,
     /// Consumer group of the ledger-writers.
     #[arg(long, env = "LEDGER_WRITER_GROUP_ID", default_value = "ledger-writer")]
     pub group_id: String,
@@ -65,6 +76,22 @@ pub struct Config {
     /// How often the grant sweeper looks for due expiries and activations, in milliseconds.
     #[arg(long, env = "LEDGER_WRITER_SWEEP_INTERVAL_MS", default_value_t = 1000)]
     pub sweep_interval_ms: u64,
+}
+
+/// `ledger-writer reconcile`: returns whether everything agreed.
+pub async fn reconcile(config: &Config, tenant: Option<&str>) -> anyhow::Result<bool> {
+    let db = shared::db::connect(&config.db).await.context("postgres")?;
+    let mut redis = redis::Client::open(config.redis.redis_url.as_str())?
+        .get_multiplexed_async_connection()
+        .await
+        .context("redis")?;
+    let keys = shared::keys::Keys::new(config.redis.redis_prefix.clone());
+    let (pools, diffs) = reconcile::run(&db, &mut redis, &keys, tenant).await?;
+    for d in &diffs {
+        println!("{}", serde_json::to_string(d)?);
+    }
+    eprintln!("reconcile: {pools} pools checked, {} differences", diffs.len());
+    Ok(diffs.is_empty())
 }
 
 pub async fn migrate(db: &DbArgs) -> anyhow::Result<()> {

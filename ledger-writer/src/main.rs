@@ -6,6 +6,13 @@ async fn main() -> anyhow::Result<()> {
     let cli = ledger_writer::Cli::parse();
     match cli.command {
         Some(ledger_writer::Command::Migrate) => ledger_writer::migrate(&cli.config.db).await,
+        Some(ledger_writer::Command::Reconcile { tenant }) => {
+            if ledger_writer::reconcile(&cli.config, tenant.as_deref()).await? {
+                Ok(())
+            } else {
+                std::process::exit(1)
+            }
+        }
         None | Some(ledger_writer::Command::Run) => {
             let handle = shared::telemetry::install_metrics();
             let shutdown = shared::telemetry::shutdown_on_signal();

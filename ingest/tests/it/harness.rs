@@ -238,6 +238,21 @@ impl Stack {
         }
     }
 
+    /// Run `ledger-writer reconcile`: (exit code, stdout lines).
+    pub async fn reconcile(&self) -> (i32, Vec<String>) {
+        let out = Command::new(bin("ledger-writer"))
+            .arg("reconcile")
+            .envs(self.env.iter().cloned())
+            .output()
+            .await
+            .unwrap();
+        let lines = String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .map(str::to_owned)
+            .collect();
+        (out.status.code().unwrap_or(-1), lines)
+    }
+
     /// SIGKILL: no drain, no final commit.
     pub async fn kill(&mut self, svc: Svc) {
         if let Some(mut c) = self.children.remove(&svc) {
