@@ -155,6 +155,24 @@ async fn ten_thousand_events_with_duplicates_settle_exactly_once() {
         (json!(0), json!("0.02")),
         "{b}"
     );
+    // Reconcile: ledger, grants, Redis and the settled balances all agree...
+    let (code, lines) = s.reconcile().await;
+    assert_eq!((code, lines.len()), (0, 0), "{lines:?}");
+    // ... and a grant remainder off by one cent is reported, naming the pool and the check.
+    sqlx::query("UPDATE grants SET remaining = remaining + 0.01 WHERE customer_id = 'c-7'")
+        .execute(&s.db)
+        .await
+        .unwrap();
+    let (code, lines) = s.reconcile().await;
+    assert_eq!(code, 1);
+    let found: Vec<Value> = lines.iter().map(|l| serde_json::from_str(l).unwrap()).collect();
+    assert!(
+        found
+            .iter()
+            .any(|d| d["customer_id"] == "c-7" && d["check"] == "grant_remainders"),
+        "{found:?}"
+    );
+    assert!(found.iter().all(|d| d["customer_id"] == "c-7"), "{found:?}");
     s.cleanup().await;
 }
 

@@ -230,6 +230,8 @@ if pool_dirty then redis.call('HSET', KEYS[1], 'od', fmt(od)) end
 if #fresh > 0 then
   redis.call('HSET', KEYS[1], 'off', fmt(maxoff))
   redis.call('RPUSH', KEYS[2], fmt(maxoff) .. '\n' .. table.concat(fresh, '\n'))
+  -- An idle pool's last entries go with the dedupe window (redeliveries are seconds old).
+  redis.call('EXPIRE', KEYS[2], ARGV[2])
 end
 -- Drop journal entries that were committed (their offsets are never delivered again).
 local committed = tonumber(ARGV[3])
