@@ -390,14 +390,18 @@ pub struct PoolQuery {
 }
 
 /// The real-time balance, computed from the hot pool the way apply.lua spends it.
-pub async fn balance(t: Tenant, State(s): State<Arc<AppState>>, Q(q): Q<PoolQuery>) -> ApiResult<Json<Value>> {
-    validate::id("customer_id", &q.customer_id)?;
-    let ct = require_credit_type(&s, &t.id, &q.credit_type, "credit_type").await?;
-    let resource = q.resource_id.unwrap_or_default();
-    let d = ct.decimals as u32;
+/// The hot pool's (spendable balance, scheduled) in fixed point, computed the way apply.lua
+/// spends it: a grant counts once effective and until it expires; overdraft is subtracted.
+async fn hot_balance(
+    s: &AppState,
+    tenant: &str,
+    customer: &str,
+    credit_type: &str,
+    resource: &str,
+) -> ApiResult<(i64, i64)> {
     let mut con = s.redis.clone();
     let h: HashMap<String, String> = redis::cmd("HGETALL")
-        .arg(s.keys.pool(&t.id, &q.customer_id, &q.credit_type, &resource))
+        .arg(s.keys.pool(tenant, customer, credit_type, resource))
         .query_async(&mut con)
         .await?;
     let now = Utc::now().timestamp_millis();
@@ -416,7 +420,16 @@ pub async fn balance(t: Tenant, State(s): State<Arc<AppState>>, Q(q): Q<PoolQuer
         }
     }
     let od: i64 = h.get("od").and_then(|x| x.parse().ok()).unwrap_or(0);
-    let bal = spendable - od;
+    Ok((spendable - od, scheduled))
+}
+
+/// The real-time balance, from the hot pool.
+pub async fn balance(t: Tenant, State(s): State<Arc<AppState>>, Q(q): Q<PoolQuery>) -> ApiResult<Json<Value>> {
+    validate::id("customer_id", &q.customer_id)?;
+    let ct = require_credit_type(&s, &t.id, &q.credit_type, "credit_type").await?;
+    let resource = q.resource_id.unwrap_or_default();
+    let d = ct.decimals as u32;
+    let (bal, scheduled) = hot_balance(&s, &t.id, &q.customer_id, &q.credit_type, &resource).await?;
     Ok(Json(json!({
         "customer_id": q.customer_id,
         "credit_type": q.credit_type,
@@ -426,6 +439,109 @@ pub async fn balance(t: Tenant, State(s): State<Arc<AppState>>, Q(q): Q<PoolQuer
         "has_access": bal > 0 || ct.limit == "soft",
         "limit": ct.limit,
         "as_of": Utc::now(),
+    })))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CheckBody {
+    customer_id: String,
+    credit_type: Option<String>,
+    resource_id: Option<String>,
+    event_name: Option<String>,
+    quantity: Option<Value>,
+    amount: Option<Value>,
+}
+
+/// Would this usage be allowed now? The cost comes from the mapping in force now (or `amount`),
+/// the balance from the hot pool: the pre-check of the hard-limit flow. It reserves nothing.
+pub async fn check(t: Tenant, State(s): State<Arc<AppState>>, Body(b): Body<CheckBody>) -> ApiResult<Json<Value>> {
+    validate::id("customer_id", &b.customer_id)?;
+    let resource = b.resource_id.clone().unwrap_or_default();
+    if !resource.is_empty() {
+        validate::id("resource_id", &resource)?;
+    }
+    let (credit_type, cost) = match (&b.event_name, &b.amount) {
+        (Some(name), None) => {
+            validate::id("event_name", name)?;
+            let rows: Vec<(DateTime<Utc>, String, Decimal, Option<String>, i16)> = sqlx::query_as(
+                "SELECT m.effective_at, m.credit_type, m.credits_per_unit, m.quantity_dimension, ct.decimals
+                 FROM feature_mappings m JOIN credit_types ct ON ct.tenant_id = m.tenant_id AND ct.id = m.credit_type
+                 WHERE m.tenant_id = $1 AND m.event_name = $2 ORDER BY m.effective_at",
+            )
+            .bind(&t.id)
+            .bind(name)
+            .fetch_all(&s.db)
+            .await?;
+            let versions: Vec<shared::pricing::MappingVersion> = rows
+                .into_iter()
+                .map(|(effective_at, credit_type, credits_per_unit, quantity_dimension, d)| {
+                    shared::pricing::MappingVersion {
+                        effective_at,
+                        credit_type,
+                        credits_per_unit,
+                        quantity_dimension,
+                        decimals: d as u32,
+                    }
+                })
+                .collect();
+            let mut dims = serde_json::Map::new();
+            let now = Utc::now();
+            let dim = versions
+                .iter()
+                .rev()
+                .find(|v| v.effective_at <= now)
+                .and_then(|v| v.quantity_dimension.clone());
+            if let (Some(dim), Some(q)) = (dim, &b.quantity) {
+                if !q.is_number() {
+                    return Err(ApiError::invalid("quantity", "invalid_value", "must be a number"));
+                }
+                dims.insert(dim, q.clone());
+            }
+            match shared::pricing::price(&versions, now, &dims) {
+                shared::pricing::Price::Priced { credit_type, cost, .. } => (credit_type.to_owned(), cost),
+                shared::pricing::Price::Unpriced(reason) => {
+                    return Err(ApiError::invalid(
+                        "event_name",
+                        reason,
+                        format!("{name} cannot be priced now: {reason}"),
+                    ))
+                }
+            }
+        }
+        (None, Some(a)) => {
+            let ct = b
+                .credit_type
+                .clone()
+                .ok_or_else(|| ApiError::invalid("credit_type", "required", "credit_type is required with amount"))?;
+            let c = require_credit_type(&s, &t.id, &ct, "credit_type").await?;
+            (ct, validate::amount("amount", a, c.decimals as u32, true)?)
+        }
+        _ => {
+            return Err(ApiError::invalid(
+                "event_name",
+                "invalid_value",
+                "give exactly one of event_name or amount",
+            ))
+        }
+    };
+    if b.credit_type.as_ref().is_some_and(|c| *c != credit_type) {
+        return Err(ApiError::invalid(
+            "credit_type",
+            "mismatch",
+            format!("the event is priced in {credit_type}"),
+        ));
+    }
+    let ct = require_credit_type(&s, &t.id, &credit_type, "credit_type").await?;
+    let d = ct.decimals as u32;
+    let (bal, _) = hot_balance(&s, &t.id, &b.customer_id, &credit_type, &resource).await?;
+    let balance = from_fixed(bal, d);
+    Ok(Json(json!({
+        "allowed": ct.limit == "soft" || cost <= balance,
+        "cost": cost.normalize().to_string(),
+        "balance": balance.normalize().to_string(),
+        "credit_type": credit_type,
+        "limit": ct.limit,
     })))
 }
 

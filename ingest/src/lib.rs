@@ -112,6 +112,7 @@ pub fn router(state: Arc<AppState>) -> Router {
         )
         .route("/v1/credits/grants/{id}/void", post(credits::void_grant))
         .route("/v1/credits/balance", get(credits::balance))
+        .route("/v1/credits/check", post(credits::check))
         .route("/v1/credits/ledger", get(credits::ledger))
         .layer(axum::middleware::from_fn(track))
         .layer(axum::extract::DefaultBodyLimit::max(5 * 1024 * 1024))

@@ -659,14 +659,14 @@ async fn grants_expire_and_scheduled_grants_activate_without_traffic() {
         &s,
         &key,
         json!({"customer_id": "c-l", "credit_type": "ai", "amount": "10", "display_name": "trial",
-                                "expires_at": at(5)}),
+                                "expires_at": at(8)}),
     )
     .await;
     let scheduled = post_grant(
         &s,
         &key,
         json!({"customer_id": "c-l", "credit_type": "ai", "amount": "7", "display_name": "next month",
-                                 "effective_at": at(5)}),
+                                 "effective_at": at(8)}),
     )
     .await;
     assert_eq!(scheduled["status"], "scheduled");
@@ -825,5 +825,71 @@ async fn over_the_rate_limit_is_429_then_recovers_and_revoked_keys_are_401() {
         .call(Method::POST, "/v1/admin/tenants", &key, Some(json!({"name": "x"})))
         .await;
     assert_eq!(st, 401, "a tenant key is not the operator token");
+    s.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn resources_isolate_pools_and_check_predicts_a_hard_deny() {
+    let s = Stack::start("resources", 1).await;
+    let key = s.tenant("hard").await;
+    for (res, amount) in [("ws-1", "5"), ("ws-2", "1")] {
+        let body = json!({"customer_id": "c-r", "credit_type": "ai", "amount": amount, "display_name": res, "resource_id": res});
+        let (st, b) = s.call(Method::POST, "/v1/credits/grants", &key, Some(body)).await;
+        assert_eq!(st, 201, "{b}");
+    }
+    let check = |res: &str, tokens: u32| json!({"customer_id": "c-r", "resource_id": res, "event_name": "llm", "quantity": tokens});
+    let (st, c) = s
+        .call(Method::POST, "/v1/credits/check", &key, Some(check("ws-2", 300)))
+        .await;
+    assert_eq!(st, 200, "{c}");
+    assert_eq!(
+        (c["allowed"].clone(), c["cost"].clone(), c["balance"].clone()),
+        (json!(false), json!("3"), json!("1")),
+        "{c}"
+    );
+    let (_, c) = s
+        .call(Method::POST, "/v1/credits/check", &key, Some(check("ws-1", 300)))
+        .await;
+    assert_eq!(c["allowed"], true, "{c}");
+    // The same usage in each workspace: ws-1 pays, ws-2 is denied; neither touches the other.
+    let ev = |res: &str| json!({"customer_id": "c-r", "resource_id": res, "event_name": "llm", "idempotency_key": format!("e-{res}"), "dimensions": {"tokens": 300}});
+    let (st, _) = s
+        .call(
+            Method::POST,
+            "/v1/events",
+            &key,
+            Some(json!({"events": [ev("ws-1"), ev("ws-2")]})),
+        )
+        .await;
+    assert_eq!(st, 202);
+    s.wait_settled(2, 0, Duration::from_secs(30)).await;
+    let bal = |res: &'static str| {
+        let s = &s;
+        let key = key.clone();
+        async move {
+            let (_, b) = s
+                .call(
+                    Method::GET,
+                    &format!("/v1/credits/balance?customer_id=c-r&credit_type=ai&resource_id={res}"),
+                    &key,
+                    None,
+                )
+                .await;
+            b["balance"].as_str().unwrap().to_owned()
+        }
+    };
+    assert_eq!(bal("ws-1").await, "2");
+    assert_eq!(bal("ws-2").await, "1");
+    let (_, e) = s.call(Method::GET, "/v1/events/e-ws-2", &key, None).await;
+    assert_eq!(e["status"], "denied", "{e}");
+    let (st, b) = s
+        .call(
+            Method::POST,
+            "/v1/credits/check",
+            &key,
+            Some(json!({"customer_id": "c-r"})),
+        )
+        .await;
+    assert_eq!((st, b["error"]["field"].as_str()), (422, Some("event_name")), "{b}");
     s.cleanup().await;
 }
