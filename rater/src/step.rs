@@ -8,7 +8,6 @@ use chrono::Utc;
 use rdkafka::message::{BorrowedMessage, Header, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use rdkafka::Message;
-use rust_decimal::Decimal;
 use shared::amount::to_fixed;
 use shared::config::KafkaArgs;
 use shared::model::{
@@ -230,7 +229,7 @@ impl Step {
             .await?;
         for (p, res) in pools.iter().zip(results) {
             for (op, (_, r)) in p.ops.iter().zip(res) {
-                fates[op.msg] = self.fact(&batch[op.msg], p, r);
+                fates[op.msg] = self.fact(&batch[op.msg], p, op, r);
             }
         }
 
@@ -312,7 +311,7 @@ impl Step {
     }
 
     /// Turn one pool reply into what is produced.
-    fn fact(&self, msg: &InMsg, p: &PoolOps, r: OpResult) -> Fate {
+    fn fact(&self, msg: &InMsg, p: &PoolOps, op: &Op, r: OpResult) -> Fate {
         let d = p.decimals;
         let Ok(decoded) = &msg.decoded else {
             return Fate::Nothing;
@@ -338,7 +337,7 @@ impl Step {
                     }
                     OpResult::Denied { end, reason } => Outcome::Denied {
                         credit_type: p.pool.credit_type.clone(),
-                        cost: op_cost(p, msg),
+                        cost: dec(op.b.parse().unwrap_or(0), d),
                         end_balance: dec(end, d),
                         reason,
                     },
@@ -426,15 +425,6 @@ impl Step {
             }
         }
     }
-}
-
-/// The cost the op carried (fixed, as sent to Lua).
-fn op_cost(p: &PoolOps, msg: &InMsg) -> Decimal {
-    p.ops
-        .iter()
-        .find(|o| o.offset == msg.offset)
-        .and_then(|o| o.b.parse::<i64>().ok())
-        .map_or(Decimal::ZERO, |v| dec(v, p.decimals))
 }
 
 fn count_outcome(o: &Outcome) {
