@@ -14,7 +14,7 @@ use rust_decimal::Decimal;
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 use shared::amount::from_fixed;
-use shared::model::{Category, Cost, GrantCmd, GrantRefCmd, GrantSpec, InputMsg};
+use shared::model::{Category, Cost, GrantCmd, GrantRefCmd, GrantSpec, InputMsg, LimitCmd, LimitKind};
 use uuid::Uuid;
 
 use crate::auth::Tenant;
@@ -83,7 +83,7 @@ const GRANT_COLS: &str = "id, customer_id, credit_type, NULLIF(resource_id, '') 
     category, priority, cost_amount, cost_currency, effective_at, expires_at, display_name, description, metadata,
     source, created_at, voided_at";
 
-fn grant_json(g: &Grant) -> Value {
+pub fn grant_json(g: &Grant) -> Value {
     json!({
         "id": g.id, "customer_id": g.customer_id, "credit_type": g.credit_type, "resource_id": g.resource_id,
         "amount": g.amount.normalize().to_string(), "remaining": g.remaining.normalize().to_string(),
@@ -111,7 +111,7 @@ fn spec_json(s: &GrantSpec, remaining: Option<Decimal>, status: &str) -> Value {
     })
 }
 
-async fn settled_grant(s: &AppState, tenant: &str, id: Uuid) -> Result<Option<Grant>, ApiError> {
+pub async fn settled_grant(s: &AppState, tenant: &str, id: Uuid) -> Result<Option<Grant>, ApiError> {
     Ok(sqlx::query_as(&format!(
         "SELECT {GRANT_COLS} FROM grants WHERE tenant_id = $1 AND id = $2"
     ))
@@ -266,24 +266,41 @@ pub async fn create_grant(
             };
         }
     }
+    issue_grant(&s, &t.id, spec, "api").await
+}
+
+/// Produce a grant to the input topic and wait until the rater applied it: 201 `{grant}`, or
+/// 202 with status "pending" if that takes longer than `INGEST_APPLY_WAIT_MS`. The grant id is
+/// the caller's; the rater applies an id once, so issuing the same grant again is harmless.
+/// Also used by billing (top-ups, plan periods).
+pub async fn issue_grant(
+    s: &AppState,
+    tenant: &str,
+    spec: GrantSpec,
+    actor: &str,
+) -> ApiResult<(StatusCode, Json<Value>)> {
     let pool_key = s
         .keys
-        .pool(&t.id, &spec.customer_id, &spec.credit_type, &spec.resource_id);
+        .pool(tenant, &spec.customer_id, &spec.credit_type, &spec.resource_id);
     produce(
-        &s,
+        s,
         std::iter::once(InputMsg::Grant(GrantCmd {
-            tenant_id: t.id.clone(),
+            tenant_id: tenant.to_owned(),
             grant: spec.clone(),
-            actor: "api".into(),
+            actor: actor.into(),
         })),
     )
     .await?;
     metrics::counter!(crate::metric::COMMANDS, "kind" => "grant").increment(1);
-    let status = if effective_at > now { "scheduled" } else { "active" };
-    match applied(&s, &pool_key, &format!("o:{id}")).await? {
+    let status = if spec.effective_at > Utc::now() {
+        "scheduled"
+    } else {
+        "active"
+    };
+    match applied(s, &pool_key, &format!("o:{}", spec.id)).await? {
         Some(rem) => Ok((
             StatusCode::CREATED,
-            Json(json!({"grant": spec_json(&spec, Some(from_fixed(rem, decimals)), status)})),
+            Json(json!({"grant": spec_json(&spec, Some(from_fixed(rem, spec.decimals)), status)})),
         )),
         None => Ok((
             StatusCode::ACCEPTED,
@@ -398,7 +415,7 @@ async fn hot_balance(
     customer: &str,
     credit_type: &str,
     resource: &str,
-) -> ApiResult<(i64, i64)> {
+) -> ApiResult<(i64, i64, Option<String>)> {
     let mut con = s.redis.clone();
     let h: HashMap<String, String> = redis::cmd("HGETALL")
         .arg(s.keys.pool(tenant, customer, credit_type, resource))
@@ -420,7 +437,7 @@ async fn hot_balance(
         }
     }
     let od: i64 = h.get("od").and_then(|x| x.parse().ok()).unwrap_or(0);
-    Ok((spendable - od, scheduled))
+    Ok((spendable - od, scheduled, h.get("lim").cloned()))
 }
 
 /// The real-time balance, from the hot pool.
@@ -429,15 +446,16 @@ pub async fn balance(t: Tenant, State(s): State<Arc<AppState>>, Q(q): Q<PoolQuer
     let ct = require_credit_type(&s, &t.id, &q.credit_type, "credit_type").await?;
     let resource = q.resource_id.unwrap_or_default();
     let d = ct.decimals as u32;
-    let (bal, scheduled) = hot_balance(&s, &t.id, &q.customer_id, &q.credit_type, &resource).await?;
+    let (bal, scheduled, lim) = hot_balance(&s, &t.id, &q.customer_id, &q.credit_type, &resource).await?;
+    let limit = lim.unwrap_or(ct.limit);
     Ok(Json(json!({
         "customer_id": q.customer_id,
         "credit_type": q.credit_type,
         "resource_id": if resource.is_empty() { None } else { Some(resource) },
         "balance": from_fixed(bal, d).normalize().to_string(),
         "scheduled": from_fixed(scheduled, d).normalize().to_string(),
-        "has_access": bal > 0 || ct.limit == "soft",
-        "limit": ct.limit,
+        "has_access": bal > 0 || limit == "soft",
+        "limit": limit,
         "as_of": Utc::now(),
     })))
 }
@@ -534,14 +552,96 @@ pub async fn check(t: Tenant, State(s): State<Arc<AppState>>, Body(b): Body<Chec
     }
     let ct = require_credit_type(&s, &t.id, &credit_type, "credit_type").await?;
     let d = ct.decimals as u32;
-    let (bal, _) = hot_balance(&s, &t.id, &b.customer_id, &credit_type, &resource).await?;
+    let (bal, _, lim) = hot_balance(&s, &t.id, &b.customer_id, &credit_type, &resource).await?;
+    let limit = lim.unwrap_or(ct.limit);
     let balance = from_fixed(bal, d);
     Ok(Json(json!({
-        "allowed": ct.limit == "soft" || cost <= balance,
+        "allowed": limit == "soft" || cost <= balance,
         "cost": cost.normalize().to_string(),
         "balance": balance.normalize().to_string(),
         "credit_type": credit_type,
-        "limit": ct.limit,
+        "limit": limit,
+    })))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LimitBody {
+    customer_id: String,
+    credit_type: String,
+    resource_id: Option<String>,
+    /// "hard", "soft", or null to follow the credit type's limit again.
+    limit: Option<String>,
+}
+
+/// Override the credit type's limit for one pool. The override travels through the input
+/// topic, so every event accepted after this answer is decided under it.
+pub async fn set_limit(t: Tenant, State(s): State<Arc<AppState>>, Body(b): Body<LimitBody>) -> ApiResult<Json<Value>> {
+    validate::id("customer_id", &b.customer_id)?;
+    let resource = b.resource_id.clone().unwrap_or_default();
+    if !resource.is_empty() {
+        validate::id("resource_id", &resource)?;
+    }
+    let ct = require_credit_type(&s, &t.id, &b.credit_type, "credit_type").await?;
+    let kind = match b.limit.as_deref() {
+        None => None,
+        Some("hard") => Some(LimitKind::Hard),
+        Some("soft") => Some(LimitKind::Soft),
+        Some(_) => {
+            return Err(ApiError::invalid(
+                "limit",
+                "invalid_value",
+                "limit must be \"hard\", \"soft\" or null",
+            ))
+        }
+    };
+    // Postgres first: a pool rebuilt from Postgres after this point carries the override.
+    match kind {
+        Some(k) => {
+            sqlx::query(
+                "INSERT INTO pool_limits (tenant_id, customer_id, resource_id, credit_type, limit_kind)
+                 VALUES ($1, $2, $3, $4, $5)
+                 ON CONFLICT (tenant_id, customer_id, credit_type, resource_id)
+                 DO UPDATE SET limit_kind = EXCLUDED.limit_kind, updated_at = now()",
+            )
+            .bind(&t.id)
+            .bind(&b.customer_id)
+            .bind(&resource)
+            .bind(&b.credit_type)
+            .bind(k.as_str())
+            .execute(&s.db)
+            .await?;
+        }
+        None => {
+            sqlx::query(
+                "DELETE FROM pool_limits WHERE tenant_id = $1 AND customer_id = $2 AND credit_type = $3
+                    AND resource_id = $4",
+            )
+            .bind(&t.id)
+            .bind(&b.customer_id)
+            .bind(&b.credit_type)
+            .bind(&resource)
+            .execute(&s.db)
+            .await?;
+        }
+    }
+    let cmd = LimitCmd {
+        tenant_id: t.id.clone(),
+        customer_id: b.customer_id.clone(),
+        resource_id: resource.clone(),
+        credit_type: b.credit_type.clone(),
+        decimals: ct.decimals as u32,
+        limit: kind,
+        at: Utc::now(),
+    };
+    produce(&s, std::iter::once(InputMsg::SetLimit(cmd))).await?;
+    metrics::counter!(crate::metric::COMMANDS, "kind" => "limit").increment(1);
+    Ok(Json(json!({
+        "customer_id": b.customer_id,
+        "credit_type": b.credit_type,
+        "resource_id": if resource.is_empty() { None } else { Some(resource) },
+        "limit": kind.map_or(ct.limit.as_str(), |k| k.as_str()),
+        "overridden": kind.is_some(),
     })))
 }
 
@@ -598,7 +698,7 @@ pub async fn ledger(t: Tenant, State(s): State<Arc<AppState>>, Q(q): Q<LedgerQue
             AND ($3::text IS NULL OR credit_type = $3) AND ($4::text IS NULL OR resource_id = $4)
             AND ($5::text IS NULL OR type = $5) AND ($6::timestamptz IS NULL OR ts >= $6)
             AND ($7::timestamptz IS NULL OR ts < $7) AND ($8::bigint IS NULL OR id < $8)
-         ORDER BY id DESC LIMIT $9"
+         ORDER BY ledger_entries.id DESC LIMIT $9"
     ))
     .bind(&t.id)
     .bind(&q.customer_id)

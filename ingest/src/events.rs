@@ -201,6 +201,7 @@ pub async fn post_events(
 /// with Retry-After (backpressure), never an unbounded buffer.
 pub async fn produce(s: &AppState, msgs: impl Iterator<Item = InputMsg>) -> ApiResult<()> {
     let started = Instant::now();
+    let trace = crate::TRACE_ID.try_with(Clone::clone).ok();
     let mut acks = Vec::new();
     for msg in msgs {
         let (t, c) = msg.tenant_customer();
@@ -209,7 +210,8 @@ pub async fn produce(s: &AppState, msgs: impl Iterator<Item = InputMsg>) -> ApiR
         match s.producer.send_result(
             FutureRecord::to(&s.config.kafka.input_topic)
                 .key(&key)
-                .payload(&payload),
+                .payload(&payload)
+                .headers(shared::kafka::trace_headers(trace.as_deref())),
         ) {
             Ok(f) => acks.push(f),
             Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), _)) => {
@@ -295,12 +297,20 @@ pub async fn get_event(
     else {
         // Not settled. With the customer we can tell whether the rater has seen it.
         if let Some(c) = q.customer_id.filter(|c| validate::id_ok(c)) {
+            // The mark sits in the bucket of the event's timestamp, which we do not know: ask
+            // every bucket an accepted event could be in (one pipelined round trip).
+            let prefix = s.keys.dedupe_prefix(&t.id, &c);
+            let member = shared::keys::dedupe_member(&key);
+            let now = Utc::now().timestamp_millis();
+            let first = shared::keys::dedupe_bucket(now - s.config.dedupe_window_s as i64 * 1000);
+            let last = shared::keys::dedupe_bucket(now + 5 * 60 * 1000);
+            let mut pipe = redis::pipe();
+            for b in first..=last {
+                pipe.cmd("SISMEMBER").arg(format!("{prefix}{b}")).arg(&member[..]);
+            }
             let mut con = s.redis.clone();
-            let seen: bool = redis::cmd("EXISTS")
-                .arg(format!("{}{}", s.keys.dedupe_prefix(&t.id, &c), key))
-                .query_async(&mut con)
-                .await?;
-            if seen {
+            let found: Vec<bool> = pipe.query_async(&mut con).await?;
+            if found.into_iter().any(|x| x) {
                 return Ok(Json(
                     json!({"status": "pending", "idempotency_key": key, "duplicates": duplicates}),
                 ));
@@ -314,7 +324,7 @@ pub async fn get_event(
     };
     let entries: Vec<LedgerEntry> = sqlx::query_as(&format!(
         "SELECT {LEDGER_COLS} FROM ledger_entries WHERE tenant_id = $1 AND source_id = $2 AND type IN ('consume', 'deny')
-         ORDER BY id"
+         ORDER BY ledger_entries.id"
     ))
     .bind(&t.id)
     .bind(&key)

@@ -4,12 +4,16 @@
 
 pub mod admin;
 pub mod auth;
+pub mod billing;
 pub mod catalogue;
 pub mod credits;
 pub mod error;
 pub mod events;
 pub mod metric;
+pub mod openapi;
+pub mod usage;
 pub mod validate;
+pub mod webhooks;
 
 use std::net::SocketAddr;
 use std::num::NonZeroU32;
@@ -60,6 +64,12 @@ pub struct Config {
     /// Producer linger, in milliseconds.
     #[arg(long, env = "INGEST_LINGER_MS", default_value_t = 5)]
     pub linger_ms: u32,
+    /// Webhook endpoints.
+    #[command(flatten)]
+    pub webhooks: webhooks::Settings,
+    /// Charges (top-ups).
+    #[command(flatten)]
+    pub billing: billing::Settings,
 }
 
 pub struct AppState {
@@ -92,6 +102,7 @@ pub fn router(state: Arc<AppState>) -> Router {
     Router::new()
         .route("/healthz", get(|| async { "ok" }))
         .route("/readyz", get(|| async { "ready" }))
+        .route("/openapi.json", get(openapi::serve))
         .route("/v1/admin/tenants", post(admin::create_tenant))
         .route("/v1/admin/tenants/{tenant_id}/api-keys", post(admin::create_key))
         .route("/v1/admin/api-keys/{prefix}", axum::routing::delete(admin::revoke_key))
@@ -113,21 +124,39 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/v1/credits/grants/{id}/void", post(credits::void_grant))
         .route("/v1/credits/balance", get(credits::balance))
         .route("/v1/credits/check", post(credits::check))
+        .route("/v1/credits/limits", put(credits::set_limit))
+        .route("/v1/credits/usage", get(usage::usage))
         .route("/v1/credits/ledger", get(credits::ledger))
+        .merge(webhooks::routes())
+        .merge(billing::routes())
         .layer(axum::middleware::from_fn(track))
         .layer(axum::extract::DefaultBodyLimit::max(5 * 1024 * 1024))
         .fallback(|| async { error::ApiError::not_found("route") })
         .with_state(state)
 }
 
-/// Count and time every request by route template (never the raw path) and status.
+tokio::task_local! {
+    /// The trace id of the request being served: `events::produce` puts it on every message.
+    pub static TRACE_ID: String;
+}
+
+/// Count and time every request by route template (never the raw path) and status; run it in
+/// a span with its trace id (from `traceparent`, else new), answered as `x-trace-id`.
 async fn track(req: Request, next: Next) -> Response {
     let route = req
         .extensions()
         .get::<MatchedPath>()
         .map_or("unmatched".to_owned(), |p| p.as_str().to_owned());
+    let trace_id =
+        shared::kafka::trace_id_from_traceparent(req.headers().get("traceparent").and_then(|v| v.to_str().ok()));
+    let span = tracing::info_span!("request", trace_id = %trace_id, route = %route);
     let started = Instant::now();
-    let resp = next.run(req).await;
+    let mut resp = TRACE_ID
+        .scope(trace_id.clone(), tracing::Instrument::instrument(next.run(req), span))
+        .await;
+    if let Ok(v) = axum::http::HeaderValue::from_str(&trace_id) {
+        resp.headers_mut().insert("x-trace-id", v);
+    }
     let status = resp.status().as_u16().to_string();
     metrics::counter!(crate::metric::REQUESTS, "route" => route.clone(), "status" => status).increment(1);
     metrics::histogram!(crate::metric::REQUEST_DURATION, "route" => route).record(started.elapsed().as_secs_f64());

@@ -32,4 +32,18 @@ pub fn describe() {
     );
     describe_gauge!(PRODUCER_QUEUE, Unit::Count, "Messages waiting in the producer queue");
     describe_counter!(COMMANDS, Unit::Count, "Pool commands sent (grant, void)");
+    zero();
+}
+
+/// Register the series with fixed labels at zero, so dashboards and alerts see them (and
+/// `rate()` has a start) before the first request of each kind.
+fn zero() {
+    metrics::counter!(EVENTS_ACCEPTED).increment(0);
+    metrics::counter!(RATE_LIMITED).increment(0);
+    for reason in ["invalid", "rate_limited", "saturated"] {
+        metrics::counter!(EVENTS_REJECTED, "reason" => reason).increment(0);
+    }
+    for kind in ["grant", "void"] {
+        metrics::counter!(COMMANDS, "kind" => kind).increment(0);
+    }
 }

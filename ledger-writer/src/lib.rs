@@ -5,17 +5,20 @@
 //! Every write is idempotent: ledger entries are unique by (tenant, type, source, index) and
 //! balances move only by the entries actually inserted, so a redelivered batch changes nothing.
 
+pub mod billing;
 pub mod metric;
 pub mod reconcile;
+pub mod rollups;
 pub mod settle;
 pub mod sweep;
+pub mod webhooks;
 
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
 use rdkafka::consumer::{Consumer, DefaultConsumerContext, StreamConsumer};
-use rdkafka::message::{BorrowedMessage, Header, OwnedHeaders};
+use rdkafka::message::{BorrowedMessage, Header};
 use rdkafka::producer::FutureRecord;
 use rdkafka::Message;
 use shared::config::{DbArgs, KafkaArgs};
@@ -76,6 +79,12 @@ pub struct Config {
     /// How often the grant sweeper looks for due expiries and activations, in milliseconds.
     #[arg(long, env = "LEDGER_WRITER_SWEEP_INTERVAL_MS", default_value_t = 1000)]
     pub sweep_interval_ms: u64,
+    /// Webhook delivery.
+    #[command(flatten)]
+    pub webhooks: webhooks::Config,
+    /// Plan periods and auto-recharge.
+    #[command(flatten)]
+    pub billing: billing::Config,
 }
 
 /// `ledger-writer reconcile`: returns whether everything agreed.
@@ -107,6 +116,8 @@ pub struct InMsg {
     pub offset: i64,
     pub payload: Vec<u8>,
     pub decoded: Result<LedgerMsg, String>,
+    /// From the `trace_id` header (set by ingest, passed on by the rater).
+    pub trace_id: Option<String>,
 }
 
 impl From<&BorrowedMessage<'_>> for InMsg {
@@ -118,6 +129,7 @@ impl From<&BorrowedMessage<'_>> for InMsg {
             offset: m.offset(),
             payload,
             decoded,
+            trace_id: shared::kafka::trace_id(m),
         }
     }
 }
@@ -130,6 +142,15 @@ pub async fn run(config: Config, ready: Ready, shutdown: CancellationToken) -> a
     let consumer: StreamConsumer<DefaultConsumerContext> =
         shared::kafka::consumer(&config.kafka, &config.group_id, DefaultConsumerContext)?;
     consumer.subscribe(&[&config.kafka.ledger_topic])?;
+    let consumer = std::sync::Arc::new(consumer);
+    let lag_stop = shutdown.child_token();
+    let _lag_stop = lag_stop.clone().drop_guard();
+    shared::kafka::spawn_lag_reporter(
+        consumer.clone(),
+        crate::metric::CONSUMER_LAG,
+        shared::kafka::LAG_INTERVAL,
+        lag_stop,
+    );
     let settler = settle::Settler {
         db,
         producer: producer.clone(),
@@ -142,6 +163,15 @@ pub async fn run(config: Config, ready: Ready, shutdown: CancellationToken) -> a
         Duration::from_millis(config.sweep_interval_ms),
         shutdown.clone(),
     ));
+    webhooks::spawn(&config.webhooks, &config.db, shutdown.clone()).await?;
+    billing::spawn(
+        config.billing.clone(),
+        settler.db.clone(),
+        producer.clone(),
+        config.kafka.input_topic.clone(),
+        config.webhooks.allow_private,
+        shutdown.clone(),
+    )?;
     ready.set(true);
     tracing::info!(group = %config.group_id, topic = %config.kafka.ledger_topic, "ledger-writer running");
 
@@ -159,20 +189,23 @@ pub async fn run(config: Config, ready: Ready, shutdown: CancellationToken) -> a
             break Ok(());
         };
         let started = Instant::now();
-        let span = tracing::debug_span!("batch", messages = batch.len(), first_offset = batch[0].offset);
+        let span = shared::kafka::batch_span(batch.iter().map(|m| (m.partition, m.offset)));
         // Dead-letter what cannot be decoded, then settle the rest (retrying: it is idempotent).
         for m in batch.iter().filter(|m| m.decoded.is_err()) {
-            dead_letter(&producer, &config.kafka, m).await?;
+            dead_letter(&producer, &config.kafka, m)
+                .instrument(span.clone())
+                .await?;
         }
         let facts: Vec<&LedgerMsg> = batch.iter().filter_map(|m| m.decoded.as_ref().ok()).collect();
         let mut attempt = 0u32;
         loop {
-            match settler.settle(&facts).instrument(span.clone()).await {
+            // A retry takes the checked path (every ledger entry through ON CONFLICT).
+            match settler.settle_opts(&facts, attempt > 0).instrument(span.clone()).await {
                 Ok(()) => break,
                 Err(e) if attempt < 20 && !shutdown.is_cancelled() => {
                     attempt += 1;
                     metrics::counter!(crate::metric::ERRORS, "stage" => "settle").increment(1);
-                    tracing::warn!(error = %format!("{e:#}"), attempt, "settle failed, retrying");
+                    tracing::warn!(parent: &span, error = %format!("{e:#}"), attempt, "settle failed, retrying");
                     tokio::time::sleep(Duration::from_millis(100 * u64::from(attempt.min(10)))).await;
                 }
                 Err(e) => return Err(e).context("settle failed repeatedly"),
@@ -196,9 +229,10 @@ pub async fn run(config: Config, ready: Ready, shutdown: CancellationToken) -> a
 
 async fn dead_letter(producer: &rdkafka::producer::FutureProducer, kafka: &KafkaArgs, m: &InMsg) -> anyhow::Result<()> {
     let reason = m.decoded.as_ref().err().map(String::as_str).unwrap_or("unknown");
-    tracing::warn!(partition = m.partition, offset = m.offset, %reason, "dead-lettered");
+    let trace_id = m.trace_id.as_deref();
+    tracing::warn!(partition = m.partition, offset = m.offset, trace_id, %reason, "dead-lettered");
     metrics::counter!(crate::metric::DLQ, "reason" => "undecodable").increment(1);
-    let headers = OwnedHeaders::new()
+    let headers = shared::kafka::trace_headers(m.trace_id.as_deref())
         .insert(Header {
             key: "reason",
             value: Some(reason),

@@ -1,6 +1,6 @@
 //! The ledger-writer's metric catalogue.
 
-use metrics::{describe_counter, describe_histogram, Unit};
+use metrics::{describe_counter, describe_gauge, describe_histogram, Unit};
 
 pub const MESSAGES: &str = "ledger_writer_messages_consumed_total";
 pub const BATCHES: &str = "ledger_writer_batches_total";
@@ -13,6 +13,7 @@ pub const E2E: &str = "ledger_writer_e2e_latency_seconds";
 pub const DLQ: &str = "ledger_writer_dlq_messages_total";
 pub const ERRORS: &str = "ledger_writer_errors_total";
 pub const SWEEP_COMMANDS: &str = "ledger_writer_sweep_commands_total";
+pub const CONSUMER_LAG: &str = "ledger_writer_consumer_lag_messages";
 
 pub fn describe() {
     describe_counter!(MESSAGES, Unit::Count, "Ledger messages consumed");
@@ -46,4 +47,95 @@ pub fn describe() {
         Unit::Count,
         "Expire and activate commands sent by the grant sweeper"
     );
+    describe_gauge!(
+        CONSUMER_LAG,
+        Unit::Count,
+        "Ledger messages not yet committed, by topic and partition (high watermark - committed)"
+    );
+    zero();
+}
+
+/// Register the series with fixed labels at zero, so dashboards and alerts see them (and
+/// `rate()` has a start) before the first event of each kind.
+fn zero() {
+    for c in [MESSAGES, BATCHES, REVERSALS] {
+        metrics::counter!(c).increment(0);
+    }
+    for table in ["usage_events", "duplicate_events", "ledger_entries"] {
+        metrics::counter!(ROWS, "table" => table).increment(0);
+    }
+    for by in ["redis", "postgres"] {
+        metrics::counter!(DUPLICATES, "caught_by" => by).increment(0);
+    }
+    metrics::counter!(DLQ, "reason" => "undecodable").increment(0);
+    for stage in ["settle", "sweep"] {
+        metrics::counter!(ERRORS, "stage" => stage).increment(0);
+    }
+    for kind in ["expire", "activate"] {
+        metrics::counter!(SWEEP_COMMANDS, "kind" => kind).increment(0);
+    }
+}
+
+// Webhooks (the outbox writer and the sender, ledger-writer/src/webhooks/).
+pub const WEBHOOK_MESSAGES: &str = "ledger_writer_webhook_messages_total";
+pub const WEBHOOK_DELIVERIES: &str = "ledger_writer_webhook_deliveries_total";
+pub const WEBHOOK_DURATION: &str = "ledger_writer_webhook_delivery_duration_seconds";
+pub const WEBHOOK_BACKLOG: &str = "ledger_writer_webhook_backlog_deliveries";
+pub const WEBHOOK_OLDEST_AGE: &str = "ledger_writer_webhook_oldest_pending_age_seconds";
+pub const WEBHOOK_ENDPOINTS_DISABLED: &str = "ledger_writer_webhook_endpoints_disabled_total";
+
+/// The webhook outcomes: a fixed label set.
+pub const WEBHOOK_OUTCOMES: [&str; 6] = [
+    "success",
+    "http_error",
+    "timeout",
+    "connect",
+    "refused_address",
+    "error",
+];
+
+pub fn describe_webhooks() {
+    describe_counter!(
+        WEBHOOK_MESSAGES,
+        Unit::Count,
+        "Webhook messages written to the outbox, by type"
+    );
+    describe_counter!(
+        WEBHOOK_DELIVERIES,
+        Unit::Count,
+        "Webhook delivery attempts, by outcome (success, http_error, timeout, connect, refused_address, error)"
+    );
+    describe_histogram!(
+        WEBHOOK_DURATION,
+        Unit::Seconds,
+        "Time of one webhook delivery attempt, request to answer"
+    );
+    describe_gauge!(
+        WEBHOOK_BACKLOG,
+        Unit::Count,
+        "Webhook deliveries pending (due or waiting to retry)"
+    );
+    describe_gauge!(
+        WEBHOOK_OLDEST_AGE,
+        Unit::Seconds,
+        "Age of the oldest webhook delivery not yet delivered or failed"
+    );
+    describe_counter!(
+        WEBHOOK_ENDPOINTS_DISABLED,
+        Unit::Count,
+        "Webhook endpoints disabled after a message failed with no success in between"
+    );
+    for outcome in WEBHOOK_OUTCOMES {
+        metrics::counter!(WEBHOOK_DELIVERIES, "outcome" => outcome).increment(0);
+    }
+    metrics::counter!(WEBHOOK_ENDPOINTS_DISABLED).increment(0);
+    for stage in [
+        "webhook_dispatch",
+        "webhook_claim",
+        "webhook_record",
+        "webhook_flush",
+        "webhook_gauge",
+    ] {
+        metrics::counter!(ERRORS, "stage" => stage).increment(0);
+    }
 }

@@ -5,7 +5,12 @@
 //!    counted, its entries are not settled, and a reverse command gives its deduction back to
 //!    the hot pool (produced and acked before the commit; the rater applies it once per uid).
 //! 2. grants: insert, ON CONFLICT DO NOTHING.
-//! 3. ledger entries: insert, ON CONFLICT DO NOTHING RETURNING what was new.
+//! 3. ledger entries. Those of usage rows inserted in step 1 cannot exist yet (a usage row and
+//!    its entries are only ever written together), so they go in with a plain insert: no
+//!    arbiter probe, no RETURNING. Entries of redelivered or slipped usage are not written at
+//!    all. Grant and grant-change entries: insert, ON CONFLICT DO NOTHING RETURNING what was
+//!    new. A retry of a failed transaction takes the checked path for every entry (so a broken
+//!    assumption costs one retry, never a stuck partition).
 //! 4. grant remainders and pool balances move by the new entries only.
 
 use std::collections::{HashMap, HashSet};
@@ -74,9 +79,79 @@ impl Entries {
 }
 
 type PoolKey = (String, String, String, String);
+/// A ledger row inserted now: tenant, customer, resource, credit type, type, grant, amount, source id.
+type NewRow = (String, String, String, String, String, Option<Uuid>, Decimal, String);
+
+impl Entries {
+    fn is_empty(&self) -> bool {
+        self.tenant.is_empty()
+    }
+
+    /// Insert every entry; with `checked`, skip existing ones and return what was inserted,
+    /// else insert all (a conflict is an error) and return them all.
+    async fn insert(self, tx: &mut sqlx::PgConnection, checked: bool) -> Result<Vec<NewRow>, sqlx::Error> {
+        if self.is_empty() {
+            return Ok(Vec::new());
+        }
+        const INSERT: &str = "INSERT INTO ledger_entries (tenant_id, customer_id, resource_id, credit_type, ts, type,
+                source, source_id, entry_idx, grant_id, amount, end_balance, actor)
+             SELECT * FROM UNNEST($1::text[], $2::text[], $3::text[], $4::text[], $5::timestamptz[], $6::text[],
+                $7::text[], $8::text[], $9::int4[], $10::uuid[], $11::numeric[], $12::numeric[], $13::text[])";
+        let sql = if checked {
+            format!(
+                "{INSERT} ON CONFLICT (tenant_id, type, source_id, entry_idx) DO NOTHING
+                 RETURNING tenant_id, customer_id, resource_id, credit_type, type, grant_id, amount, source_id"
+            )
+        } else {
+            INSERT.to_owned()
+        };
+        macro_rules! bind_all {
+            ($q:expr) => {
+                $q.bind(&self.tenant)
+                    .bind(&self.customer)
+                    .bind(&self.resource)
+                    .bind(&self.credit_type)
+                    .bind(&self.ts)
+                    .bind(&self.kind)
+                    .bind(&self.source)
+                    .bind(&self.source_id)
+                    .bind(&self.idx)
+                    .bind(&self.grant_id)
+                    .bind(&self.amount)
+                    .bind(&self.end_balance)
+                    .bind(&self.actor)
+            };
+        }
+        if checked {
+            return bind_all!(sqlx::query_as::<_, NewRow>(&sql)).fetch_all(&mut *tx).await;
+        }
+        bind_all!(sqlx::query(&sql)).execute(&mut *tx).await?;
+        let mut out = Vec::with_capacity(self.tenant.len());
+        let rows = self
+            .tenant
+            .into_iter()
+            .zip(self.customer)
+            .zip(self.resource)
+            .zip(self.credit_type)
+            .zip(self.kind)
+            .zip(self.grant_id)
+            .zip(self.amount)
+            .zip(self.source_id);
+        for (((((((t, c), r), ct), k), g), a), sid) in rows {
+            out.push((t, c, r, ct, k.to_owned(), g, a, sid));
+        }
+        Ok(out)
+    }
+}
 
 impl Settler {
+    /// Settle a batch (the fast path: usage entries of new usage rows without ON CONFLICT).
     pub async fn settle(&self, facts: &[&LedgerMsg]) -> anyhow::Result<()> {
+        self.settle_opts(facts, false).await
+    }
+
+    /// Settle a batch; `checked` puts every ledger entry through ON CONFLICT (for retries).
+    pub async fn settle_opts(&self, facts: &[&LedgerMsg], checked: bool) -> anyhow::Result<()> {
         if facts.is_empty() {
             return Ok(());
         }
@@ -92,6 +167,7 @@ impl Settler {
             })
             .collect();
         let mut slipped: Vec<&UsageFact> = Vec::new();
+        let mut new_uids: HashSet<Uuid> = HashSet::new();
         if !usage.is_empty() {
             let mut cols = UsageCols::default();
             for u in &usage {
@@ -121,7 +197,7 @@ impl Settler {
             .fetch_all(&mut *tx)
             .await?;
             metrics::counter!(m::ROWS, "table" => "usage_events").increment(inserted.len() as u64);
-            let new_uids: HashSet<Uuid> = inserted.iter().map(|r| r.2).collect();
+            new_uids = inserted.iter().map(|r| r.2).collect();
             let lost: Vec<&&UsageFact> = usage
                 .iter()
                 .filter(|u| !new_uids.contains(&u.event.event_uid))
@@ -148,6 +224,9 @@ impl Settler {
                 }
             }
         }
+
+        // Usage rollups, from the rows inserted now only.
+        crate::rollups::add(&mut tx, &usage, &new_uids).await?;
 
         // Duplicates: caught by Redis, or slipped past it and caught here.
         let mut dup_t = Vec::new();
@@ -237,8 +316,10 @@ impl Settler {
             }
         }
 
-        // 3. Ledger entries.
+        // 3. Ledger entries: `fresh` for usage rows inserted now (see the module doc), `es` for
+        // the rest.
         let mut es = Entries::default();
+        let mut fresh = Entries::default();
         let mut activations: HashMap<(String, String), (Uuid, Decimal, PoolKey)> = HashMap::new();
         let mut e2e: Vec<f64> = Vec::new();
         let now = Utc::now();
@@ -250,6 +331,12 @@ impl Settler {
                     if slipped_uids.contains(&ev.event_uid) {
                         continue;
                     }
+                    // A redelivered usage row: its entries were settled with it.
+                    let new = new_uids.contains(&ev.event_uid);
+                    if !new && !checked {
+                        continue;
+                    }
+                    let out = if new && !checked { &mut fresh } else { &mut es };
                     if let Ok(d) = (now - ev.accepted_at).to_std() {
                         e2e.push(d.as_secs_f64());
                     }
@@ -264,7 +351,7 @@ impl Settler {
                                 credit_type.as_str(),
                             );
                             for (i, e) in entries.iter().enumerate() {
-                                es.push(
+                                out.push(
                                     pool,
                                     ev.timestamp,
                                     "consume",
@@ -292,7 +379,7 @@ impl Settler {
                                 amount: Decimal::ZERO,
                                 end_balance: *end_balance,
                             };
-                            es.push(
+                            out.push(
                                 pool,
                                 ev.timestamp,
                                 "deny",
@@ -348,34 +435,8 @@ impl Settler {
                 }
             }
         }
-        type NewRow = (String, String, String, String, String, Option<Uuid>, Decimal, String);
-        let new_rows: Vec<NewRow> = if es.tenant.is_empty() {
-            Vec::new()
-        } else {
-            sqlx::query_as(
-                "INSERT INTO ledger_entries (tenant_id, customer_id, resource_id, credit_type, ts, type, source,
-                    source_id, entry_idx, grant_id, amount, end_balance, actor)
-                 SELECT * FROM UNNEST($1::text[], $2::text[], $3::text[], $4::text[], $5::timestamptz[], $6::text[],
-                    $7::text[], $8::text[], $9::int4[], $10::uuid[], $11::numeric[], $12::numeric[], $13::text[])
-                 ON CONFLICT (tenant_id, type, source_id, entry_idx) DO NOTHING
-                 RETURNING tenant_id, customer_id, resource_id, credit_type, type, grant_id, amount, source_id",
-            )
-            .bind(&es.tenant)
-            .bind(&es.customer)
-            .bind(&es.resource)
-            .bind(&es.credit_type)
-            .bind(&es.ts)
-            .bind(&es.kind)
-            .bind(&es.source)
-            .bind(&es.source_id)
-            .bind(&es.idx)
-            .bind(&es.grant_id)
-            .bind(&es.amount)
-            .bind(&es.end_balance)
-            .bind(&es.actor)
-            .fetch_all(&mut *tx)
-            .await?
-        };
+        let mut new_rows = es.insert(&mut tx, true).await?;
+        new_rows.extend(fresh.insert(&mut tx, checked).await?);
         metrics::counter!(m::ROWS, "table" => "ledger_entries").increment(new_rows.len() as u64);
 
         // 4. Move grant remainders and pool balances by what was inserted now.
@@ -469,6 +530,8 @@ impl Settler {
         if !slipped.is_empty() {
             self.reverse(&slipped).await?;
         }
+        // Webhook messages caused by this batch, in its transaction.
+        crate::webhooks::outbox::record(&mut tx, facts).await?;
         tx.commit().await?;
         metrics::histogram!(m::TX_DURATION).record(started.elapsed().as_secs_f64());
         for s in e2e {

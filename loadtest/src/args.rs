@@ -25,9 +25,23 @@ pub struct Args {
     #[arg(long, env = "INGEST_ADMIN_TOKEN", hide_env_values = true)]
     pub admin_token: String,
 
-    /// Postgres URL used to verify settlement (read only).
+    /// Postgres URL used to verify settlement (read only); not needed with `--ingest-only`.
     #[arg(long, env = "DATABASE_URL", hide_env_values = true)]
-    pub database_url: String,
+    pub database_url: Option<String>,
+
+    /// Redis of the pipeline, read after the run to measure memory per retained idempotency
+    /// key (`redis_bytes_per_key`); without it that figure is null.
+    #[arg(long, env = "REDIS_URL")]
+    pub redis_url: Option<String>,
+
+    /// Key prefix of the pipeline in Redis.
+    #[arg(long, env = "REDIS_PREFIX", default_value = "cr")]
+    pub redis_prefix: String,
+
+    /// Measure ingest alone: no grants at setup (the rater and ledger-writer need not run), no
+    /// settlement wait and no verification; the figure is `accept_rate`.
+    #[arg(long)]
+    pub ingest_only: bool,
 
     /// Target arrival rate, events per second (open loop).
     #[arg(long, default_value_t = 5000.0)]
@@ -115,7 +129,19 @@ impl Args {
         if self.url.trim().is_empty() {
             bail!("--url must not be empty");
         }
+        if !self.ingest_only && self.database_url.as_deref().is_none_or(|u| u.trim().is_empty()) {
+            bail!("--database-url (or DATABASE_URL) is required to verify settlement (or pass --ingest-only)");
+        }
         Ok(())
+    }
+
+    /// `"full"` (load, settle, verify) or `"ingest_only"`.
+    pub fn mode(&self) -> &'static str {
+        if self.ingest_only {
+            "ingest_only"
+        } else {
+            "full"
+        }
     }
 
     /// The ingest base URL without a trailing slash.
@@ -187,5 +213,24 @@ mod tests {
         parse(&["--hot-share", "1", "--duration", "0.5", "--warmup", "0"])
             .validate()
             .unwrap();
+    }
+
+    #[test]
+    fn database_url_is_needed_unless_ingest_only() {
+        let bare = |extra: &[&str]| {
+            let mut argv = vec!["loadtest", "--admin-token", "t"];
+            argv.extend_from_slice(extra);
+            Args::try_parse_from(argv).expect("parse")
+        };
+        // Cleared so a DATABASE_URL in the test environment cannot satisfy the check.
+        let mut a = bare(&[]);
+        a.database_url = None;
+        assert!(a.validate().is_err());
+        assert_eq!(a.mode(), "full");
+        let mut a = bare(&["--ingest-only"]);
+        a.database_url = None;
+        a.validate().expect("ingest-only needs no database");
+        assert_eq!(a.mode(), "ingest_only");
+        assert!(parse(&[]).validate().is_ok());
     }
 }

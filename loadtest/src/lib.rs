@@ -11,6 +11,7 @@ pub mod args;
 pub mod expected;
 pub mod generator;
 pub mod load;
+pub mod redis_mem;
 pub mod report;
 pub mod setup;
 pub mod verify;
@@ -22,13 +23,17 @@ use crate::generator::CustomerMix;
 use crate::load::LoadConfig;
 use crate::report::Report;
 
-/// Runs the whole test: setup, load, settlement wait, verification, report.
+/// Runs the whole test: setup, load, settlement wait, verification, report (with
+/// `--ingest-only`: setup without grants, load, report).
 ///
 /// Returns the report (whether or not it is `ok`); an `Err` means the run could not be
 /// carried out at all (bad flags, setup refused, Postgres unreachable).
 pub async fn run(args: &Args) -> Result<Report> {
     args.validate()?;
-    let pool = verify::connect(&args.database_url).await?;
+    let pool = match &args.database_url {
+        Some(url) if !args.ingest_only => Some(verify::connect(url).await?),
+        _ => None,
+    };
     let client = setup::http_client(args.concurrency as usize)?;
     let mix = CustomerMix::new(args.customers, args.tenants, args.hot_share);
 
@@ -49,12 +54,25 @@ pub async fn run(args: &Args) -> Result<Report> {
     let outcome = load::run_load(&client, &cfg, &tenants, mix).await?;
 
     let warmup_end = outcome.started_at + chrono::Duration::from_std(args.warmup()).context("warm-up out of range")?;
-    let verification = verify::verify(&pool, &tenants, &outcome.expected, warmup_end, args.settle_timeout())
-        .await
-        .context("verifying settlement in Postgres")?;
-    pool.close().await;
+    let verification = match pool {
+        Some(pool) => {
+            let v = verify::verify(&pool, &tenants, &outcome.expected, warmup_end, args.settle_timeout())
+                .await
+                .context("verifying settlement in Postgres")?;
+            pool.close().await;
+            v
+        }
+        None => verify::Verification::skipped(),
+    };
 
-    let report = Report::build(args, &outcome, &verification);
+    let mut report = Report::build(args, &outcome, &verification);
+    if let (Some(url), false) = (&args.redis_url, args.ingest_only) {
+        let ids: Vec<String> = tenants.iter().map(|t| t.id.clone()).collect();
+        match redis_mem::dedupe_memory(url, &args.redis_prefix, &ids).await {
+            Ok((bytes, keys)) => report.redis_bytes_per_key = redis_mem::per_key(bytes, keys),
+            Err(e) => eprintln!("redis memory per key not measured: {e:#}"),
+        }
+    }
     if let Some(path) = &args.report {
         report.write_json(path)?;
     }

@@ -74,6 +74,10 @@ pub struct Report {
     pub e2e_samples: u64,
     /// Why `ok` is false; empty when it is true.
     pub failures: Vec<String>,
+    /// `"full"` or `"ingest_only"` (`--ingest-only`: no settlement wait, nothing verified).
+    pub mode: String,
+    /// Whether settlement was waited for and checked (false with `--ingest-only`).
+    pub verified: bool,
 }
 
 /// Percentiles of a microsecond histogram in milliseconds: p50, p99, p99.9, max.
@@ -147,6 +151,8 @@ impl Report {
             http_samples: load.http_us.len(),
             e2e_samples: v.e2e_us.len(),
             failures: Vec::new(),
+            mode: args.mode().to_owned(),
+            verified: !args.ingest_only,
         };
         r.failures = r.failure_reasons();
         r.ok = r.failures.is_empty();
@@ -156,7 +162,7 @@ impl Report {
     /// Every reason the run is not ok.
     pub fn failure_reasons(&self) -> Vec<String> {
         let mut why = Vec::new();
-        if !self.settlement_completed {
+        if self.verified && !self.settlement_completed {
             why.push(format!(
                 "settlement incomplete after {:.1}s: {}/{} events, {}/{} duplicates in Postgres",
                 self.settle_wait_s,
@@ -235,6 +241,15 @@ impl Report {
             ms(self.http_max_ms),
             self.http_samples
         ));
+        if !self.verified {
+            line("  ingest only: settlement not waited for, nothing verified".to_owned());
+            line(if self.ok {
+                "  OK".to_owned()
+            } else {
+                format!("  FAILED: {}", self.failures.join("; "))
+            });
+            return s;
+        }
         line(format!(
             "  e2e ms    p50 {}  p99 {}  p99.9 {}  max {}  ({} events measured)",
             ms(self.e2e_p50_ms),
@@ -259,6 +274,11 @@ impl Report {
             "  lost {}, double charged {}, mismatched pools {} of {}, unexpected rows {}, cost mismatches {}, not settled {}",
             self.lost, self.double_charged, self.mismatched_pools, self.pools_checked,
             self.unexpected_rows, self.cost_mismatches, self.not_settled_status
+        ));
+        line(format!(
+            "  redis bytes per retained idempotency key {}",
+            self.redis_bytes_per_key
+                .map_or_else(|| "- (no --redis-url)".to_owned(), |v| format!("{v:.1}"))
         ));
         line(if self.ok {
             "  OK".to_owned()
@@ -334,7 +354,35 @@ mod tests {
         assert_eq!(obj["rejected_by_status"]["503"], 100);
         // Additions come only after `ok`.
         let ok_at = text.find("\"ok\":").unwrap();
-        assert!(text.find("\"settlement_completed\":").unwrap() > ok_at);
+        for added in ["settlement_completed", "failures", "mode", "verified"] {
+            assert!(text.find(&format!("\"{added}\":")).unwrap() > ok_at, "{added}");
+        }
+    }
+
+    #[test]
+    fn ingest_only_is_ok_without_settlement() {
+        let ingest = Report {
+            accepted: 10,
+            mode: "ingest_only".into(),
+            verified: false,
+            ..Report::default()
+        };
+        assert!(ingest.failure_reasons().is_empty());
+        assert!(!Report {
+            accepted: 0,
+            ..ingest.clone()
+        }
+        .failure_reasons()
+        .is_empty());
+        // A verified run that did not settle is not ok.
+        assert!(!Report {
+            verified: true,
+            ..ingest.clone()
+        }
+        .failure_reasons()
+        .is_empty());
+        let summary = Report { ok: true, ..ingest }.summary();
+        assert!(summary.contains("ingest only") && summary.contains("  OK") && !summary.contains("e2e ms"));
     }
 
     #[test]
@@ -343,6 +391,7 @@ mod tests {
             accepted: 10,
             unique_accepted: 10,
             settlement_completed: true,
+            verified: true,
             ..Report::default()
         };
         assert!(good.failure_reasons().is_empty());

@@ -86,12 +86,16 @@ pub async fn setup(client: &Client, args: &Args, mix: &CustomerMix) -> Result<Ve
         let tenant = setup_tenant(client, args, mix.customers_of(t))
             .await
             .with_context(|| format!("setting up tenant {} of {}", t + 1, mix.tenant_count()))?;
-        eprintln!(
-            "setup: tenant {} ready ({} customers granted {} {CREDIT_TYPE})",
-            tenant.id,
-            tenant.customers.len(),
-            GRANT_AMOUNT
-        );
+        if args.ingest_only {
+            eprintln!("setup: tenant {} ready (ingest only: no grants)", tenant.id);
+        } else {
+            eprintln!(
+                "setup: tenant {} ready ({} customers granted {} {CREDIT_TYPE})",
+                tenant.id,
+                tenant.customers.len(),
+                GRANT_AMOUNT
+            );
+        }
         tenants.push(tenant);
     }
     Ok(tenants)
@@ -156,6 +160,15 @@ async fn setup_tenant(client: &Client, args: &Args, customers: &[u32]) -> Result
     )
     .await?;
 
+    // Ingest alone needs no funded pools (nothing will verify them, and a grant waits for the
+    // rater to apply it).
+    if args.ingest_only {
+        return Ok(Tenant {
+            id,
+            api_key: key,
+            customers: customers.to_vec(),
+        });
+    }
     let grants_url = format!("{base}/v1/credits/grants");
     stream::iter(customers.iter().copied())
         .map(|c| {

@@ -54,6 +54,30 @@ pub struct Verification {
     pub events_per_second: Option<f64>,
 }
 
+impl Verification {
+    /// No verification (`--ingest-only`): nothing settled, nothing checked.
+    pub fn skipped() -> Self {
+        Verification {
+            settlement_completed: false,
+            settle_wait: Duration::ZERO,
+            settled_rows: 0,
+            duplicate_rows: 0,
+            lost: 0,
+            double_charged: 0,
+            over_consumed_keys: 0,
+            mismatched_pools: 0,
+            pools_below_expected: 0,
+            pools_checked: 0,
+            unexpected_rows: 0,
+            cost_mismatches: 0,
+            not_settled_status: 0,
+            e2e_us: new_histogram(),
+            measured_events: 0,
+            events_per_second: None,
+        }
+    }
+}
+
 /// Connects early so a bad `DATABASE_URL` fails before any load is sent.
 pub async fn connect(database_url: &str) -> Result<PgPool> {
     PgPoolOptions::new()

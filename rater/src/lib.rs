@@ -144,6 +144,15 @@ pub async fn run(config: Config, ready: Ready, shutdown: CancellationToken) -> a
         },
     )?;
     consumer.subscribe(&[&config.kafka.input_topic])?;
+    let consumer = Arc::new(consumer);
+    let lag_stop = shutdown.child_token();
+    let _lag_stop = lag_stop.clone().drop_guard();
+    shared::kafka::spawn_lag_reporter(
+        consumer.clone(),
+        crate::metric::CONSUMER_LAG,
+        shared::kafka::LAG_INTERVAL,
+        lag_stop,
+    );
     let settle = settle::Settlement::new(&config.kafka, &config.ledger_writer_group_id)?;
     let mut stepper = step::Step {
         catalogue: catalogue::Catalogue::new(db, Duration::from_secs(1)),
@@ -169,7 +178,7 @@ pub async fn run(config: Config, ready: Ready, shutdown: CancellationToken) -> a
             break Ok(());
         };
         let started = Instant::now();
-        let span = tracing::debug_span!("batch", messages = batch.len(), first_offset = batch[0].offset);
+        let span = shared::kafka::batch_span(batch.iter().map(|m| (m.partition, m.offset)));
         // A batch is retried until it succeeds: its effects are idempotent (journal replay).
         let mut attempt = 0u32;
         loop {
@@ -182,7 +191,7 @@ pub async fn run(config: Config, ready: Ready, shutdown: CancellationToken) -> a
                 Err(e) if attempt < 20 && !shutdown.is_cancelled() => {
                     attempt += 1;
                     metrics::counter!(crate::metric::ERRORS, "stage" => "batch").increment(1);
-                    tracing::warn!(error = %format!("{e:#}"), attempt, "batch failed, retrying");
+                    tracing::warn!(parent: &span, error = %format!("{e:#}"), attempt, "batch failed, retrying");
                     tokio::time::sleep(Duration::from_millis(100 * u64::from(attempt.min(10)))).await;
                 }
                 Err(e) => return Err(e).context("batch failed repeatedly"),

@@ -16,6 +16,7 @@ pub const POOL_REBUILDS: &str = "rater_pool_rebuilds_total";
 pub const CATALOGUE_RELOADS: &str = "rater_catalogue_reloads_total";
 pub const ERRORS: &str = "rater_errors_total";
 pub const ASSIGNED_PARTITIONS: &str = "rater_assigned_partitions";
+pub const CONSUMER_LAG: &str = "rater_consumer_lag_messages";
 
 pub fn describe() {
     describe_counter!(MESSAGES, Unit::Count, "Input messages consumed");
@@ -52,4 +53,25 @@ pub fn describe() {
         Unit::Count,
         "Input partitions owned by this instance"
     );
+    describe_gauge!(
+        CONSUMER_LAG,
+        Unit::Count,
+        "Input messages not yet committed, by topic and partition (high watermark - committed)"
+    );
+    zero();
+}
+
+/// Register the series with fixed labels at zero, so dashboards and alerts see them (and
+/// `rate()` has a start) before the first event of each kind.
+fn zero() {
+    for c in [MESSAGES, BATCHES, REPLAYED, POOL_REBUILDS, CATALOGUE_RELOADS] {
+        metrics::counter!(c).increment(0);
+    }
+    for outcome in ["settled", "denied", "unpriced", "duplicate"] {
+        metrics::counter!(EVENTS, "outcome" => outcome).increment(0);
+    }
+    for reason in ["undecodable", "invalid_amount", "pool_total_too_large", "other"] {
+        metrics::counter!(DLQ, "reason" => reason).increment(0);
+    }
+    metrics::counter!(ERRORS, "stage" => "batch").increment(0);
 }

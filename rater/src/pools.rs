@@ -98,6 +98,7 @@ pub enum OpResult {
     Voided { end: i64, removed: i64 },
     Activated { end: i64, remaining: i64, repaid: i64 },
     Reversed,
+    LimitSet,
     NotApplied,
     Refused(String),
 }
@@ -151,6 +152,7 @@ pub fn parse_result(line: &str) -> Result<(i64, OpResult), PoolError> {
             repaid: num(it.next(), line)?,
         },
         Some("R") => OpResult::Reversed,
+        Some("L") => OpResult::LimitSet,
         Some("N") => OpResult::NotApplied,
         Some("E") => OpResult::Refused(it.next().unwrap_or("").to_owned()),
         _ => return Err(PoolError::Reply(line.to_owned())),
@@ -197,12 +199,13 @@ impl PoolStore {
                 .arg(if b.hard { "hard" } else { "soft" })
                 .arg(b.ops.len());
             for op in &b.ops {
-                inv.arg(op.offset)
-                    .arg(op.kind)
-                    .arg(&op.a)
-                    .arg(&op.b)
-                    .arg(&op.c)
-                    .arg(op.ts_ms);
+                inv.arg(op.offset).arg(op.kind);
+                if op.kind == "u" {
+                    inv.arg(&shared::keys::dedupe_member(&op.a)[..]);
+                } else {
+                    inv.arg(&op.a);
+                }
+                inv.arg(&op.b).arg(&op.c).arg(op.ts_ms);
             }
             pipe.invoke_script(&inv);
         }
@@ -358,6 +361,16 @@ impl PoolStore {
         .bind(&p.resource_id)
         .fetch_optional(&self.db)
         .await?;
+        let limit: Option<String> = sqlx::query_scalar(
+            "SELECT limit_kind FROM pool_limits WHERE tenant_id = $1 AND customer_id = $2 AND credit_type = $3
+                AND resource_id = $4",
+        )
+        .bind(&p.tenant_id)
+        .bind(&p.customer_id)
+        .bind(&p.credit_type)
+        .bind(&p.resource_id)
+        .fetch_optional(&self.db)
+        .await?;
         let fixed = |d: Decimal| {
             to_fixed_signed(d, b.decimals).map_err(|e| PoolError::Reply(format!("settled amount {d}: {e}")))
         };
@@ -367,6 +380,7 @@ impl PoolStore {
         let mut inv = INIT.prepare_invoke();
         inv.key(&pool_key)
             .arg(fixed(overdraft.unwrap_or_default())?)
+            .arg(limit.unwrap_or_default())
             .arg(rows.len());
         for (id, prio, exp, cat, eff, created, remaining, status, activated) in rows {
             let cat = if cat == "promo" {

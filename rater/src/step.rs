@@ -5,7 +5,7 @@ use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
 use chrono::Utc;
-use rdkafka::message::{BorrowedMessage, Header, OwnedHeaders};
+use rdkafka::message::{BorrowedMessage, Header};
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use rdkafka::Message;
 use shared::amount::to_fixed;
@@ -26,6 +26,8 @@ pub struct InMsg {
     pub offset: i64,
     pub payload: Vec<u8>,
     pub decoded: Result<InputMsg, String>,
+    /// From the `trace_id` header ingest set; passed on to the fact or the dead letter.
+    pub trace_id: Option<String>,
 }
 
 impl From<&BorrowedMessage<'_>> for InMsg {
@@ -37,6 +39,7 @@ impl From<&BorrowedMessage<'_>> for InMsg {
             offset: m.offset(),
             payload,
             decoded,
+            trace_id: shared::kafka::trace_id(m),
         }
     }
 }
@@ -203,6 +206,25 @@ impl Step {
                     let hard = self.hard(&r.tenant_id, &r.credit_type).await?;
                     (pool, r.decimals, hard, op)
                 }
+                InputMsg::SetLimit(l) => {
+                    let pool = PoolId {
+                        tenant_id: l.tenant_id.clone(),
+                        customer_id: l.customer_id.clone(),
+                        resource_id: l.resource_id.clone(),
+                        credit_type: l.credit_type.clone(),
+                    };
+                    let op = Op {
+                        msg: i,
+                        offset: msg.offset,
+                        kind: "l",
+                        a: l.limit.map_or("", |k| k.as_str()).to_owned(),
+                        b: String::new(),
+                        c: String::new(),
+                        ts_ms: l.at.timestamp_millis(),
+                    };
+                    let hard = self.hard(&l.tenant_id, &l.credit_type).await?;
+                    (pool, l.decimals, hard, op)
+                }
             };
             let k = *index.entry(pool.clone()).or_insert_with(|| {
                 pools.push(PoolOps {
@@ -245,13 +267,14 @@ impl Step {
                         &self.kafka.ledger_topic,
                         partition_key(t, c),
                         payload,
-                        OwnedHeaders::new(),
+                        shared::kafka::trace_headers(msg.trace_id.as_deref()),
                     )
                 }
                 Fate::Dlq(reason) => {
                     metrics::counter!(m::DLQ, "reason" => reason_label(reason)).increment(1);
-                    tracing::warn!(partition = msg.partition, offset = msg.offset, %reason, "dead-lettered");
-                    let headers = OwnedHeaders::new()
+                    let trace_id = msg.trace_id.as_deref();
+                    tracing::warn!(partition = msg.partition, offset = msg.offset, trace_id, %reason, "dead-lettered");
+                    let headers = shared::kafka::trace_headers(msg.trace_id.as_deref())
                         .insert(Header {
                             key: "reason",
                             value: Some(reason.as_str()),
@@ -421,6 +444,15 @@ impl Step {
                     "not_applied"
                 };
                 metrics::counter!(m::COMMANDS, "kind" => "reverse", "result" => result).increment(1);
+                Fate::Nothing
+            }
+            (InputMsg::SetLimit(_), r) => {
+                let result = if r == OpResult::LimitSet {
+                    "applied"
+                } else {
+                    "not_applied"
+                };
+                metrics::counter!(m::COMMANDS, "kind" => "limit", "result" => result).increment(1);
                 Fate::Nothing
             }
         }

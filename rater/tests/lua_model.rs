@@ -36,6 +36,10 @@ enum Step {
     Activate {
         grant: usize,
     },
+    /// The pool's limit override: 0 = back to the credit type's, 1 = hard, 2 = soft.
+    Limit {
+        kind: u8,
+    },
 }
 
 fn step() -> impl Strategy<Value = Step> {
@@ -46,6 +50,7 @@ fn step() -> impl Strategy<Value = Step> {
         1 => (0usize..8).prop_map(|grant| Step::Void { grant }),
         1 => (0usize..8).prop_map(|grant| Step::Expire { grant }),
         1 => (0usize..8).prop_map(|grant| Step::Activate { grant }),
+        1 => (0u8..3).prop_map(|kind| Step::Limit { kind }),
     ]
 }
 
@@ -66,6 +71,8 @@ struct Model {
     grants: Vec<G>,
     od: i64,
     seen: HashSet<u8>,
+    /// The per-pool override: Some(true) = hard.
+    lim: Option<bool>,
 }
 
 impl Model {
@@ -85,6 +92,7 @@ impl Model {
     }
     fn apply(&mut self, op: &Op, hard: bool) -> OpResult {
         let ts = op.ts_ms;
+        let hard = self.lim.unwrap_or(hard);
         match op.kind {
             "u" => {
                 let key: u8 = op.a.parse().unwrap();
@@ -188,6 +196,14 @@ impl Model {
                     repaid,
                 }
             }
+            "l" => {
+                self.lim = match op.a.as_str() {
+                    "hard" => Some(true),
+                    "soft" => Some(false),
+                    _ => None,
+                };
+                OpResult::LimitSet
+            }
             _ => unreachable!(),
         }
     }
@@ -213,6 +229,13 @@ fn ops(steps: &[Step]) -> Vec<Op> {
                 let key = order_key(*prio, exp.map(t), cat, t(*eff), t(10), id);
                 ("g", id.to_string(), amount.to_string(), key, t(10).timestamp_millis())
             }
+            Step::Limit { kind } => (
+                "l",
+                ["", "hard", "soft"][*kind as usize].to_owned(),
+                String::new(),
+                String::new(),
+                t(20).timestamp_millis(),
+            ),
             Step::Use { key, cost, ts } => (
                 "u",
                 key.to_string(),

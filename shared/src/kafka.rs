@@ -133,3 +133,125 @@ pub fn final_commit<C: ConsumerContext + 'static>(consumer: &rdkafka::consumer::
         tracing::debug!(error = %e, "final commit");
     }
 }
+
+/// How often consumer lag is measured.
+pub const LAG_INTERVAL: Duration = Duration::from_secs(5);
+
+/// Report the lag of every partition `consumer` owns as the gauge `metric` {topic, partition}:
+/// the high watermark minus the group's committed offset (what a restart would re-read), every
+/// `every`, until `shutdown`. A partition this instance no longer owns reads 0, so summing over
+/// instances gives the group's lag. Labels never carry anything but topic and partition.
+pub fn spawn_lag_reporter<C: ConsumerContext + 'static>(
+    consumer: std::sync::Arc<rdkafka::consumer::StreamConsumer<C>>,
+    metric: &'static str,
+    every: Duration,
+    shutdown: tokio_util::sync::CancellationToken,
+) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        let mut shown = std::collections::BTreeSet::new();
+        loop {
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                _ = tokio::time::sleep(every) => {}
+            }
+            let c = consumer.clone();
+            // librdkafka's calls block: keep them off the runtime's workers.
+            match tokio::task::spawn_blocking(move || lags(&*c, Duration::from_secs(5))).await {
+                Ok(Ok(lags)) => record_lag(metric, &lags, &mut shown),
+                Ok(Err(e)) => tracing::debug!(error = %e, "consumer lag not measured"),
+                Err(e) => tracing::debug!(error = %e, "consumer lag task failed"),
+            }
+        }
+    })
+}
+
+/// (topic, partition, lag) for every partition assigned to `consumer`.
+fn lags<C: ConsumerContext + 'static>(
+    consumer: &rdkafka::consumer::StreamConsumer<C>,
+    timeout: Duration,
+) -> rdkafka::error::KafkaResult<Vec<(String, i32, i64)>> {
+    let committed = consumer.committed(timeout)?;
+    let mut out = Vec::with_capacity(committed.count());
+    for e in committed.elements() {
+        let (low, high) = consumer.fetch_watermarks(e.topic(), e.partition(), timeout)?;
+        // Nothing committed yet: the group starts from the earliest offset.
+        let from = match e.offset() {
+            rdkafka::Offset::Offset(o) => o,
+            _ => low,
+        };
+        out.push((e.topic().to_owned(), e.partition(), (high - from).max(0)));
+    }
+    Ok(out)
+}
+
+/// Set the lag gauges; partitions shown before but not in `lags` (revoked) drop to 0.
+pub fn record_lag(
+    metric: &'static str,
+    lags: &[(String, i32, i64)],
+    shown: &mut std::collections::BTreeSet<(String, i32)>,
+) {
+    let now: std::collections::BTreeSet<(String, i32)> = lags.iter().map(|(t, p, _)| (t.clone(), *p)).collect();
+    for (t, p) in shown.difference(&now) {
+        metrics::gauge!(metric, "topic" => t.clone(), "partition" => p.to_string()).set(0.0);
+    }
+    for (t, p, lag) in lags {
+        metrics::gauge!(metric, "topic" => t.clone(), "partition" => p.to_string()).set(*lag as f64);
+    }
+    shown.extend(now);
+}
+
+/// The span of one consumed batch: its size and, per partition, the first and last offset
+/// (`offsets = "3:100-150 7:20-20"`), so each log line of the batch says what it covers.
+pub fn batch_span(seen: impl Iterator<Item = (i32, i64)>) -> tracing::Span {
+    let mut ranges: std::collections::BTreeMap<i32, (i64, i64)> = std::collections::BTreeMap::new();
+    let mut messages = 0usize;
+    for (p, o) in seen {
+        messages += 1;
+        let r = ranges.entry(p).or_insert((o, o));
+        r.0 = r.0.min(o);
+        r.1 = r.1.max(o);
+    }
+    let offsets = ranges
+        .iter()
+        .map(|(p, (a, b))| format!("{p}:{a}-{b}"))
+        .collect::<Vec<_>>()
+        .join(" ");
+    tracing::info_span!("batch", messages, partitions = ranges.len(), offsets = %offsets)
+}
+
+/// The Kafka header that carries a request's trace id from ingest through the input and ledger
+/// topics (and onto a dead letter), so one id finds a request's messages and log lines.
+pub const TRACE_HEADER: &str = "trace_id";
+
+/// The trace id of a consumed message, if it carries one.
+pub fn trace_id(m: &impl rdkafka::Message) -> Option<String> {
+    use rdkafka::message::Headers;
+    let h = m.headers()?.iter().find(|h| h.key == TRACE_HEADER)?;
+    std::str::from_utf8(h.value?).ok().map(str::to_owned)
+}
+
+/// Headers carrying `trace_id` (none if there is none).
+pub fn trace_headers(trace_id: Option<&str>) -> rdkafka::message::OwnedHeaders {
+    let h = rdkafka::message::OwnedHeaders::new();
+    match trace_id {
+        Some(t) => h.insert(rdkafka::message::Header {
+            key: TRACE_HEADER,
+            value: Some(t),
+        }),
+        None => h,
+    }
+}
+
+/// The trace id of an HTTP request: the trace-id of a W3C `traceparent` header when the caller
+/// sent a valid one, else a new random one (32 lowercase hex digits either way).
+pub fn trace_id_from_traceparent(traceparent: Option<&str>) -> String {
+    let given = traceparent.and_then(|v| {
+        let mut parts = v.trim().split('-');
+        let (_version, id) = (parts.next()?, parts.next()?);
+        let ok = id.len() == 32
+            && id.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+            && id.bytes().any(|b| b != b'0');
+        ok.then(|| id.to_owned())
+    });
+    given.unwrap_or_else(|| uuid::Uuid::new_v4().simple().to_string())
+}

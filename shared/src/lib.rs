@@ -2,6 +2,7 @@
 //! Redis keys, pricing, configuration pieces and telemetry.
 
 pub mod amount;
+pub mod billing;
 pub mod config;
 pub mod db;
 pub mod kafka;
@@ -9,3 +10,4 @@ pub mod keys;
 pub mod model;
 pub mod pricing;
 pub mod telemetry;
+pub mod webhook;

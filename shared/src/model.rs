@@ -27,6 +27,8 @@ pub enum InputMsg {
     Activate(GrantRefCmd),
     /// Give back what a duplicate that slipped past Redis deducted (sent by ledger-writer).
     Reverse(ReverseCmd),
+    /// Override the credit type's limit for one pool (None: back to the credit type's).
+    SetLimit(LimitCmd),
 }
 
 impl InputMsg {
@@ -36,6 +38,7 @@ impl InputMsg {
             InputMsg::Grant(g) => (&g.tenant_id, &g.grant.customer_id),
             InputMsg::Void(v) | InputMsg::Expire(v) | InputMsg::Activate(v) => (&v.tenant_id, &v.customer_id),
             InputMsg::Reverse(r) => (&r.tenant_id, &r.customer_id),
+            InputMsg::SetLimit(l) => (&l.tenant_id, &l.customer_id),
         }
     }
 }
@@ -122,6 +125,37 @@ pub struct ReverseCmd {
     /// The uid of the slipped duplicate: a reverse is applied once per uid.
     pub event_uid: Uuid,
     pub entries: Vec<Entry>,
+}
+
+/// What happens to usage that costs more than the spendable balance.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum LimitKind {
+    /// Denied whole; charges nothing.
+    Hard,
+    /// Charged; the balance goes negative (overdraft, repaid first by the next grant).
+    Soft,
+}
+
+impl LimitKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            LimitKind::Hard => "hard",
+            LimitKind::Soft => "soft",
+        }
+    }
+}
+
+/// A per-pool limit override, ordered with the pool's usage on the input topic.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct LimitCmd {
+    pub tenant_id: String,
+    pub customer_id: String,
+    pub resource_id: String,
+    pub credit_type: String,
+    pub decimals: u32,
+    pub limit: Option<LimitKind>,
+    pub at: DateTime<Utc>,
 }
 
 /// One line of the ledger as the rater decided it. `grant_id` is None for the overdraft part

@@ -113,3 +113,59 @@ pub fn shutdown_on_signal() -> CancellationToken {
     });
     token
 }
+
+/// One metric as a service describes it at start-up.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+pub struct Described {
+    /// "counter", "gauge" or "histogram".
+    pub kind: &'static str,
+    pub name: String,
+    pub unit: Option<&'static str>,
+    pub description: String,
+}
+
+/// Every metric `describe` describes (a crate's `metric::describe`), sorted by name: the
+/// catalogue, for tests that pin names and for checks that dashboards use only real ones.
+pub fn described(describe: impl FnOnce()) -> Vec<Described> {
+    use metrics::{Counter, Gauge, Histogram, Key, KeyName, Metadata, Recorder, SharedString, Unit};
+    use std::sync::Mutex;
+
+    #[derive(Default)]
+    struct Catalogue(Mutex<Vec<Described>>);
+    impl Catalogue {
+        fn add(&self, kind: &'static str, key: KeyName, unit: Option<Unit>, description: SharedString) {
+            self.0.lock().expect("poisoned").push(Described {
+                kind,
+                name: key.as_str().to_owned(),
+                unit: unit.map(|u| u.as_str()),
+                description: description.to_string(),
+            });
+        }
+    }
+    impl Recorder for Catalogue {
+        fn describe_counter(&self, key: KeyName, unit: Option<Unit>, description: SharedString) {
+            self.add("counter", key, unit, description);
+        }
+        fn describe_gauge(&self, key: KeyName, unit: Option<Unit>, description: SharedString) {
+            self.add("gauge", key, unit, description);
+        }
+        fn describe_histogram(&self, key: KeyName, unit: Option<Unit>, description: SharedString) {
+            self.add("histogram", key, unit, description);
+        }
+        fn register_counter(&self, _: &Key, _: &Metadata<'_>) -> Counter {
+            Counter::noop()
+        }
+        fn register_gauge(&self, _: &Key, _: &Metadata<'_>) -> Gauge {
+            Gauge::noop()
+        }
+        fn register_histogram(&self, _: &Key, _: &Metadata<'_>) -> Histogram {
+            Histogram::noop()
+        }
+    }
+
+    let catalogue = Catalogue::default();
+    metrics::with_local_recorder(&catalogue, describe);
+    let mut out = catalogue.0.into_inner().expect("poisoned");
+    out.sort();
+    out
+}

@@ -83,6 +83,11 @@ pub struct Stack {
 impl Stack {
     /// Bring up a fresh pipeline named after the test.
     pub async fn start(test: &str, partitions: i32) -> Stack {
+        Self::start_with(test, partitions, &[]).await
+    }
+
+    /// [`Stack::start`] with extra environment for every service (it wins over the defaults).
+    pub async fn start_with(test: &str, partitions: i32, extra: &[(&str, &str)]) -> Stack {
         let suffix: String = uuid::Uuid::new_v4().simple().to_string()[..8].to_owned();
         let name = format!("{}_{suffix}", test.replace('-', "_"));
         // Database.
@@ -131,7 +136,12 @@ impl Stack {
             ("RATER_GROUP_ID".into(), format!("it-{name}-rater")),
             ("LEDGER_WRITER_GROUP_ID".into(), format!("it-{name}-ledger-writer")),
             ("RUST_LOG".into(), "info,rdkafka=warn".into()),
+            // Webhook receivers in tests listen on loopback.
+            ("WEBHOOK_ALLOW_PRIVATE".into(), "true".into()),
+            ("WEBHOOK_POLL_MS".into(), "50".into()),
         ];
+        let mut env = env;
+        env.extend(extra.iter().map(|(k, v)| (k.to_string(), v.to_string())));
         let logs = bin("ingest").parent().unwrap().join("it-logs");
         std::fs::create_dir_all(&logs).unwrap();
         let mut s = Stack {

@@ -1,5 +1,9 @@
 //! Integration tests against the real thing: nisshi (Kafka protocol), Redis, Postgres, HTTP,
 //! and the three service binaries as processes.
 
+mod billing;
 mod harness;
+mod observability;
 mod pipeline;
+mod semantics;
+mod webhooks;

@@ -404,8 +404,8 @@ async fn a_poison_message_goes_to_the_dead_letter_topic_and_the_partition_moves_
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn losing_redis_mid_run_loses_nothing_and_charges_nothing_twice() {
     let s = Stack::start("redisloss", 4).await;
-    let load = setup(&s, 100, 6_000).await;
-    let all = load.batches(0..6_000);
+    let load = setup(&s, 100, 20_000).await;
+    let all = load.batches(0..20_000);
     let (a, b) = all.split_at(all.len() / 2);
     load.send(&s, a.to_vec()).await;
     // Redis loses everything of this stack (the sentinel first, as a flush would take it too),
@@ -413,12 +413,12 @@ async fn losing_redis_mid_run_loses_nothing_and_charges_nothing_twice() {
     s.flush_redis().await;
     load.send(&s, b.to_vec()).await;
     // The first half again: Redis forgot these keys, so Postgres must catch every one.
-    let again: Vec<Vec<Value>> = load.events[..3_000]
+    let again: Vec<Vec<Value>> = load.events[..10_000]
         .chunks(100)
         .map(|c| c.iter().map(Load::body).collect())
         .collect();
     load.send(&s, again).await;
-    s.wait_settled(6_000, 600 + 3_000, Duration::from_secs(180)).await;
+    s.wait_settled(20_000, 2_000 + 10_000, Duration::from_secs(300)).await;
     // Reversals of slipped duplicates reach the hot pools asynchronously.
     let expected = load.expected();
     for _ in 0..100 {

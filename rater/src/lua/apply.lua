@@ -2,20 +2,25 @@
 --
 -- KEYS[1]  pool hash    cr:{tenant:customer}:p:<credit_type>/<resource>
 -- KEYS[2]  journal list cr:{tenant:customer}:p:<credit_type>/<resource>:j
--- ARGV[1]  dedupe key prefix of the customer (cr:{tenant:customer}:d:)
+-- ARGV[1]  dedupe key prefix of the customer (cr:{tenant:customer}:d:); a usage event's mark is
+--          a member of the set <prefix><hour of its timestamp> (shared::keys::dedupe_bucket),
+--          which expires one dedupe window after that hour ends
 -- ARGV[2]  dedupe window, seconds
 -- ARGV[3]  the partition's committed input offset: journal entries wholly below it are dropped
 -- ARGV[4]  limit kind: "hard" or "soft"
 -- ARGV[5]  number of operations N, then N groups of 6 values:
 --          offset, kind, a, b, c, ts_ms
---          kind "u" usage:   a = idempotency key, b = cost (fixed int), c = ""
+--          kind "u" usage:   a = dedupe member (12 bytes of SHA-256 of the idempotency key),
+--                            b = cost (fixed int), c = ""
 --          kind "g" grant:   a = grant id, b = amount (fixed int), c = order key
 --          kind "v" void:    a = grant id, b = "", c = ""
 --          kind "e" expire:  a = grant id, b = "", c = ""  (applies once ts >= its expiry)
 --          kind "a" activate: a = grant id, b = "", c = "" (a scheduled grant, once ts >= effective)
 --          kind "r" reverse: a = event uid, b = "gid:amt,gid:amt" (gid "-" = overdraft), c = ""
+--          kind "l" limit:   a = "hard", "soft" or "" (back to ARGV[4]), b = "", c = ""
 --
 -- Pool hash fields: off (highest input offset applied), od (overdraft, fixed int >= 0),
+-- lim (the pool's limit override, "hard" or "soft"; absent = ARGV[4]),
 -- o:<grant id> (order key), r:<grant id> (remaining, fixed int), x:<grant id> (ended: "1" voided,
 -- "e" expired), a:<grant id> (a scheduled grant was activated).
 -- Order key: PPPP.EEEEEEEEEEEEE.C.FFFFFFFFFFFFF.RRRRRRRRRRRRR.<id>
@@ -32,6 +37,7 @@
 --   expire  V|<end balance>|<removed>                          N (unknown, ended, or not yet due)
 --   activate A|<end balance>|<remaining>|<repaid overdraft>    N (unknown, ended, done or not due)
 --   reverse R|<end balance>                                    N (already applied)
+--   limit   L
 --   any     E|<reason>                                         refused, nothing changed
 -- An operation at or below `off` was applied before (a redelivery after a crash): its recorded
 -- result is replayed from the journal, and nothing changes.
@@ -43,7 +49,13 @@ end
 local n = tonumber(ARGV[5])
 assert(#ARGV == 5 + 6 * n, 'apply.lua: expected ' .. (5 + 6 * n) .. ' arguments')
 local MAX = 9007199254740992
-local hard = ARGV[4] == 'hard'
+-- A per-pool override (field lim) takes precedence over the credit type's limit.
+local lim = redis.call('HGET', KEYS[1], 'lim')
+local hard = (lim or ARGV[4]) == 'hard'
+local window = tonumber(ARGV[2])
+local BUCKET_MS = 3600000
+local dated = {}
+local now_s = nil
 local off = tonumber(redis.call('HGET', KEYS[1], 'off') or '-1')
 local od = tonumber(redis.call('HGET', KEYS[1], 'od') or '0')
 
@@ -119,9 +131,18 @@ for i = 0, n - 1 do
     local r
     if kind == 'u' then
       local cost = tonumber(b)
-      if redis.call('SET', ARGV[1] .. a, '1', 'NX', 'EX', ARGV[2]) == false then
+      local bucket = math.floor(ts / BUCKET_MS)
+      local dk = ARGV[1] .. bucket
+      if redis.call('SADD', dk, a) == 0 then
         r = 'P'
       else
+        if not dated[dk] then
+          -- The set goes one dedupe window after its hour ends, and never within the hour
+          -- (an old event processed late still leaves a mark for its queued repeats).
+          if now_s == nil then now_s = tonumber(redis.call('TIME')[1]) end
+          redis.call('EXPIREAT', dk, math.max((bucket + 1) * (BUCKET_MS / 1000) + window, now_s + 3600))
+          dated[dk] = true
+        end
         local avail = balance(ts)
         if hard and cost > avail then
           r = 'D|' .. fmt(avail) .. '|insufficient_balance'
@@ -207,6 +228,15 @@ for i = 0, n - 1 do
         end
         r = 'R|' .. fmt(balance(ts))
       end
+    elseif kind == 'l' then
+      if a == '' then
+        redis.call('HDEL', KEYS[1], 'lim')
+        hard = ARGV[4] == 'hard'
+      else
+        redis.call('HSET', KEYS[1], 'lim', a)
+        hard = a == 'hard'
+      end
+      r = 'L'
     else
       r = 'E|unknown_operation'
     end

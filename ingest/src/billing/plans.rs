@@ -1,0 +1,473 @@
+//! Plans, add-ons and subscriptions.
+//!
+//! A subscription snapshots what its plan and add-ons grant into `subscription_items` (one row
+//! per entitlement, after `increment` / `override`), under a revision that grows on every change.
+//! Each item grants its amount at the start of every cadence period counted from `start_at`,
+//! expiring at the period's end. This endpoint grants the current period itself (so the answer
+//! carries the grants); later periods are granted by the ledger-writer's scheduler. Both issue
+//! the same grant id for the same (revision, item, period), so the rater applies it once.
+//! Changing the subscription voids the current grants of the old revision and issues the new.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use axum::extract::{Path, State};
+use axum::http::StatusCode;
+use axum::Json;
+use chrono::{DateTime, Utc};
+use serde::Deserialize;
+use serde_json::{json, Value};
+use shared::billing::period::{period_index, period_start};
+use shared::billing::{self, AddOn, Behavior, Cadence, Entitlement, ItemRow, ITEM_COLS};
+use shared::model::{GrantRefCmd, InputMsg};
+
+use super::{dec, name};
+use crate::auth::Tenant;
+use crate::catalogue::require_credit_type;
+use crate::credits::issue_grant;
+use crate::error::{ApiError, ApiResult, Body};
+use crate::events::produce;
+use crate::validate;
+use crate::AppState;
+
+/// Entitlements in one plan or add-on.
+const MAX_ENTITLEMENTS: usize = 50;
+/// Add-ons on one subscription.
+const MAX_ADDONS: usize = 50;
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NewEntitlement {
+    credit_type: String,
+    amount: Value,
+    cadence: String,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NewPlan {
+    name: String,
+    /// How the plan is billed ("monthly" or "yearly", default monthly). A yearly plan with a
+    /// monthly entitlement grants every month: the drip.
+    billing_period: Option<String>,
+    credit_entitlements: Vec<NewEntitlement>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NewAddOn {
+    name: String,
+    credit_entitlements: Vec<NewEntitlement>,
+    behavior: Option<String>,
+}
+
+async fn entitlements(s: &AppState, tenant: &str, given: &[NewEntitlement]) -> ApiResult<Vec<Entitlement>> {
+    if given.len() > MAX_ENTITLEMENTS {
+        return Err(ApiError::invalid(
+            "credit_entitlements",
+            "too_many",
+            format!("at most {MAX_ENTITLEMENTS}"),
+        ));
+    }
+    let mut out = Vec::new();
+    for (i, e) in given.iter().enumerate() {
+        let f = |x: &str| format!("credit_entitlements[{i}].{x}");
+        let ct = require_credit_type(s, tenant, &e.credit_type, &f("credit_type")).await?;
+        let amount = validate::amount(&f("amount"), &e.amount, ct.decimals as u32, false)?;
+        let cadence = Cadence::parse(&e.cadence)
+            .ok_or_else(|| ApiError::invalid(&f("cadence"), "invalid_value", "must be \"monthly\" or \"yearly\""))?;
+        out.push(Entitlement {
+            credit_type: e.credit_type.clone(),
+            amount,
+            cadence,
+        });
+    }
+    Ok(out)
+}
+
+/// `PUT /v1/plans/{id}`. Existing subscriptions keep what they were subscribed with until they
+/// are changed.
+pub async fn put_plan(
+    t: Tenant,
+    State(s): State<Arc<AppState>>,
+    Path(id): Path<String>,
+    Body(b): Body<NewPlan>,
+) -> ApiResult<Json<Value>> {
+    validate::id("id", &id)?;
+    name("name", &b.name)?;
+    let period = b.billing_period.as_deref().unwrap_or("monthly");
+    if Cadence::parse(period).is_none() {
+        return Err(ApiError::invalid(
+            "billing_period",
+            "invalid_value",
+            "must be \"monthly\" or \"yearly\"",
+        ));
+    }
+    let ents = entitlements(&s, &t.id, &b.credit_entitlements).await?;
+    let ents = serde_json::to_value(&ents).map_err(ApiError::internal)?;
+    sqlx::query(
+        "INSERT INTO plans (tenant_id, id, name, billing_period, entitlements) VALUES ($1, $2, $3, $4, $5)
+         ON CONFLICT (tenant_id, id) DO UPDATE SET name = EXCLUDED.name, billing_period = EXCLUDED.billing_period,
+            entitlements = EXCLUDED.entitlements, updated_at = now()",
+    )
+    .bind(&t.id)
+    .bind(&id)
+    .bind(&b.name)
+    .bind(period)
+    .bind(&ents)
+    .execute(&s.db)
+    .await?;
+    Ok(Json(
+        json!({"id": id, "name": b.name, "billing_period": period, "credit_entitlements": ents}),
+    ))
+}
+
+pub async fn get_plan(t: Tenant, State(s): State<Arc<AppState>>, Path(id): Path<String>) -> ApiResult<Json<Value>> {
+    let row: Option<(String, String, Value)> =
+        sqlx::query_as("SELECT name, billing_period, entitlements FROM plans WHERE tenant_id = $1 AND id = $2")
+            .bind(&t.id)
+            .bind(&id)
+            .fetch_optional(&s.db)
+            .await?;
+    let (n, p, e) = row.ok_or_else(|| ApiError::not_found("plan"))?;
+    Ok(Json(
+        json!({"id": id, "name": n, "billing_period": p, "credit_entitlements": e}),
+    ))
+}
+
+/// `PUT /v1/addons/{id}`
+pub async fn put_addon(
+    t: Tenant,
+    State(s): State<Arc<AppState>>,
+    Path(id): Path<String>,
+    Body(b): Body<NewAddOn>,
+) -> ApiResult<Json<Value>> {
+    validate::id("id", &id)?;
+    name("name", &b.name)?;
+    let behavior = b.behavior.as_deref().unwrap_or("increment");
+    if !["increment", "override"].contains(&behavior) {
+        return Err(ApiError::invalid(
+            "behavior",
+            "invalid_value",
+            "must be \"increment\" or \"override\"",
+        ));
+    }
+    let ents = entitlements(&s, &t.id, &b.credit_entitlements).await?;
+    let ents = serde_json::to_value(&ents).map_err(ApiError::internal)?;
+    sqlx::query(
+        "INSERT INTO addons (tenant_id, id, name, behavior, entitlements) VALUES ($1, $2, $3, $4, $5)
+         ON CONFLICT (tenant_id, id) DO UPDATE SET name = EXCLUDED.name, behavior = EXCLUDED.behavior,
+            entitlements = EXCLUDED.entitlements, updated_at = now()",
+    )
+    .bind(&t.id)
+    .bind(&id)
+    .bind(&b.name)
+    .bind(behavior)
+    .bind(&ents)
+    .execute(&s.db)
+    .await?;
+    Ok(Json(
+        json!({"id": id, "name": b.name, "behavior": behavior, "credit_entitlements": ents}),
+    ))
+}
+
+pub async fn get_addon(t: Tenant, State(s): State<Arc<AppState>>, Path(id): Path<String>) -> ApiResult<Json<Value>> {
+    let row: Option<(String, String, Value)> =
+        sqlx::query_as("SELECT name, behavior, entitlements FROM addons WHERE tenant_id = $1 AND id = $2")
+            .bind(&t.id)
+            .bind(&id)
+            .fetch_optional(&s.db)
+            .await?;
+    let (n, b, e) = row.ok_or_else(|| ApiError::not_found("add-on"))?;
+    Ok(Json(
+        json!({"id": id, "name": n, "behavior": b, "credit_entitlements": e}),
+    ))
+}
+
+#[derive(Deserialize, Clone)]
+#[serde(deny_unknown_fields)]
+pub struct SubAddOn {
+    id: String,
+    quantity: Option<u32>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NewSubscription {
+    plan_id: String,
+    addons: Option<Vec<SubAddOn>>,
+    start_at: Option<Value>,
+}
+
+type SubRow = (String, Value, DateTime<Utc>, i32);
+
+async fn items_of(s: &AppState, tenant: &str, customer: &str, revision: i32) -> ApiResult<Vec<ItemRow>> {
+    Ok(sqlx::query_as(&format!(
+        "SELECT {ITEM_COLS} FROM subscription_items i
+         JOIN credit_types ct ON ct.tenant_id = i.tenant_id AND ct.id = i.credit_type
+         WHERE i.tenant_id = $1 AND i.customer_id = $2 AND i.revision = $3 ORDER BY i.item"
+    ))
+    .bind(tenant)
+    .bind(customer)
+    .bind(revision)
+    .fetch_all(&s.db)
+    .await?)
+}
+
+fn sub_json(customer: &str, r: &SubRow) -> Value {
+    json!({"customer_id": customer, "plan_id": r.0, "addons": r.1, "start_at": r.2, "revision": r.3})
+}
+
+fn item_json(i: &ItemRow, now: DateTime<Utc>) -> Value {
+    let c = i.cadence();
+    let current = period_index(i.start_at, c, now);
+    json!({
+        "item": i.item, "source": i.source, "display_name": i.display_name, "credit_type": i.credit_type,
+        "amount": dec(i.amount), "cadence": i.cadence,
+        "current_period": current.map(|n| json!({
+            "index": n, "start": period_start(i.start_at, c, n), "end": period_start(i.start_at, c, n + 1),
+            "grant_id": billing::period_grant_id(&i.tenant_id, &i.customer_id, i.revision, &i.item, n),
+        })),
+    })
+}
+
+/// `PUT /v1/subscriptions/{customer_id}` `{plan_id, addons?: [{id, quantity}], start_at?}`:
+/// the subscription, its items and the grants of the current period.
+pub async fn put_subscription(
+    t: Tenant,
+    State(s): State<Arc<AppState>>,
+    Path(customer): Path<String>,
+    Body(b): Body<NewSubscription>,
+) -> ApiResult<(StatusCode, Json<Value>)> {
+    validate::id("customer_id", &customer)?;
+    validate::id("plan_id", &b.plan_id)?;
+    let now = Utc::now();
+    let start_at = match &b.start_at {
+        None | Some(Value::Null) => None,
+        Some(v) => Some(validate::timestamp("start_at", v)?),
+    };
+    let addons_in = b.addons.clone().unwrap_or_default();
+    if addons_in.len() > MAX_ADDONS {
+        return Err(ApiError::invalid("addons", "too_many", format!("at most {MAX_ADDONS}")));
+    }
+    let plan: Option<(String, Value)> =
+        sqlx::query_as("SELECT name, entitlements FROM plans WHERE tenant_id = $1 AND id = $2")
+            .bind(&t.id)
+            .bind(&b.plan_id)
+            .fetch_optional(&s.db)
+            .await?;
+    let (plan_name, plan_ents) =
+        plan.ok_or_else(|| ApiError::invalid("plan_id", "unknown_plan", format!("no plan {}", b.plan_id)))?;
+    let plan_ents: Vec<Entitlement> = serde_json::from_value(plan_ents).map_err(ApiError::internal)?;
+    let mut addons = Vec::new();
+    let mut seen = HashMap::new();
+    for (i, a) in addons_in.iter().enumerate() {
+        validate::id(&format!("addons[{i}].id"), &a.id)?;
+        if seen.insert(a.id.clone(), i).is_some() {
+            return Err(ApiError::invalid(
+                &format!("addons[{i}].id"),
+                "duplicate",
+                "each add-on once (use quantity)",
+            ));
+        }
+        let q = a.quantity.unwrap_or(1);
+        if !(1..=10_000).contains(&q) {
+            return Err(ApiError::invalid(
+                &format!("addons[{i}].quantity"),
+                "out_of_range",
+                "must be between 1 and 10000",
+            ));
+        }
+        let row: Option<(String, String, Value)> =
+            sqlx::query_as("SELECT name, behavior, entitlements FROM addons WHERE tenant_id = $1 AND id = $2")
+                .bind(&t.id)
+                .bind(&a.id)
+                .fetch_optional(&s.db)
+                .await?;
+        let (n, behavior, ents) = row.ok_or_else(|| {
+            ApiError::invalid(
+                &format!("addons[{i}].id"),
+                "unknown_addon",
+                format!("no add-on {}", a.id),
+            )
+        })?;
+        addons.push(AddOn {
+            id: a.id.clone(),
+            name: n,
+            behavior: if behavior == "override" {
+                Behavior::Override
+            } else {
+                Behavior::Increment
+            },
+            entitlements: serde_json::from_value(ents).map_err(ApiError::internal)?,
+            quantity: q,
+        });
+    }
+    let addons_json = json!(addons_in
+        .iter()
+        .map(|a| json!({"id": a.id, "quantity": a.quantity.unwrap_or(1)}))
+        .collect::<Vec<_>>());
+    let items = billing::items(&b.plan_id, &plan_name, &plan_ents, &addons);
+
+    let mut tx = s.db.begin().await?;
+    let current: Option<SubRow> = sqlx::query_as(
+        "SELECT plan_id, addons, start_at, revision FROM subscriptions WHERE tenant_id = $1 AND customer_id = $2
+         FOR UPDATE",
+    )
+    .bind(&t.id)
+    .bind(&customer)
+    .fetch_optional(&mut *tx)
+    .await?;
+    if let Some(c) = &current {
+        // The same subscription again: nothing changes.
+        if c.0 == b.plan_id && c.1 == addons_json && start_at.is_none_or(|st| st == c.2) {
+            tx.commit().await?;
+            let rows = items_of(&s, &t.id, &customer, c.3).await?;
+            return Ok((
+                StatusCode::OK,
+                Json(json!({"subscription": sub_json(&customer, c),
+                    "items": rows.iter().map(|i| item_json(i, now)).collect::<Vec<_>>(), "grants": []})),
+            ));
+        }
+    }
+    // A change keeps the original start (the billing anchor) unless a new one is given.
+    let start = start_at.or(current.as_ref().map(|c| c.2)).unwrap_or(now);
+    let revision = current.as_ref().map_or(1, |c| c.3 + 1);
+    let sub: SubRow = sqlx::query_as(
+        "INSERT INTO subscriptions (tenant_id, customer_id, plan_id, addons, start_at, revision)
+         VALUES ($1, $2, $3, $4, $5, $6)
+         ON CONFLICT (tenant_id, customer_id) DO UPDATE SET plan_id = EXCLUDED.plan_id, addons = EXCLUDED.addons,
+            start_at = EXCLUDED.start_at, revision = EXCLUDED.revision, updated_at = now()
+         RETURNING plan_id, addons, start_at, revision",
+    )
+    .bind(&t.id)
+    .bind(&customer)
+    .bind(&b.plan_id)
+    .bind(&addons_json)
+    .bind(start)
+    .bind(revision)
+    .fetch_one(&mut *tx)
+    .await?;
+    // End the old revision; its row locks make us wait for a scheduler tick in progress, so
+    // next_period read here includes a grant it just issued.
+    let ended: Vec<(String, i32, String, i16)> = sqlx::query_as(
+        "UPDATE subscription_items i SET ended_at = now() FROM credit_types ct
+         WHERE i.tenant_id = $1 AND i.customer_id = $2 AND i.ended_at IS NULL
+            AND ct.tenant_id = i.tenant_id AND ct.id = i.credit_type
+         RETURNING i.item, i.next_period, i.credit_type, ct.decimals",
+    )
+    .bind(&t.id)
+    .bind(&customer)
+    .fetch_all(&mut *tx)
+    .await?;
+    for it in &items {
+        let (n, at) = match period_index(start, it.cadence, now) {
+            Some(n) => (n, period_start(start, it.cadence, n)),
+            None => (0, start),
+        };
+        sqlx::query(
+            "INSERT INTO subscription_items (tenant_id, customer_id, revision, item, source, display_name, credit_type,
+                amount, cadence, start_at, next_period, next_at)
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12)",
+        )
+        .bind(&t.id)
+        .bind(&customer)
+        .bind(revision)
+        .bind(&it.key)
+        .bind(it.source)
+        .bind(&it.display_name)
+        .bind(&it.credit_type)
+        .bind(it.amount)
+        .bind(it.cadence.as_str())
+        .bind(start)
+        .bind(n)
+        .bind(at)
+        .execute(&mut *tx)
+        .await?;
+    }
+    tx.commit().await?;
+
+    // Void what the old revision granted for its current period (the grant of next_period - 1;
+    // earlier ones have expired). A void of a grant the pool never saw changes nothing.
+    let old_rev = current.as_ref().map(|c| c.3);
+    let voids: Vec<InputMsg> = ended
+        .iter()
+        .filter(|e| e.1 > 0)
+        .filter_map(|(item, next, ct, decimals)| {
+            old_rev.map(|r| {
+                InputMsg::Void(GrantRefCmd {
+                    tenant_id: t.id.clone(),
+                    customer_id: customer.clone(),
+                    resource_id: String::new(),
+                    credit_type: ct.clone(),
+                    decimals: *decimals as u32,
+                    grant_id: billing::period_grant_id(&t.id, &customer, r, item, next - 1),
+                    at: now,
+                    actor: "subscription".into(),
+                })
+            })
+        })
+        .collect();
+    if !voids.is_empty() {
+        produce(&s, voids.into_iter()).await?;
+    }
+    // Grant the current period of every item now; the scheduler takes the later ones.
+    let rows = items_of(&s, &t.id, &customer, revision).await?;
+    let mut grants = Vec::new();
+    let mut all_applied = true;
+    for i in &rows {
+        let Some(n) = period_index(i.start_at, i.cadence(), now) else {
+            continue;
+        };
+        if i.next_period > n {
+            continue;
+        }
+        let (st, Json(g)) = issue_grant(&s, &t.id, i.grant(n), "subscription").await?;
+        all_applied &= st == StatusCode::CREATED;
+        grants.push(g["grant"].clone());
+        let c = i.cadence();
+        sqlx::query(
+            "UPDATE subscription_items SET next_period = $5, next_at = $6
+             WHERE tenant_id = $1 AND customer_id = $2 AND revision = $3 AND item = $4 AND next_period <= $7",
+        )
+        .bind(&t.id)
+        .bind(&customer)
+        .bind(revision)
+        .bind(&i.item)
+        .bind(n + 1)
+        .bind(period_start(i.start_at, c, n + 1))
+        .bind(n)
+        .execute(&s.db)
+        .await?;
+    }
+    let status = if all_applied {
+        StatusCode::OK
+    } else {
+        StatusCode::ACCEPTED
+    };
+    Ok((
+        status,
+        Json(json!({"subscription": sub_json(&customer, &sub),
+            "items": rows.iter().map(|i| item_json(i, now)).collect::<Vec<_>>(), "grants": grants})),
+    ))
+}
+
+/// `GET /v1/subscriptions/{customer_id}`
+pub async fn get_subscription(
+    t: Tenant,
+    State(s): State<Arc<AppState>>,
+    Path(customer): Path<String>,
+) -> ApiResult<Json<Value>> {
+    let sub: Option<SubRow> = sqlx::query_as(
+        "SELECT plan_id, addons, start_at, revision FROM subscriptions WHERE tenant_id = $1 AND customer_id = $2",
+    )
+    .bind(&t.id)
+    .bind(&customer)
+    .fetch_optional(&s.db)
+    .await?;
+    let sub = sub.ok_or_else(|| ApiError::not_found("subscription"))?;
+    let rows = items_of(&s, &t.id, &customer, sub.3).await?;
+    let now = Utc::now();
+    Ok(Json(json!({"subscription": sub_json(&customer, &sub),
+        "items": rows.iter().map(|i| item_json(i, now)).collect::<Vec<_>>()})))
+}
