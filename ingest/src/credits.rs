@@ -482,6 +482,7 @@ pub async fn check(t: Tenant, State(s): State<Arc<AppState>>, Body(b): Body<Chec
     let (credit_type, cost) = match (&b.event_name, &b.amount) {
         (Some(name), None) => {
             validate::id("event_name", name)?;
+            #[allow(clippy::type_complexity)] // one row of the query below
             let rows: Vec<(DateTime<Utc>, String, Decimal, Option<String>, i16)> = sqlx::query_as(
                 "SELECT m.effective_at, m.credit_type, m.credits_per_unit, m.quantity_dimension, ct.decimals
                  FROM feature_mappings m JOIN credit_types ct ON ct.tenant_id = m.tenant_id AND ct.id = m.credit_type

@@ -34,6 +34,7 @@ const FIELDS: [&str; 6] = [
 ];
 
 /// Validate one event; `now` bounds its timestamp.
+#[allow(clippy::result_large_err)] // the cold path of a refused event
 fn event(tenant: &str, v: &Value, now: DateTime<Utc>, window_s: u64) -> Result<UsageEvent, (String, ApiError)> {
     let err = |f: &str, e: ApiError| (f.to_owned(), e);
     let Value::Object(o) = v else {
@@ -48,6 +49,7 @@ fn event(tenant: &str, v: &Value, now: DateTime<Utc>, window_s: u64) -> Result<U
             ApiError::invalid(k, "unknown_field", format!("unknown field {k}")),
         ));
     }
+    #[allow(clippy::result_large_err)]
     let text = |f: &str, required: bool| -> Result<Option<String>, (String, ApiError)> {
         match o.get(f) {
             None | Some(Value::Null) if !required => Ok(None),

@@ -2,6 +2,7 @@
 //! (`<prefix>:{tenant:customer}:d:<hour>`, see `shared::keys`), their `MEMORY USAGE` summed and
 //! divided by their members. Set overhead is included, so the figure is what one more retained
 //! key really costs on average at this run's keys per set, not just a member's bytes.
+#![allow(clippy::float_arithmetic)] // a memory ratio, not money
 
 use anyhow::{Context, Result};
 

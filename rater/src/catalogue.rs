@@ -96,6 +96,7 @@ impl Catalogue {
                 )
             })
             .collect();
+        #[allow(clippy::type_complexity)] // one row of the query below
         let rows: Vec<(String, DateTime<Utc>, String, Decimal, Option<String>)> = sqlx::query_as(
             "SELECT event_name, effective_at, credit_type, credits_per_unit, quantity_dimension
              FROM feature_mappings WHERE tenant_id = $1 ORDER BY event_name, effective_at",

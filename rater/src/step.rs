@@ -53,6 +53,7 @@ pub struct Step {
 }
 
 /// What becomes of one input message.
+#[allow(clippy::large_enum_variant)] // boxing would allocate once per fact on the hot path
 enum Fate {
     /// Waiting for its pool's reply (index into the pool list).
     Pending,
