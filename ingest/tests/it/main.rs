@@ -3,6 +3,7 @@
 
 mod billing;
 mod harness;
+mod isolation;
 mod observability;
 mod pipeline;
 mod semantics;
