@@ -1,5 +1,4 @@
-//! Usage rollups: credits consumed per pool, hour and month (days are summed from hours when
-//! read), by feature and by user, maintained
+//! Usage rollups: credits consumed per pool, hour, day and month, by feature and by user, maintained
 //! in the same transaction as the usage rows. The batch is summed in memory first, so the
 //! upsert writes one row per (pool, bucket, key) however many events the batch holds.
 
@@ -39,7 +38,7 @@ fn sum<'a>(usage: &[&'a UsageFact], inserted: &HashSet<Uuid>) -> HashMap<RollupK
         let day = e.timestamp.duration_trunc(TimeDelta::days(1)).unwrap_or(e.timestamp);
         let month = day.with_day(1).unwrap_or(day);
         let hour = e.timestamp.duration_trunc(TimeDelta::hours(1)).unwrap_or(e.timestamp);
-        for (granularity, start) in [("hour", hour), ("month", month)] {
+        for (granularity, start) in [("hour", hour), ("day", day), ("month", month)] {
             for (dim, key) in [("feature", e.event_name.as_str()), ("user", user)] {
                 let k = RollupKey {
                     tenant: &e.tenant_id,
@@ -151,7 +150,7 @@ mod tests {
     }
 
     #[test]
-    fn sums_by_hour_month_feature_and_user_only_what_was_inserted() {
+    fn sums_by_hour_day_month_feature_and_user_only_what_was_inserted() {
         let a = fact("a", "img", Some("u1"), "2026-01-01T10:15:00Z", 3);
         let b = fact("b", "img", Some("u2"), "2026-01-01T10:45:00Z", 4);
         let c = fact("c", "chat", None, "2026-01-01T11:00:00Z", 5);
@@ -176,7 +175,10 @@ mod tests {
             get("hour", "feature", "2026-01-01T11:00:00Z", "chat"),
             Some((Decimal::from(5), 1))
         );
-        assert_eq!(get("day", "feature", "2026-01-01T00:00:00Z", "img"), None);
+        assert_eq!(
+            get("day", "feature", "2026-01-01T00:00:00Z", "img"),
+            Some((Decimal::from(7), 2))
+        );
         assert_eq!(
             get("month", "user", "2026-01-01T00:00:00Z", "u1"),
             Some((Decimal::from(3), 1))
@@ -189,8 +191,8 @@ mod tests {
             get("month", "feature", "2026-01-01T00:00:00Z", "img"),
             Some((Decimal::from(7), 2))
         );
-        // feature: img (hour 10), chat (hour 11), each x month = 4; user: u1, u2 (hour 10),
-        // "" (hour 11), each x month = 6
-        assert_eq!(rows.len(), 4 + 6);
+        // feature: img (hour 10), chat (hour 11), each x day x month = 6; user: u1, u2
+        // (hour 10), "" (hour 11), each x day x month = 9
+        assert_eq!(rows.len(), 6 + 9);
     }
 }

@@ -13,14 +13,14 @@ CREATE TABLE pool_limits (
 
 -- Credits consumed per pool, bucket and group, maintained by ledger-writer in the same
 -- transaction as the usage rows (only rows inserted then, so a redelivered batch adds nothing).
--- granularity: 'hour' or 'month' (UTC; days are summed from hours when read); dim: 'feature' (key = event name)
+-- granularity: 'hour', 'day' or 'month' (UTC); dim: 'feature' (key = event name)
 -- or 'user' (key = the userId dimension, '' when absent). Times are the events' own timestamps.
 CREATE TABLE usage_rollups (
     tenant_id    TEXT NOT NULL,
     customer_id  TEXT NOT NULL,
     resource_id  TEXT NOT NULL DEFAULT '',
     credit_type  TEXT NOT NULL,
-    granularity  TEXT NOT NULL CHECK (granularity IN ('hour', 'month')),
+    granularity  TEXT NOT NULL CHECK (granularity IN ('hour', 'day', 'month')),
     dim          TEXT NOT NULL CHECK (dim IN ('feature', 'user')),
     bucket_start TIMESTAMPTZ NOT NULL,
     key          TEXT NOT NULL,
