@@ -53,6 +53,10 @@ struct Args {
     /// ledger-writer replicas in one consumer group would); 1 = the service as it runs today.
     #[arg(long, default_value_t = 1)]
     writers: usize,
+    /// Put every ledger entry through ON CONFLICT (the path a retried transaction takes)
+    /// instead of the plain insert for the entries of new usage rows.
+    #[arg(long)]
+    checked: bool,
     /// Connections in the settler's pool (DATABASE_MAX_CONNECTIONS).
     #[arg(long, default_value_t = 8)]
     connections: u32,
@@ -262,13 +266,13 @@ async fn run(args: &Args, name: &str) -> Result<()> {
     let started = Instant::now();
     let mut tasks = Vec::new();
     for stream in streams {
-        let (settler, batch) = (settler.clone(), args.batch);
+        let (settler, batch, checked) = (settler.clone(), args.batch, args.checked);
         tasks.push(tokio::spawn(async move {
             let mut txs = Vec::new();
             for chunk in stream.chunks(batch) {
                 let refs: Vec<&LedgerMsg> = chunk.iter().collect();
                 let t = Instant::now();
-                settler.settle(&refs).await?;
+                settler.settle_opts(&refs, checked).await?;
                 txs.push(t.elapsed());
             }
             anyhow::Ok(txs)
@@ -313,6 +317,7 @@ async fn run(args: &Args, name: &str) -> Result<()> {
         "customers": args.customers,
         "events": events,
         "writers": args.writers,
+        "checked": args.checked,
         "batch": args.batch,
         "skew": args.skew,
         "duplicates_ratio": args.duplicates,
