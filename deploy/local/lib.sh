@@ -366,22 +366,24 @@ create_topics() {
 # current binary, it is left running. If it runs a binary that has since been
 # rebuilt, it is stopped and started again.
 start_service() {
+    # NAME may carry an instance suffix (ledger-writer@2): the binary is NAME without it.
     local name="$1"
     shift
-    local bin="$RELEASE_DIR/$name"
+    local exe_name="${name%@*}"
+    local bin="$RELEASE_DIR/$exe_name"
     local pidfile="$STACK_DIR/$name.pid" logfile="$STACK_DIR/$name.log" pid exe
 
     [[ -x "$bin" ]] || die "$bin is missing: build first (cargo build --release --workspace --bins)"
     [[ -f "$STACK_ENV" ]] || die "$STACK_ENV is missing (deploy/local/up writes it)"
 
-    if pid="$(pidfile_live "$pidfile" "$name")"; then
+    if pid="$(pidfile_live "$pidfile" "$exe_name")"; then
         exe="$(pid_exe "$pid")"
         if [[ "$exe" == "$(readlink -f "$bin")" ]]; then
             log "$name is already running (pid $pid)"
             return 0
         fi
         log "$name (pid $pid) runs an older build; restarting it"
-        stop_pidfile "$pidfile" "$name"
+        stop_pidfile "$pidfile" "$exe_name"
     fi
 
     rm -f "$pidfile"
@@ -414,7 +416,7 @@ wait_service_ready() {
     local pidfile="$STACK_DIR/$name.pid" logfile="$STACK_DIR/$name.log"
     local deadline=$((SECONDS + timeout_s))
     while :; do
-        if ! pidfile_live "$pidfile" "$name" >/dev/null; then
+        if ! pidfile_live "$pidfile" "${name%@*}" >/dev/null; then
             show_log "$logfile"
             fail "$name exited before it was ready"
             return 1
@@ -423,7 +425,7 @@ wait_service_ready() {
             # Still ours? (A leftover process may hold the port while ours
             # failed to bind and exited.)
             sleep 0.2
-            if pidfile_live "$pidfile" "$name" >/dev/null; then
+            if pidfile_live "$pidfile" "${name%@*}" >/dev/null; then
                 return 0
             fi
             continue
