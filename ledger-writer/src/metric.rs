@@ -139,3 +139,44 @@ pub fn describe_webhooks() {
         metrics::counter!(ERRORS, "stage" => stage).increment(0);
     }
 }
+
+// Billing (the plan scheduler and the charge worker, ledger-writer/src/billing/).
+pub const BILLING_TICKS: &str = "ledger_writer_billing_ticks_total";
+pub const BILLING_CHARGES: &str = "ledger_writer_billing_charge_attempts_total";
+pub const BILLING_CHARGE_DURATION: &str = "ledger_writer_billing_charge_duration_seconds";
+pub const BILLING_PLAN_GRANTS: &str = "ledger_writer_billing_plan_grants_total";
+
+/// The billing loops and the charge outcomes: fixed label sets.
+pub const BILLING_TASKS: [&str; 2] = ["scheduler", "charges"];
+pub const BILLING_OUTCOMES: [&str; 3] = ["succeeded", "failed", "unknown"];
+
+pub fn describe_billing() {
+    describe_counter!(
+        BILLING_TICKS,
+        Unit::Count,
+        "Billing loop rounds, by task (scheduler, charges)"
+    );
+    describe_counter!(
+        BILLING_CHARGES,
+        Unit::Count,
+        "Charge attempts sent to tenants' billing systems, by outcome (succeeded, failed, unknown)"
+    );
+    describe_histogram!(
+        BILLING_CHARGE_DURATION,
+        Unit::Seconds,
+        "Time of one charge attempt, request to answer"
+    );
+    describe_counter!(
+        BILLING_PLAN_GRANTS,
+        Unit::Count,
+        "Plan and add-on period grants produced by the scheduler"
+    );
+    for task in BILLING_TASKS {
+        metrics::counter!(BILLING_TICKS, "task" => task).increment(0);
+    }
+    for outcome in BILLING_OUTCOMES {
+        metrics::counter!(BILLING_CHARGES, "outcome" => outcome).increment(0);
+    }
+    metrics::counter!(BILLING_PLAN_GRANTS).increment(0);
+    metrics::counter!(ERRORS, "stage" => "billing").increment(0);
+}

@@ -14,7 +14,7 @@ const PREFIX: &str = "ledger_writer_";
 
 /// Names the dashboards, alerts and runbooks rely on. Removing or renaming one is a breaking
 /// change for operators: change the boards and rules in the same commit.
-const PINNED: [(&str, &str); 16] = [
+const PINNED: [(&str, &str); 20] = [
     ("counter", "ledger_writer_messages_consumed_total"),
     ("counter", "ledger_writer_batches_total"),
     ("histogram", "ledger_writer_batch_size_messages"),
@@ -31,15 +31,20 @@ const PINNED: [(&str, &str); 16] = [
     ("gauge", "ledger_writer_webhook_backlog_deliveries"),
     ("gauge", "ledger_writer_webhook_oldest_pending_age_seconds"),
     ("counter", "ledger_writer_webhook_endpoints_disabled_total"),
+    ("counter", "ledger_writer_billing_ticks_total"),
+    ("counter", "ledger_writer_billing_charge_attempts_total"),
+    ("histogram", "ledger_writer_billing_charge_duration_seconds"),
+    ("counter", "ledger_writer_billing_plan_grants_total"),
 ];
 
 /// Every label key the ledger-writer may use on its pre-registered series: fixed sets only.
-const LABELS: [&str; 6] = ["table", "caught_by", "reason", "stage", "kind", "outcome"];
+const LABELS: [&str; 7] = ["table", "caught_by", "reason", "stage", "kind", "outcome", "task"];
 
 /// Everything the ledger-writer describes at start-up: settlement, then the webhook sender.
 fn describe_all() {
     m::describe();
     m::describe_webhooks();
+    m::describe_billing();
 }
 
 fn catalogue() -> Vec<shared::telemetry::Described> {
@@ -103,6 +108,10 @@ fn fixed_label_series_exist_at_zero_from_start_up() {
         "ledger_writer_webhook_deliveries_total{outcome=success}",
         "ledger_writer_webhook_deliveries_total{outcome=timeout}",
         "ledger_writer_webhook_endpoints_disabled_total",
+        "ledger_writer_billing_ticks_total{task=scheduler}",
+        "ledger_writer_billing_charge_attempts_total{outcome=unknown}",
+        "ledger_writer_billing_plan_grants_total",
+        "ledger_writer_errors_total{stage=billing}",
     ] {
         assert!(
             found.contains(want),

@@ -541,6 +541,32 @@ async fn auto_recharge_refills_to_target_within_the_spend_limit_and_pauses_on_fa
     )
     .await;
     assert_eq!(bank.taken_of("a"), (3, d("1100")));
+    // The charge worker counts what it did since its restart: the decline and the success.
+    let addr = &s
+        .env
+        .iter()
+        .rev()
+        .find(|(k, _)| k == "LEDGER_WRITER_METRICS_LISTEN")
+        .unwrap()
+        .1;
+    let text = s
+        .http
+        .get(format!("http://{addr}/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let value = |series: &str| -> f64 {
+        text.lines()
+            .find(|l| l.starts_with(series))
+            .and_then(|l| l.rsplit(' ').next()?.parse().ok())
+            .unwrap_or_else(|| panic!("{series} missing:\n{text}"))
+    };
+    assert!(value("ledger_writer_billing_charge_attempts_total{outcome=\"succeeded\"}") >= 1.0);
+    assert!(value("ledger_writer_billing_charge_attempts_total{outcome=\"failed\"}") >= 1.0);
+    assert!(value("ledger_writer_billing_ticks_total{task=\"charges\"}") >= 1.0);
 
     let msgs = message_types(&s).await;
     let count = |t: &str, f: &dyn Fn(&Value) -> bool| msgs.iter().filter(|(k, v)| k == t && f(v)).count();

@@ -96,6 +96,7 @@ pub fn spawn(
     allow_private: bool,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
+    crate::metric::describe_billing();
     let client = ChargeClient::new(Duration::from_millis(cfg.charge_timeout_ms), allow_private)?;
     let tick = Duration::from_millis(cfg.tick_ms.max(10));
     let scheduler = plans::Scheduler {
@@ -106,8 +107,12 @@ pub fn spawn(
     let stop = shutdown.clone();
     tokio::spawn(async move {
         loop {
+            metrics::counter!(m::BILLING_TICKS, "task" => "scheduler").increment(1);
             match scheduler.tick(chrono::Utc::now()).await {
-                Ok(n) if n > 0 => tracing::info!(grants = n, "plan periods granted"),
+                Ok(n) if n > 0 => {
+                    metrics::counter!(m::BILLING_PLAN_GRANTS).increment(n as u64);
+                    tracing::info!(grants = n, "plan periods granted");
+                }
                 Ok(_) => {}
                 Err(e) => {
                     metrics::counter!(m::ERRORS, "stage" => "billing").increment(1);
@@ -129,6 +134,7 @@ pub fn spawn(
     };
     tokio::spawn(async move {
         loop {
+            metrics::counter!(m::BILLING_TICKS, "task" => "charges").increment(1);
             if let Err(e) = worker.tick().await {
                 metrics::counter!(m::ERRORS, "stage" => "billing").increment(1);
                 tracing::warn!(error = %format!("{e:#}"), "billing worker tick failed");

@@ -305,10 +305,20 @@ impl Worker {
                 .bind(&c.tenant_id)
                 .fetch_optional(&self.db)
                 .await?;
+        let started = std::time::Instant::now();
         let outcome = match &settings {
             Some((url, secret)) => self.client.charge(url, secret, &c.request()).await,
             None => ChargeOutcome::Failed("payments_not_configured".into()),
         };
+        if settings.is_some() {
+            metrics::histogram!(crate::metric::BILLING_CHARGE_DURATION).record(started.elapsed().as_secs_f64());
+        }
+        let label = match &outcome {
+            ChargeOutcome::Succeeded => "succeeded",
+            ChargeOutcome::Failed(_) => "failed",
+            ChargeOutcome::Unknown(_) => "unknown",
+        };
+        metrics::counter!(crate::metric::BILLING_CHARGES, "outcome" => label).increment(1);
         let auto = c.reason == "auto_recharge";
         let attempts = c.attempts + 1;
         let mut tx = self.db.begin().await?;
