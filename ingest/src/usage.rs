@@ -90,7 +90,7 @@ pub async fn usage(t: Tenant, State(s): State<Arc<AppState>>, Q(q): Q<UsageQuery
         "SELECT key, date_bin($8::interval, bucket_start, TIMESTAMPTZ '2000-01-01 00:00:00+00') AS b, sum(credits)
          FROM usage_rollups
          WHERE tenant_id = $1 AND customer_id = $2 AND credit_type = $3 AND resource_id = $4
-           AND granularity = $5 AND dim = $6 AND bucket_start >= $7
+           AND granularity = $5 AND dim = $6 AND bucket_start >= $7 AND bucket_start <= $9
          GROUP BY 1, 2",
     )
     .bind(&t.id)
@@ -101,6 +101,9 @@ pub async fn usage(t: Tenant, State(s): State<Arc<AppState>>, Q(q): Q<UsageQuery
     .bind(dim)
     .bind(from)
     .bind(if bucket == "day" { "1 day" } else { "1 hour" })
+    // Events may be stamped up to 5 minutes ahead: a bucket after the last one is not shown
+    // yet, and not counted in the totals either.
+    .bind(starts[starts.len() - 1])
     .fetch_all(&s.db)
     .await?;
 

@@ -8,8 +8,8 @@
 //! 3. ledger entries. Those of usage rows inserted in step 1 cannot exist yet (a usage row and
 //!    its entries are only ever written together), so they go in with a plain insert: no
 //!    arbiter probe, no RETURNING. Entries of redelivered or slipped usage are not written at
-//!    all. Grant and grant-change entries: insert, ON CONFLICT DO NOTHING RETURNING what was
-//!    new. A retry of a failed transaction takes the checked path for every entry (so a broken
+//!    all (copies of one fact within a batch are dropped first). Grant and grant-change
+//!    entries: insert, ON CONFLICT DO NOTHING RETURNING what was new. A retry of a failed transaction takes the checked path for every entry (so a broken
 //!    assumption costs one retry, never a stuck partition).
 //! 4. grant remainders and pool balances move by the new entries only.
 
@@ -79,6 +79,23 @@ impl Entries {
 }
 
 type PoolKey = (String, String, String, String);
+
+/// The batch without repeated copies of one usage fact. A rater that crashed after producing
+/// and before committing its offsets produces the same facts (same `event_uid`) again, and a
+/// lagging ledger-writer can find both copies in one batch; the usage insert keeps one row, and
+/// everything derived from the batch (rollups, ledger entries, webhook counts) must see one
+/// fact too.
+pub fn unique_facts<'a>(facts: &[&'a LedgerMsg]) -> Vec<&'a LedgerMsg> {
+    let mut seen: HashSet<Uuid> = HashSet::with_capacity(facts.len());
+    facts
+        .iter()
+        .copied()
+        .filter(|f| match f {
+            LedgerMsg::Usage(u) => seen.insert(u.event.event_uid),
+            _ => true,
+        })
+        .collect()
+}
 /// A ledger row inserted now: tenant, customer, resource, credit type, type, grant, amount, source id.
 type NewRow = (String, String, String, String, String, Option<Uuid>, Decimal, String);
 
@@ -155,6 +172,7 @@ impl Settler {
         if facts.is_empty() {
             return Ok(());
         }
+        let facts = &unique_facts(facts)[..];
         let started = Instant::now();
         let mut tx = self.db.begin().await?;
 

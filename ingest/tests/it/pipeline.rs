@@ -130,6 +130,22 @@ async fn verify(s: &Stack, load: &Load) {
         (n, n, 0),
         "every key settled and charged exactly its cost once"
     );
+    // The usage rollups count each settled event once, in every granularity and group, even
+    // when a redelivered batch put two copies of a fact in one settle transaction.
+    let sums: Vec<(String, String, Decimal, i64)> = sqlx::query_as(
+        "SELECT granularity, dim, sum(credits), sum(events)::int8 FROM usage_rollups GROUP BY 1, 2 ORDER BY 1, 2",
+    )
+    .fetch_all(&s.db)
+    .await
+    .unwrap();
+    let charged: Decimal = sqlx::query_scalar("SELECT -sum(amount) FROM ledger_entries WHERE type = 'consume'")
+        .fetch_one(&s.db)
+        .await
+        .unwrap();
+    assert_eq!(sums.len(), 6, "{sums:?}");
+    for (g, d, credits, events) in &sums {
+        assert_eq!((credits, *events), (&charged, n), "rollups {g}/{d}");
+    }
     for (_, k, _) in load.events.iter().step_by(97) {
         let (st, b) = s.call(Method::GET, &format!("/v1/events/{k}"), &load.key, None).await;
         assert_eq!(st, 200, "{b}");
