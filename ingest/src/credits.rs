@@ -319,7 +319,8 @@ pub struct GrantQuery {
     after: Option<String>,
 }
 
-fn limit(l: Option<i64>) -> Result<i64, ApiError> {
+/// The page size of a list: 50 by default, 1 to 1000.
+pub(crate) fn limit(l: Option<i64>) -> Result<i64, ApiError> {
     match l {
         None => Ok(50),
         Some(n) if (1..=1000).contains(&n) => Ok(n),
@@ -327,7 +328,8 @@ fn limit(l: Option<i64>) -> Result<i64, ApiError> {
     }
 }
 
-fn decode_cursor<T: std::str::FromStr>(c: &Option<String>) -> Result<Option<T>, ApiError> {
+/// An opaque cursor (`after`) back into the key it encodes.
+pub(crate) fn decode_cursor<T: std::str::FromStr>(c: &Option<String>) -> Result<Option<T>, ApiError> {
     let Some(c) = c else { return Ok(None) };
     base64::engine::general_purpose::URL_SAFE_NO_PAD
         .decode(c)
@@ -338,7 +340,8 @@ fn decode_cursor<T: std::str::FromStr>(c: &Option<String>) -> Result<Option<T>, 
         .ok_or_else(|| ApiError::invalid("after", "invalid_cursor", "not a cursor this API returned"))
 }
 
-fn encode_cursor(v: impl ToString) -> String {
+/// The opaque cursor of a list's last key.
+pub(crate) fn encode_cursor(v: impl ToString) -> String {
     base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(v.to_string())
 }
 

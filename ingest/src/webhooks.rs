@@ -8,7 +8,6 @@ use axum::extract::{Path, State};
 use axum::http::StatusCode;
 use axum::routing::{delete, get, post, put};
 use axum::{Json, Router};
-use base64::Engine;
 use chrono::{DateTime, Utc};
 use rust_decimal::Decimal;
 use serde::Deserialize;
@@ -208,28 +207,7 @@ pub struct Page {
     after: Option<String>,
 }
 
-fn limit(l: Option<i64>) -> ApiResult<i64> {
-    match l {
-        None => Ok(50),
-        Some(n) if (1..=1000).contains(&n) => Ok(n),
-        Some(_) => Err(ApiError::invalid("limit", "out_of_range", "must be between 1 and 1000")),
-    }
-}
-
-fn decode_cursor<T: std::str::FromStr>(c: &Option<String>) -> ApiResult<Option<T>> {
-    let Some(c) = c else { return Ok(None) };
-    base64::engine::general_purpose::URL_SAFE_NO_PAD
-        .decode(c)
-        .ok()
-        .and_then(|b| String::from_utf8(b).ok())
-        .and_then(|s| s.parse().ok())
-        .map(Some)
-        .ok_or_else(|| ApiError::invalid("after", "invalid_cursor", "not a cursor this API returned"))
-}
-
-fn encode_cursor(v: impl ToString) -> String {
-    base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(v.to_string())
-}
+use crate::credits::{decode_cursor, encode_cursor, limit};
 
 pub async fn list_endpoints(t: Tenant, State(s): State<Arc<AppState>>, Q(q): Q<Page>) -> ApiResult<Json<Value>> {
     let limit = limit(q.limit)?;
