@@ -5,10 +5,10 @@
 
 #[path = "../../shared/tests/support/metric_refs.rs"]
 mod metric_refs;
+#[path = "../../shared/tests/support/zero_series.rs"]
+mod zero_series;
 
 use ingest::metric as m;
-use metrics_util::debugging::{DebugValue, DebuggingRecorder};
-use metrics_util::MetricKind;
 
 const PREFIX: &str = "ingest_";
 
@@ -52,35 +52,7 @@ fn names_follow_the_convention() {
 
 #[test]
 fn fixed_label_series_exist_at_zero_from_start_up() {
-    let recorder = DebuggingRecorder::new();
-    let snapshot = recorder.snapshotter();
-    metrics::with_local_recorder(&recorder, m::describe);
-    let cat = catalogue();
-    let mut found = std::collections::BTreeSet::new();
-    for (key, _, _, value) in snapshot.snapshot().into_vec() {
-        let name = key.key().name();
-        assert!(
-            cat.iter().any(|d| d.name == name),
-            "{name} registered but not described"
-        );
-        assert_eq!(
-            key.kind(),
-            MetricKind::Counter,
-            "{name}: only counters are pre-registered"
-        );
-        assert_eq!(value, DebugValue::Counter(0), "{name} starts at 0");
-        for l in key.key().labels() {
-            assert!(
-                LABELS.contains(&l.key()),
-                "{name}: label {} is not in {LABELS:?}",
-                l.key()
-            );
-            found.insert(format!("{name}{{{}={}}}", l.key(), l.value()));
-        }
-        if key.key().labels().len() == 0 {
-            found.insert(name.to_owned());
-        }
-    }
+    let found = zero_series::zero_series(m::describe, &LABELS, false);
     for want in [
         "ingest_events_accepted_total",
         "ingest_rate_limited_total",
