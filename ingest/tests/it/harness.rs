@@ -169,12 +169,63 @@ impl Stack {
     }
 
     /// Start a service and wait until it is ready.
+    ///
+    /// The listen ports come from binding port 0 and letting go, so another process (an
+    /// outgoing connection of a parallel test) can take one before the service binds it. A
+    /// service that exits at start-up because its address is in use gets fresh ports and is
+    /// started again; any other early exit fails the test with the end of its log.
     pub async fn spawn(&mut self, svc: Svc) {
+        for attempt in 1..=5 {
+            match self.try_spawn(svc).await {
+                Ok(()) => return,
+                Err(tail) if attempt < 5 && tail.contains("in use") => {
+                    eprintln!("{} could not bind (attempt {attempt}); new ports", svc.bin());
+                    self.rebind(svc);
+                }
+                Err(tail) => panic!(
+                    "{} exited during start-up; its log ends:\n{tail}\n(logs in {})",
+                    svc.bin(),
+                    self.logs.display()
+                ),
+            }
+        }
+    }
+
+    /// Move `svc` to fresh listen ports (the HTTP port too for ingest).
+    fn rebind(&mut self, svc: Svc) {
+        let addr = format!("127.0.0.1:{}", free_port());
+        self.metrics.insert(svc, addr.clone());
+        let key = match svc {
+            Svc::Ingest => "INGEST_METRICS_LISTEN",
+            Svc::LedgerWriter => "LEDGER_WRITER_METRICS_LISTEN",
+            // The rater's metrics address is set per spawn from `metrics`.
+            Svc::Rater | Svc::Rater2 => return,
+        };
+        self.set_env(key, &addr);
+        if svc == Svc::Ingest {
+            let port = free_port();
+            self.set_env("INGEST_LISTEN", &format!("127.0.0.1:{port}"));
+            self.url = format!("http://127.0.0.1:{port}");
+        }
+    }
+
+    fn set_env(&mut self, key: &str, value: &str) {
+        for (k, v) in self.env.iter_mut() {
+            if k == key {
+                *v = value.to_owned();
+            }
+        }
+    }
+
+    /// Start `svc`; on an exit before it is ready, the last lines of its log.
+    async fn try_spawn(&mut self, svc: Svc) -> Result<(), String> {
+        let path = self.logs.join(format!("{}-{svc:?}.log", self.name));
         let log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
-            .open(self.logs.join(format!("{}-{svc:?}.log", self.name)))
+            .open(&path)
             .unwrap();
+        let logged_before = log.metadata().map(|m| m.len()).unwrap_or(0) as usize;
         let child = Command::new(bin(svc.bin()))
             .envs(self.env.iter().cloned())
             .env(
@@ -193,16 +244,17 @@ impl Stack {
         loop {
             if let Ok(r) = self.http.get(&url).send().await {
                 if r.status().is_success() {
-                    break;
+                    return Ok(());
                 }
             }
             if let Some(c) = self.children.get_mut(&svc) {
                 if let Ok(Some(status)) = c.try_wait() {
-                    panic!(
-                        "{} exited during start-up with {status}; see {}",
-                        svc.bin(),
-                        self.logs.display()
-                    );
+                    self.children.remove(&svc);
+                    let text = std::fs::read(&path).unwrap_or_default();
+                    let text = String::from_utf8_lossy(&text[logged_before.min(text.len())..]);
+                    let lines: Vec<&str> = text.lines().collect();
+                    let tail = lines[lines.len().saturating_sub(20)..].join("\n");
+                    return Err(format!("{status}\n{tail}"));
                 }
             }
             assert!(
