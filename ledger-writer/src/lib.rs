@@ -176,6 +176,8 @@ pub async fn run(config: Config, ready: Ready, shutdown: CancellationToken) -> a
     tracing::info!(group = %config.group_id, topic = %config.kafka.ledger_topic, "ledger-writer running");
 
     let wait = Duration::from_millis(config.max_wait_ms);
+    // How much of its time settlement spends settling: the webhook sender yields when it is most.
+    let mut duty = webhooks::SettleDuty::default();
     let result = loop {
         let Some(batch) = shared::kafka::next_batch(
             &consumer,
@@ -219,6 +221,7 @@ pub async fn run(config: Config, ready: Ready, shutdown: CancellationToken) -> a
         metrics::counter!(crate::metric::MESSAGES).increment(batch.len() as u64);
         metrics::counter!(crate::metric::BATCHES).increment(1);
         metrics::histogram!(crate::metric::BATCH_SIZE).record(batch.len() as f64);
+        duty.record(started.elapsed());
         tracing::debug!(elapsed_ms = started.elapsed().as_millis() as u64, "batch settled");
     };
     ready.set(false);

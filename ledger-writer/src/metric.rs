@@ -83,6 +83,7 @@ pub const WEBHOOK_DURATION: &str = "ledger_writer_webhook_delivery_duration_seco
 pub const WEBHOOK_BACKLOG: &str = "ledger_writer_webhook_backlog_deliveries";
 pub const WEBHOOK_OLDEST_AGE: &str = "ledger_writer_webhook_oldest_pending_age_seconds";
 pub const WEBHOOK_ENDPOINTS_DISABLED: &str = "ledger_writer_webhook_endpoints_disabled_total";
+pub const WEBHOOK_YIELDED_POLLS: &str = "ledger_writer_webhook_yielded_polls_total";
 
 /// The webhook outcomes: a fixed label set.
 pub const WEBHOOK_OUTCOMES: [&str; 6] = [
@@ -125,10 +126,16 @@ pub fn describe_webhooks() {
         Unit::Count,
         "Webhook endpoints disabled after a message failed with no success in between"
     );
+    describe_counter!(
+        WEBHOOK_YIELDED_POLLS,
+        Unit::Count,
+        "Webhook sender polls held to the busy rate because settlement was busy (75% of its time or more)"
+    );
     for outcome in WEBHOOK_OUTCOMES {
         metrics::counter!(WEBHOOK_DELIVERIES, "outcome" => outcome).increment(0);
     }
     metrics::counter!(WEBHOOK_ENDPOINTS_DISABLED).increment(0);
+    metrics::counter!(WEBHOOK_YIELDED_POLLS).increment(0);
     for stage in [
         "webhook_dispatch",
         "webhook_claim",

@@ -542,22 +542,7 @@ async fn auto_recharge_refills_to_target_within_the_spend_limit_and_pauses_on_fa
     .await;
     assert_eq!(bank.taken_of("a"), (3, d("1100")));
     // The charge worker counts what it did since its restart: the decline and the success.
-    let addr = &s
-        .env
-        .iter()
-        .rev()
-        .find(|(k, _)| k == "LEDGER_WRITER_METRICS_LISTEN")
-        .unwrap()
-        .1;
-    let text = s
-        .http
-        .get(format!("http://{addr}/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let text = s.metrics_text(Svc::LedgerWriter).await;
     let value = |series: &str| -> f64 {
         text.lines()
             .find(|l| l.starts_with(series))

@@ -266,6 +266,12 @@ impl Stack {
         }
     }
 
+    /// What `svc` serves on /metrics now (the Prometheus text format).
+    pub async fn metrics_text(&self, svc: Svc) -> String {
+        let url = format!("http://{}/metrics", self.metrics[&svc]);
+        self.http.get(url).send().await.unwrap().text().await.unwrap()
+    }
+
     /// Wait until the raters' assigned-partition gauges add up to `total`, none of them zero.
     pub async fn wait_assigned(&self, raters: &[Svc], total: u64) {
         let started = Instant::now();

@@ -765,6 +765,58 @@ async fn endpoints_api_failure_disables_manual_retry_and_private_addresses_are_r
     s.cleanup().await;
 }
 
+/// Hanging receivers hold at most `WEBHOOK_ENDPOINT_CONCURRENCY` of the sender's slots each, so
+/// a healthy endpoint beside them gets every message while they hang (without the cap, the
+/// hanging endpoints' deliveries pile up until they hold every slot until the timeout).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hanging_receivers_do_not_hold_the_slots_of_a_healthy_endpoint() {
+    // WEBHOOK_TEST_ENDPOINT_CONCURRENCY=3 (the whole concurrency: no cap) makes it fail.
+    let cap = std::env::var("WEBHOOK_TEST_ENDPOINT_CONCURRENCY").unwrap_or_else(|_| "1".into());
+    let s = Stack::start_with(
+        "webhookfair",
+        2,
+        &[
+            ("WEBHOOK_CONCURRENCY", "3"),
+            ("WEBHOOK_ENDPOINT_CONCURRENCY", cap.as_str()),
+            ("WEBHOOK_TIMEOUT_MS", "60000"),
+        ],
+    )
+    .await;
+    let hang = Receiver::start(|_| Answer::Hang(Duration::from_secs(120))).await;
+    let fast = Receiver::start(|_| Answer::Status(200)).await;
+    let key = s.tenant("hard").await;
+    for (i, rx) in [&hang, &hang, &fast].into_iter().enumerate() {
+        endpoint(
+            &s,
+            &key,
+            json!({"url": format!("{}?n={i}", rx.url()), "event_types": ["credits.granted"]}),
+        )
+        .await;
+    }
+    for c in 0..12 {
+        s.grant(&key, &format!("f-{c}"), "10").await;
+    }
+    wait_until(
+        "the healthy endpoint got all 12 messages",
+        Duration::from_secs(30),
+        || {
+            let fast = &fast;
+            async move {
+                let ids: std::collections::BTreeSet<String> = fast.log().into_iter().map(|r| r.id).collect();
+                ids.len() == 12
+            }
+        },
+    )
+    .await;
+    // One request in flight to each hanging endpoint, no more, while they hang.
+    assert_eq!(
+        hang.log().len(),
+        2,
+        "hanging endpoints got more than one request each at once"
+    );
+    s.cleanup().await;
+}
+
 /// The settlement rate with 100 endpoints (10 of which hang past the timeout) against the rate
 /// with none: a benchmark, not a timed assertion. Run it alone:
 /// `cargo nextest run --release -p ingest --run-ignored ignored-only -E 'test(settlement_rate)'`.
@@ -845,10 +897,20 @@ async fn settlement_rate_with_100_endpoints_10_hanging_vs_none() {
                 .await
                 .unwrap();
         let rate = n as f64 / secs;
+        // What the sender did meanwhile, from the ledger-writer's own counters.
+        let text = s.metrics_text(Svc::LedgerWriter).await;
+        let sum = |name: &str| -> f64 {
+            text.lines()
+                .filter(|l| l.starts_with(name) && !l.starts_with('#'))
+                .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+                .sum()
+        };
         println!(
             "{}",
             json!({"endpoints": endpoints, "hanging": if endpoints > 0 { 10 } else { 0 }, "events": n,
-                   "seconds": secs, "events_per_second": rate, "messages": msgs, "deliveries": deliveries})
+                   "seconds": secs, "events_per_second": rate, "messages": msgs, "deliveries": deliveries,
+                   "attempts_by_then": sum("ledger_writer_webhook_deliveries_total"),
+                   "yielded_polls": sum("ledger_writer_webhook_yielded_polls_total")})
         );
         rates.push(rate);
         s.cleanup().await;

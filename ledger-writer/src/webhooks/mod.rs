@@ -6,10 +6,10 @@
 pub mod outbox;
 pub mod send;
 
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::OnceLock;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
-use sqlx::PgPool;
 use tokio_util::sync::CancellationToken;
 
 /// The delivery settings (flags or env).
@@ -46,6 +46,21 @@ pub struct Config {
         default_value_t = 4
     )]
     pub database_connections: u32,
+    /// Deliveries in flight to one endpoint at once, so a few hanging receivers cannot hold
+    /// every slot while healthy endpoints wait.
+    #[arg(long = "webhook-endpoint-concurrency", env = "WEBHOOK_ENDPOINT_CONCURRENCY", default_value_t = 4,
+          value_parser = clap::value_parser!(u32).range(1..=4096))]
+    pub endpoint_concurrency: u32,
+    /// Deliveries started per second while settlement is busy (settling 75% of its time or more):
+    /// the sender yields the machine to the ledger and catches up when the backlog is gone.
+    /// 0 turns the yielding off.
+    #[arg(long = "webhook-busy-rate", env = "WEBHOOK_BUSY_RATE", default_value_t = 200)]
+    pub busy_rate: u32,
+    /// Nice value of the sender's thread (0-19; Linux): under CPU contention settlement runs
+    /// first and deliveries catch up when it eases. 0 = the priority of the rest.
+    #[arg(long = "webhook-nice", env = "WEBHOOK_NICE", default_value_t = 10,
+          value_parser = clap::value_parser!(i32).range(0..=19))]
+    pub nice: i32,
 }
 
 /// Retry delays, in order.
@@ -73,6 +88,63 @@ pub fn parse_schedule(s: &str) -> Result<Schedule, String> {
     Ok(Schedule(out))
 }
 
+/// Settlement's duty cycle, measured by the settle loop over windows of [`DUTY_WINDOW`]: the
+/// share of the time spent settling rather than waiting for messages, in permille, and when the
+/// window closed (milliseconds since [`epoch`]). The sender of the same process reads it.
+static SETTLE_DUTY_PERMILLE: AtomicU64 = AtomicU64::new(0);
+static SETTLE_DUTY_AT_MS: AtomicU64 = AtomicU64::new(0);
+const DUTY_WINDOW: Duration = Duration::from_millis(250);
+/// A duty cycle at or above this means settlement is the bottleneck: the sender yields.
+const BUSY_PERMILLE: u64 = 500;
+/// A measurement older than this is stale (the loop is waiting for messages: not busy).
+const DUTY_FRESH: Duration = Duration::from_secs(1);
+
+fn epoch() -> Instant {
+    static EPOCH: OnceLock<Instant> = OnceLock::new();
+    *EPOCH.get_or_init(Instant::now)
+}
+
+fn now_ms() -> u64 {
+    epoch().elapsed().as_millis() as u64
+}
+
+/// Kept by the settle loop: add the time each batch took to settle.
+pub struct SettleDuty {
+    start: Instant,
+    busy: Duration,
+}
+
+impl Default for SettleDuty {
+    fn default() -> Self {
+        SettleDuty {
+            start: Instant::now(),
+            busy: Duration::ZERO,
+        }
+    }
+}
+
+impl SettleDuty {
+    pub fn record(&mut self, settling: Duration) {
+        self.busy += settling;
+        let elapsed = self.start.elapsed();
+        if elapsed >= DUTY_WINDOW {
+            let permille = (self.busy.as_micros() * 1000 / elapsed.as_micros().max(1)).min(1000) as u64;
+            SETTLE_DUTY_PERMILLE.store(permille, Ordering::Relaxed);
+            SETTLE_DUTY_AT_MS.store(now_ms().max(1), Ordering::Relaxed);
+            *self = SettleDuty::default();
+        }
+    }
+}
+
+/// Whether settlement spent at least 75% of its last measured window settling, within the
+/// last second.
+pub fn settle_busy() -> bool {
+    let at = SETTLE_DUTY_AT_MS.load(Ordering::Relaxed);
+    at != 0
+        && now_ms() <= at + DUTY_FRESH.as_millis() as u64
+        && SETTLE_DUTY_PERMILLE.load(Ordering::Relaxed) >= BUSY_PERMILLE
+}
+
 /// The window of credits.event.rejected, read inside the settle transaction.
 static REJECTED_WINDOW_S: OnceLock<u32> = OnceLock::new();
 
@@ -80,24 +152,84 @@ pub fn rejected_window_s() -> u32 {
     *REJECTED_WINDOW_S.get().unwrap_or(&60)
 }
 
-/// Start the sender beside the settle loop. It has its own small Postgres pool, so waiting
-/// receivers never take connections the settle path needs.
+/// Start the sender beside the settle loop, on a thread of its own at a lower CPU priority
+/// (`nice`) with a single-threaded runtime: it competes with settlement for neither the
+/// runtime's workers nor, under contention, the cores. It has its own small Postgres pool, so
+/// waiting receivers never take connections the settle path needs. Returns once the sender
+/// is connected (or failed to).
 pub async fn spawn(config: &Config, db: &shared::config::DbArgs, shutdown: CancellationToken) -> anyhow::Result<()> {
     crate::metric::describe_webhooks();
     let _ = REJECTED_WINDOW_S.set(config.rejected_window_s);
-    let pool: PgPool = shared::db::connect(&shared::config::DbArgs {
-        database_url: db.database_url.clone(),
-        database_max_connections: config.database_connections.max(2),
-    })
-    .await?;
-    let sender = send::Sender::new(pool, config.clone())?;
-    tokio::spawn(sender.run(shutdown));
-    Ok(())
+    let (config, db) = (config.clone(), db.clone());
+    let (started, ready) = tokio::sync::oneshot::channel::<anyhow::Result<()>>();
+    std::thread::Builder::new()
+        .name("webhook-sender".into())
+        .spawn(move || {
+            lower_priority(config.nice);
+            let rt = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+                Ok(rt) => rt,
+                Err(e) => {
+                    let _ = started.send(Err(e.into()));
+                    return;
+                }
+            };
+            rt.block_on(async move {
+                let pool = shared::db::connect(&shared::config::DbArgs {
+                    database_url: db.database_url.clone(),
+                    database_max_connections: config.database_connections.max(2),
+                })
+                .await;
+                let sender = pool
+                    .map_err(anyhow::Error::from)
+                    .and_then(|pool| send::Sender::new(pool, config));
+                match sender {
+                    Ok(sender) => {
+                        let _ = started.send(Ok(()));
+                        sender.run(shutdown).await;
+                    }
+                    Err(e) => {
+                        let _ = started.send(Err(e));
+                    }
+                }
+            });
+        })?;
+    ready
+        .await
+        .map_err(|_| anyhow::anyhow!("webhook sender thread ended at start-up"))?
+}
+
+/// Lower the calling thread's CPU priority (on Linux the nice value is per thread; threads it
+/// starts inherit it).
+fn lower_priority(nice: i32) {
+    if nice == 0 {
+        return;
+    }
+    // who = None: on Linux, the calling thread.
+    if let Err(e) = rustix::process::setpriority_process(None, nice) {
+        tracing::warn!(nice, error = %e, "webhook sender priority not lowered");
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn settlement_is_busy_while_it_settles_most_of_the_time() {
+        let mut duty = SettleDuty::default();
+        // A quarter of a window settling: not busy.
+        std::thread::sleep(DUTY_WINDOW);
+        duty.record(DUTY_WINDOW / 4);
+        assert!(!settle_busy());
+        // Settling all along: busy.
+        let mut duty = SettleDuty::default();
+        std::thread::sleep(DUTY_WINDOW);
+        duty.record(DUTY_WINDOW);
+        assert!(settle_busy());
+        // Then no window closes for a second (the loop waits for messages): not busy.
+        std::thread::sleep(DUTY_FRESH + Duration::from_millis(20));
+        assert!(!settle_busy(), "a stale measurement does not count");
+    }
 
     #[test]
     fn schedules_parse() {

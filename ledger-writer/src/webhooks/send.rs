@@ -8,9 +8,11 @@
 //! (new `webhook-timestamp`) with the endpoint's secret and, for 24 hours after a rotation, the
 //! previous one too. 2xx within the timeout is success; anything else is retried on the
 //! schedule and then marked failed; an endpoint whose message failed with no success to it in
-//! the meantime is disabled. Concurrency is bounded by a semaphore and the sender has its own
-//! Postgres pool, so hanging receivers cost the settle path nothing.
+//! the meantime is disabled. Concurrency is bounded by a semaphore, and per endpoint, and the
+//! sender has its own Postgres pool and thread, so hanging receivers cost the settle path
+//! nothing; while settlement is busy the sender also holds back to a low rate.
 
+use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -37,6 +39,40 @@ pub struct Sender {
     db: PgPool,
     http: reqwest::Client,
     cfg: Config,
+}
+
+/// Deliveries in flight per endpoint, by the task that sends each.
+#[derive(Default)]
+struct InFlight {
+    per_endpoint: HashMap<Uuid, i32>,
+    task_endpoint: HashMap<tokio::task::Id, Uuid>,
+}
+
+impl InFlight {
+    fn start(&mut self, task: tokio::task::Id, endpoint: Uuid) {
+        *self.per_endpoint.entry(endpoint).or_default() += 1;
+        self.task_endpoint.insert(task, endpoint);
+    }
+
+    /// A task ended, however it ended (a panic too): its delivery no longer counts.
+    fn end(&mut self, task: tokio::task::Id) {
+        let Some(endpoint) = self.task_endpoint.remove(&task) else {
+            return;
+        };
+        if let Some(n) = self.per_endpoint.get_mut(&endpoint) {
+            *n -= 1;
+            if *n <= 0 {
+                self.per_endpoint.remove(&endpoint);
+            }
+        }
+    }
+}
+
+fn task_id(r: &Result<(tokio::task::Id, ()), tokio::task::JoinError>) -> tokio::task::Id {
+    match r {
+        Ok((id, ())) => *id,
+        Err(e) => e.id(),
+    }
 }
 
 /// A claimed delivery and what is needed to send it.
@@ -140,18 +176,34 @@ impl Sender {
     }
 
     /// Claim and send until `shutdown`; then wait (bounded) for the attempts in flight.
+    ///
+    /// Settlement comes first: while it spends most of its time settling, each poll starts at
+    /// most its share of `busy_rate` deliveries and fans out few messages, and the sender
+    /// catches up once settlement does. No endpoint has more than `endpoint_concurrency`
+    /// deliveries in flight, so hanging receivers leave slots to the others.
     pub async fn run(self, shutdown: CancellationToken) {
         let this = Arc::new(self);
         let slots = Arc::new(Semaphore::new(this.cfg.concurrency as usize));
         let mut tasks: JoinSet<()> = JoinSet::new();
+        let mut in_flight = InFlight::default();
         let (done, finished) = mpsc::channel::<Done>(this.cfg.concurrency as usize * 2);
         let recorder = tokio::spawn(this.clone().recorder(finished));
         let poll = Duration::from_millis(this.cfg.poll_ms.max(10));
+        let busy_per_poll = ((u64::from(this.cfg.busy_rate) * poll.as_millis() as u64) / 1000).max(1) as usize;
         let mut last_flush = Instant::now();
         let mut last_gauge: Option<Instant> = None;
-        tracing::info!(concurrency = this.cfg.concurrency, "webhook sender running");
+        // Whether the last claim found fewer due deliveries than it could take.
+        let mut short = true;
+        tracing::info!(
+            concurrency = this.cfg.concurrency,
+            endpoint_concurrency = this.cfg.endpoint_concurrency,
+            busy_rate = this.cfg.busy_rate,
+            "webhook sender running"
+        );
         while !shutdown.is_cancelled() {
-            while tasks.try_join_next().is_some() {}
+            while let Some(r) = tasks.try_join_next_with_id() {
+                in_flight.end(task_id(&r));
+            }
             if last_flush.elapsed() >= Duration::from_secs(1) {
                 last_flush = Instant::now();
                 match flush_rejections(&this.db, this.cfg.rejected_window_s).await {
@@ -166,39 +218,54 @@ impl Sender {
                     this.error("gauge", &e);
                 }
             }
-            loop {
-                match dispatch(&this.db, 1000).await {
-                    Ok(1000) => continue,
-                    Ok(_) => break,
-                    Err(e) => {
-                        this.error("dispatch", &e.into());
-                        break;
+            let yielding = this.cfg.busy_rate > 0 && super::settle_busy();
+            if yielding {
+                metrics::counter!(m::WEBHOOK_YIELDED_POLLS).increment(1);
+            }
+            // Fan messages out to deliveries: all of them normally; while yielding, one message
+            // and only when the last claim found too little due (fan-out is most of the
+            // sender's Postgres work).
+            let fan_out = if yielding { i64::from(short) } else { 1000 };
+            if fan_out > 0 {
+                loop {
+                    match dispatch(&this.db, fan_out).await {
+                        Ok(n) if n == fan_out as u64 && !yielding => continue,
+                        Ok(_) => break,
+                        Err(e) => {
+                            this.error("dispatch", &e.into());
+                            break;
+                        }
                     }
                 }
             }
-            let free = slots.available_permits();
+            let want = slots
+                .available_permits()
+                .min(if yielding { busy_per_poll } else { 500 });
             let mut claimed = 0;
-            if free > 0 {
-                match this.claim(free.min(500)).await {
+            if want > 0 {
+                match this.claim(want, &in_flight.per_endpoint).await {
                     Ok(batch) => {
                         claimed = batch.len();
+                        short = claimed < want;
                         for (d, lease) in batch {
                             let Ok(permit) = slots.clone().acquire_owned().await else {
                                 break;
                             };
-                            tasks.spawn(this.clone().deliver(d, lease, done.clone(), permit));
+                            let endpoint = d.endpoint_id;
+                            let task = tasks.spawn(this.clone().deliver(d, lease, done.clone(), permit));
+                            in_flight.start(task.id(), endpoint);
                         }
                     }
                     Err(e) => this.error("claim", &e),
                 }
             }
-            if claimed > 0 && claimed == free.min(500) {
+            if !yielding && claimed > 0 && claimed == want {
                 continue; // more may be due
             }
             tokio::select! {
                 _ = shutdown.cancelled() => {}
                 _ = tokio::time::sleep(poll) => {}
-                Some(_) = tasks.join_next(), if slots.available_permits() == 0 => {}
+                Some(r) = tasks.join_next_with_id(), if slots.available_permits() == 0 => in_flight.end(task_id(&r)),
             }
         }
         let drained = tokio::time::timeout(shared::config::SHUTDOWN_GRACE, async {
@@ -232,15 +299,27 @@ impl Sender {
         Ok(())
     }
 
-    /// Take up to `n` due deliveries of enabled endpoints under a new lease.
-    async fn claim(&self, n: usize) -> anyhow::Result<Vec<(Claimed, Uuid)>> {
+    /// Take up to `n` due deliveries of enabled endpoints under a new lease, none for an
+    /// endpoint beyond `endpoint_concurrency` counting those `in_flight` here. Endpoints take
+    /// turns (the one with the fewest in flight first, then the oldest due), so hanging
+    /// receivers cannot crowd out the rest.
+    async fn claim(&self, n: usize, in_flight: &HashMap<Uuid, i32>) -> anyhow::Result<Vec<(Claimed, Uuid)>> {
         let lease = Uuid::now_v7();
+        let (busy, counts): (Vec<Uuid>, Vec<i32>) = in_flight.iter().map(|(e, c)| (*e, *c)).unzip();
         let rows: Vec<Claimed> = sqlx::query_as(
             "UPDATE webhook_deliveries d SET lease = $1, next_attempt_at = now() + make_interval(secs => $2)
-             FROM (SELECT d2.message_id, d2.endpoint_id FROM webhook_deliveries d2
-                   JOIN webhook_endpoints e2 ON e2.id = d2.endpoint_id AND e2.disabled_at IS NULL
-                   WHERE d2.status = 'pending' AND d2.next_attempt_at <= now()
-                   ORDER BY d2.next_attempt_at LIMIT $3 FOR UPDATE OF d2 SKIP LOCKED) due,
+             FROM (SELECT c.message_id, c.endpoint_id FROM (
+                       SELECT x.message_id, x.endpoint_id, x.next_attempt_at,
+                              COALESCE(b.n, 0) + row_number() OVER (PARTITION BY e2.id ORDER BY x.next_attempt_at) AS turn
+                       FROM webhook_endpoints e2
+                       LEFT JOIN UNNEST($4::uuid[], $5::int4[]) AS b(id, n) ON b.id = e2.id
+                       CROSS JOIN LATERAL (
+                           SELECT d2.message_id, d2.endpoint_id, d2.next_attempt_at FROM webhook_deliveries d2
+                           WHERE d2.endpoint_id = e2.id AND d2.status = 'pending' AND d2.next_attempt_at <= now()
+                           ORDER BY d2.next_attempt_at LIMIT GREATEST($6 - COALESCE(b.n, 0), 0)
+                           FOR UPDATE SKIP LOCKED) x
+                       WHERE e2.disabled_at IS NULL) c
+                   ORDER BY c.turn, c.next_attempt_at LIMIT $3) due,
                   webhook_endpoints e, webhook_messages m
              WHERE d.message_id = due.message_id AND d.endpoint_id = due.endpoint_id
                AND e.id = d.endpoint_id AND m.id = d.message_id
@@ -250,6 +329,9 @@ impl Sender {
         .bind(lease)
         .bind(self.lease().as_secs_f64())
         .bind(n as i64)
+        .bind(&busy)
+        .bind(&counts)
+        .bind(self.cfg.endpoint_concurrency as i32)
         .fetch_all(&self.db)
         .await?;
         Ok(rows.into_iter().map(|r| (r, lease)).collect())
