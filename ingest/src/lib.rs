@@ -181,6 +181,7 @@ pub async fn run(
         .await
         .context("redis")?;
     let producer = shared::kafka::producer(&config.kafka, config.linger_ms)?;
+    shared::kafka::exit_on_fatal_error(producer.clone(), "ingest");
     let state = Arc::new(AppState {
         keys: Keys::new(config.redis.redis_prefix.clone()),
         config,

@@ -139,6 +139,7 @@ pub async fn run(config: Config, ready: Ready, shutdown: CancellationToken) -> a
     shared::kafka::partition_counts(&config.kafka, &[&config.kafka.ledger_topic, &config.kafka.input_topic])?;
     let db = shared::db::connect(&config.db).await.context("postgres")?;
     let producer = shared::kafka::producer(&config.kafka, 1)?;
+    shared::kafka::exit_on_fatal_error(producer.clone(), "ledger-writer");
     let consumer: StreamConsumer<DefaultConsumerContext> =
         shared::kafka::consumer(&config.kafka, &config.group_id, DefaultConsumerContext)?;
     consumer.subscribe(&[&config.kafka.ledger_topic])?;

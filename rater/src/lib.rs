@@ -135,6 +135,7 @@ pub async fn run(config: Config, ready: Ready, shutdown: CancellationToken) -> a
     };
     store.load_scripts().await?;
     let producer = shared::kafka::producer(&config.kafka, config.linger_ms)?;
+    shared::kafka::exit_on_fatal_error(producer.clone(), "rater");
     let committed = Committed::default();
     let consumer: StreamConsumer<Ctx> = shared::kafka::consumer(
         &config.kafka,

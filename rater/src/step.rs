@@ -5,6 +5,7 @@ use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
 use chrono::Utc;
+use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::{BorrowedMessage, Header};
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use rdkafka::Message;
@@ -306,12 +307,14 @@ impl Step {
                         acks.push(f);
                         break;
                     }
-                    Err((e, r)) => {
+                    Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), r)) => {
                         // Local queue full: wait for some acks to drain it.
-                        tracing::debug!(error = %e, "producer queue full");
+                        tracing::debug!("producer queue full");
                         rec = r;
                         tokio::time::sleep(Duration::from_millis(5)).await;
                     }
+                    // Anything else fails the batch (it is retried, then the rater stops).
+                    Err((e, _)) => anyhow::bail!("produce refused: {e}"),
                 }
             }
         }

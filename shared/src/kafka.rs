@@ -23,6 +23,26 @@ pub fn producer(args: &KafkaArgs, linger_ms: u32) -> Result<FutureProducer, rdka
         .create()
 }
 
+/// Watch `producer` for a fatal error (an idempotent producer that lost its sequence with the
+/// broker can never send again) and end the process when one comes, so that its supervisor
+/// starts it afresh with a new producer. Nothing is lost by that: consumers store offsets only
+/// after what they produced is acknowledged, and ingest answers 202 only after the ack, so a
+/// restart redoes (idempotently) what was in flight, as after a kill. Without this, every
+/// produce would fail from then on while the service looked alive.
+pub fn exit_on_fatal_error(producer: FutureProducer, service: &'static str) -> tokio::task::JoinHandle<()> {
+    use rdkafka::producer::Producer;
+    tokio::spawn(async move {
+        loop {
+            tokio::time::sleep(Duration::from_millis(500)).await;
+            if let Some((code, reason)) = producer.client().fatal_error() {
+                tracing::error!(service, ?code, %reason, "Kafka producer fatal error: exiting for a restart");
+                eprintln!("{service}: Kafka producer fatal error ({code:?}): {reason}; exiting for a restart");
+                std::process::exit(75);
+            }
+        }
+    })
+}
+
 /// A consumer in `group` that never commits on its own: offsets are stored by the service after
 /// the side effect is durable, and librdkafka commits only stored offsets (on an interval,
 /// on revoke and on close).
