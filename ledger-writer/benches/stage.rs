@@ -244,6 +244,7 @@ async fn run(args: &Args, name: &str) -> Result<()> {
         input_topic: "bench.unused".into(),
         ledger_topic: "bench.unused".into(),
         dlq_topic: "bench.unused".into(),
+        kafka_compression: "lz4".into(),
     };
     let settler = Arc::new(Settler {
         db: db.clone(),

@@ -17,6 +17,10 @@ pub struct KafkaArgs {
     /// Messages no consumer could process, with the reason in a header.
     #[arg(long, env = "DLQ_TOPIC", default_value = "credits.dlq")]
     pub dlq_topic: String,
+    /// Compression of produced batches (CPU on producers and broker against bytes on the wire).
+    #[arg(long, env = "KAFKA_COMPRESSION", default_value = "lz4",
+          value_parser = ["none", "gzip", "snappy", "lz4", "zstd"])]
+    pub kafka_compression: String,
 }
 
 #[derive(clap::Args, Debug, Clone)]

@@ -17,7 +17,7 @@ pub fn producer(args: &KafkaArgs, linger_ms: u32) -> Result<FutureProducer, rdka
         .set("enable.idempotence", "true")
         .set("acks", "all")
         .set("linger.ms", linger_ms.to_string())
-        .set("compression.type", "lz4")
+        .set("compression.type", &args.kafka_compression)
         .set("queue.buffering.max.messages", "200000")
         .set("message.timeout.ms", "30000")
         .create()
