@@ -427,6 +427,12 @@ async fn top_ups_are_granted_only_after_the_charge_succeeds_and_charged_once() {
     let k4_reqs = bank.requests().into_iter().filter(|r| r.charge_id == k4).count();
     assert_eq!(k4_reqs, 4, "three attempts by the request, one by the ledger-writer");
     assert_eq!(bank.taken_of("c-1"), (3, d("85")));
+    // Grants are listed from Postgres, which the ledger-writer writes a moment after the hot
+    // balance moved: wait for the third to settle, then make sure there is no fourth.
+    eventually("the third top-up grant to settle", Duration::from_secs(30), || async {
+        grants(&s, &key, "c-1", "top-up").await.len() >= 3
+    })
+    .await;
     let paid = grants(&s, &key, "c-1", "top-up").await;
     assert_eq!(paid.len(), 3, "{paid:?}");
     assert!(bank.requests().iter().all(|r| r.verified), "every charge is signed");
@@ -471,6 +477,10 @@ async fn auto_recharge_refills_to_target_within_the_spend_limit_and_pauses_on_fa
     let c_reqs = bank.requests_of("c");
     assert_eq!(c_reqs.len(), 2, "a timeout, then the same charge again");
     assert_eq!(c_reqs[0].charge_id, c_reqs[1].charge_id);
+    eventually("a's recharge grant to settle", Duration::from_secs(30), || async {
+        !grants(&s, &key, "a", "auto-recharge").await.is_empty()
+    })
+    .await;
     let g = grants(&s, &key, "a", "auto-recharge").await;
     assert_eq!(g.len(), 1, "{g:?}");
     assert_eq!(g[0]["amount"], "35");
