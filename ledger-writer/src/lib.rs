@@ -164,7 +164,7 @@ pub async fn run(config: Config, ready: Ready, shutdown: CancellationToken) -> a
         Duration::from_millis(config.sweep_interval_ms),
         shutdown.clone(),
     ));
-    webhooks::spawn(&config.webhooks, &config.db, shutdown.clone()).await?;
+    let sender = webhooks::spawn(&config.webhooks, &config.db, shutdown.clone()).await?;
     billing::spawn(
         config.billing.clone(),
         settler.db.clone(),
@@ -192,6 +192,7 @@ pub async fn run(config: Config, ready: Ready, shutdown: CancellationToken) -> a
             break Ok(());
         };
         let started = Instant::now();
+        duty.begin();
         let span = shared::kafka::batch_span(batch.iter().map(|m| (m.partition, m.offset)));
         // Dead-letter what cannot be decoded, then settle the rest (retrying: it is idempotent).
         for m in batch.iter().filter(|m| m.decoded.is_err()) {
@@ -227,6 +228,15 @@ pub async fn run(config: Config, ready: Ready, shutdown: CancellationToken) -> a
     };
     ready.set(false);
     shared::kafka::final_commit(&consumer);
+    // The sender drains what it has in flight (bounded by its own grace) and records it.
+    let joined = tokio::time::timeout(
+        shared::config::SHUTDOWN_GRACE + Duration::from_secs(10),
+        tokio::task::spawn_blocking(move || sender.join()),
+    )
+    .await;
+    if joined.is_err() {
+        tracing::warn!("webhook sender still draining at exit; its leases run out and another sender retries");
+    }
     tracing::info!("ledger-writer stopped");
     result
 }

@@ -129,7 +129,7 @@ pub fn describe_webhooks() {
     describe_counter!(
         WEBHOOK_YIELDED_POLLS,
         Unit::Count,
-        "Webhook sender polls held to the busy rate because settlement was busy (75% of its time or more)"
+        "Webhook sender polls held to the busy rate because settlement was busy (50% of its time or more)"
     );
     for outcome in WEBHOOK_OUTCOMES {
         metrics::counter!(WEBHOOK_DELIVERIES, "outcome" => outcome).increment(0);

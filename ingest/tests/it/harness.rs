@@ -198,8 +198,10 @@ impl Stack {
         let key = match svc {
             Svc::Ingest => "INGEST_METRICS_LISTEN",
             Svc::LedgerWriter => "LEDGER_WRITER_METRICS_LISTEN",
-            // The rater's metrics address is set per spawn from `metrics`.
-            Svc::Rater | Svc::Rater2 => return,
+            // Each rater's metrics address is set per spawn from `metrics`; the env keeps the
+            // first rater's, which tests read.
+            Svc::Rater => "RATER_METRICS_LISTEN",
+            Svc::Rater2 => return,
         };
         self.set_env(key, &addr);
         if svc == Svc::Ingest {

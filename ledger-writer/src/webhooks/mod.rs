@@ -51,11 +51,15 @@ pub struct Config {
     #[arg(long = "webhook-endpoint-concurrency", env = "WEBHOOK_ENDPOINT_CONCURRENCY", default_value_t = 4,
           value_parser = clap::value_parser!(u32).range(1..=4096))]
     pub endpoint_concurrency: u32,
-    /// Deliveries started per second while settlement is busy (settling 75% of its time or more):
+    /// Deliveries started per second while settlement is busy (settling 50% of its time or more):
     /// the sender yields the machine to the ledger and catches up when the backlog is gone.
     /// 0 turns the yielding off.
     #[arg(long = "webhook-busy-rate", env = "WEBHOOK_BUSY_RATE", default_value_t = 200)]
     pub busy_rate: u32,
+    /// Yielding stops while the oldest pending delivery is older than this many seconds, so a
+    /// steadily busy settlement delays webhooks by about this much, never without bound.
+    #[arg(long = "webhook-max-yield-s", env = "WEBHOOK_MAX_YIELD_S", default_value_t = 60)]
+    pub max_yield_s: u64,
     /// Nice value of the sender's thread (0-19; Linux): under CPU contention settlement runs
     /// first and deliveries catch up when it eases. 0 = the priority of the rest.
     #[arg(long = "webhook-nice", env = "WEBHOOK_NICE", default_value_t = 10,
@@ -93,6 +97,8 @@ pub fn parse_schedule(s: &str) -> Result<Schedule, String> {
 /// window closed (milliseconds since [`epoch`]). The sender of the same process reads it.
 static SETTLE_DUTY_PERMILLE: AtomicU64 = AtomicU64::new(0);
 static SETTLE_DUTY_AT_MS: AtomicU64 = AtomicU64::new(0);
+/// When the batch being settled now began (milliseconds since [`epoch`]); 0 = none.
+static SETTLE_BATCH_SINCE_MS: AtomicU64 = AtomicU64::new(0);
 const DUTY_WINDOW: Duration = Duration::from_millis(250);
 /// A duty cycle at or above this means settlement is the bottleneck: the sender yields.
 const BUSY_PERMILLE: u64 = 500;
@@ -124,7 +130,14 @@ impl Default for SettleDuty {
 }
 
 impl SettleDuty {
+    /// A batch starts settling.
+    pub fn begin(&mut self) {
+        SETTLE_BATCH_SINCE_MS.store(now_ms().max(1), Ordering::Relaxed);
+    }
+
+    /// The batch begun last took `settling` to settle.
     pub fn record(&mut self, settling: Duration) {
+        SETTLE_BATCH_SINCE_MS.store(0, Ordering::Relaxed);
         self.busy += settling;
         let elapsed = self.start.elapsed();
         if elapsed >= DUTY_WINDOW {
@@ -136,12 +149,17 @@ impl SettleDuty {
     }
 }
 
-/// Whether settlement spent at least 75% of its last measured window settling, within the
-/// last second.
+/// Whether settlement spent at least half of its last measured window settling (within the
+/// last second), or has been settling one batch for longer than a window.
 pub fn settle_busy() -> bool {
+    let now = now_ms();
+    let since = SETTLE_BATCH_SINCE_MS.load(Ordering::Relaxed);
+    if since != 0 && now >= since + DUTY_WINDOW.as_millis() as u64 {
+        return true;
+    }
     let at = SETTLE_DUTY_AT_MS.load(Ordering::Relaxed);
     at != 0
-        && now_ms() <= at + DUTY_FRESH.as_millis() as u64
+        && now <= at + DUTY_FRESH.as_millis() as u64
         && SETTLE_DUTY_PERMILLE.load(Ordering::Relaxed) >= BUSY_PERMILLE
 }
 
@@ -156,13 +174,17 @@ pub fn rejected_window_s() -> u32 {
 /// (`nice`) with a single-threaded runtime: it competes with settlement for neither the
 /// runtime's workers nor, under contention, the cores. It has its own small Postgres pool, so
 /// waiting receivers never take connections the settle path needs. Returns once the sender
-/// is connected (or failed to).
-pub async fn spawn(config: &Config, db: &shared::config::DbArgs, shutdown: CancellationToken) -> anyhow::Result<()> {
+/// is connected (or failed to), with its thread: join it after `shutdown` to let it drain.
+pub async fn spawn(
+    config: &Config,
+    db: &shared::config::DbArgs,
+    shutdown: CancellationToken,
+) -> anyhow::Result<std::thread::JoinHandle<()>> {
     crate::metric::describe_webhooks();
     let _ = REJECTED_WINDOW_S.set(config.rejected_window_s);
     let (config, db) = (config.clone(), db.clone());
     let (started, ready) = tokio::sync::oneshot::channel::<anyhow::Result<()>>();
-    std::thread::Builder::new()
+    let thread = std::thread::Builder::new()
         .name("webhook-sender".into())
         .spawn(move || {
             lower_priority(config.nice);
@@ -195,7 +217,8 @@ pub async fn spawn(config: &Config, db: &shared::config::DbArgs, shutdown: Cance
         })?;
     ready
         .await
-        .map_err(|_| anyhow::anyhow!("webhook sender thread ended at start-up"))?
+        .map_err(|_| anyhow::anyhow!("webhook sender thread ended at start-up"))??;
+    Ok(thread)
 }
 
 /// Lower the calling thread's CPU priority (on Linux the nice value is per thread; threads it
@@ -216,19 +239,28 @@ mod tests {
 
     #[test]
     fn settlement_is_busy_while_it_settles_most_of_the_time() {
+        // One test for the process-wide signal, so no other test moves it meanwhile.
         let mut duty = SettleDuty::default();
-        // A quarter of a window settling: not busy.
+        // A small share of a window settling: not busy.
         std::thread::sleep(DUTY_WINDOW);
-        duty.record(DUTY_WINDOW / 4);
+        duty.begin();
+        duty.record(Duration::from_millis(10));
         assert!(!settle_busy());
         // Settling all along: busy.
         let mut duty = SettleDuty::default();
         std::thread::sleep(DUTY_WINDOW);
-        duty.record(DUTY_WINDOW);
+        duty.begin();
+        duty.record(duty.start.elapsed());
         assert!(settle_busy());
         // Then no window closes for a second (the loop waits for messages): not busy.
         std::thread::sleep(DUTY_FRESH + Duration::from_millis(20));
         assert!(!settle_busy(), "a stale measurement does not count");
+        // One long batch in progress is busy before it ends.
+        duty.begin();
+        assert!(!settle_busy(), "a batch that has only begun");
+        std::thread::sleep(DUTY_WINDOW + Duration::from_millis(20));
+        assert!(settle_busy(), "a batch in progress for longer than a window");
+        duty.record(Duration::from_millis(10));
     }
 
     #[test]

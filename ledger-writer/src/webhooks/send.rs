@@ -194,6 +194,8 @@ impl Sender {
         let mut last_gauge: Option<Instant> = None;
         // Whether the last claim found fewer due deliveries than it could take.
         let mut short = true;
+        // How long the most overdue work has waited (from the gauges, every 5 s).
+        let mut overdue = Duration::ZERO;
         tracing::info!(
             concurrency = this.cfg.concurrency,
             endpoint_concurrency = this.cfg.endpoint_concurrency,
@@ -214,18 +216,26 @@ impl Sender {
             }
             if last_gauge.is_none_or(|t| t.elapsed() >= Duration::from_secs(5)) {
                 last_gauge = Some(Instant::now());
-                if let Err(e) = this.gauges().await {
-                    this.error("gauge", &e);
+                match this.gauges().await {
+                    Ok(o) => overdue = Duration::from_secs_f64(o.max(0.0)),
+                    Err(e) => this.error("gauge", &e),
                 }
             }
-            let yielding = this.cfg.busy_rate > 0 && super::settle_busy();
+            // Settlement first, but not forever: past `max_yield_s` of overdue work the sender
+            // runs at full speed until it has caught up.
+            let yielding =
+                this.cfg.busy_rate > 0 && overdue < Duration::from_secs(this.cfg.max_yield_s) && super::settle_busy();
             if yielding {
                 metrics::counter!(m::WEBHOOK_YIELDED_POLLS).increment(1);
             }
-            // Fan messages out to deliveries: all of them normally; while yielding, one message
-            // and only when the last claim found too little due (fan-out is most of the
-            // sender's Postgres work).
-            let fan_out = if yielding { i64::from(short) } else { 1000 };
+            // Fan messages out to deliveries: all of them normally; while yielding, only when
+            // the last claim found too little due, and no more messages than the poll may send
+            // (each gives at least one delivery; fan-out is most of the sender's Postgres work).
+            let fan_out = match (yielding, short) {
+                (false, _) => 1000,
+                (true, true) => busy_per_poll as i64,
+                (true, false) => 0,
+            };
             if fan_out > 0 {
                 loop {
                     match dispatch(&this.db, fan_out).await {
@@ -286,9 +296,15 @@ impl Sender {
         tracing::warn!(error = %format!("{e:#}"), stage, "webhook sender");
     }
 
-    async fn gauges(&self) -> anyhow::Result<()> {
-        let (n, age): (i64, f64) = sqlx::query_as(
-            "SELECT count(*), COALESCE(EXTRACT(EPOCH FROM now() - min(d.created_at)), 0)::float8
+    /// Set the backlog gauges; returns how long the most overdue work has waited past its time,
+    /// in seconds: the oldest due delivery, or the oldest message not yet fanned out.
+    async fn gauges(&self) -> anyhow::Result<f64> {
+        let (n, age, overdue): (i64, f64, f64) = sqlx::query_as(
+            "SELECT count(*), COALESCE(EXTRACT(EPOCH FROM now() - min(d.created_at)), 0)::float8,
+                GREATEST(
+                    COALESCE(EXTRACT(EPOCH FROM now() - min(d.next_attempt_at) FILTER (WHERE d.next_attempt_at <= now())), 0),
+                    COALESCE((SELECT EXTRACT(EPOCH FROM now() - min(created_at)) FROM webhook_messages
+                              WHERE NOT dispatched), 0))::float8
              FROM webhook_deliveries d JOIN webhook_endpoints e ON e.id = d.endpoint_id AND e.disabled_at IS NULL
              WHERE d.status = 'pending'",
         )
@@ -296,31 +312,37 @@ impl Sender {
         .await?;
         metrics::gauge!(m::WEBHOOK_BACKLOG).set(n as f64);
         metrics::gauge!(m::WEBHOOK_OLDEST_AGE).set(age);
-        Ok(())
+        Ok(overdue)
     }
 
     /// Take up to `n` due deliveries of enabled endpoints under a new lease, none for an
-    /// endpoint beyond `endpoint_concurrency` counting those `in_flight` here. Endpoints take
-    /// turns (the one with the fewest in flight first, then the oldest due), so hanging
-    /// receivers cannot crowd out the rest.
+    /// endpoint beyond `endpoint_concurrency` counting those `in_flight` in this process (the
+    /// cap is per replica). Endpoints take turns (the one with the fewest in flight first, then
+    /// the oldest due), so hanging receivers cannot crowd out the rest. Candidates are ranked
+    /// without locks; only the `n` chosen are locked (`SKIP LOCKED`: another replica's are
+    /// left to it).
     async fn claim(&self, n: usize, in_flight: &HashMap<Uuid, i32>) -> anyhow::Result<Vec<(Claimed, Uuid)>> {
         let lease = Uuid::now_v7();
         let (busy, counts): (Vec<Uuid>, Vec<i32>) = in_flight.iter().map(|(e, c)| (*e, *c)).unzip();
         let rows: Vec<Claimed> = sqlx::query_as(
-            "UPDATE webhook_deliveries d SET lease = $1, next_attempt_at = now() + make_interval(secs => $2)
-             FROM (SELECT c.message_id, c.endpoint_id FROM (
-                       SELECT x.message_id, x.endpoint_id, x.next_attempt_at,
-                              COALESCE(b.n, 0) + row_number() OVER (PARTITION BY e2.id ORDER BY x.next_attempt_at) AS turn
-                       FROM webhook_endpoints e2
-                       LEFT JOIN UNNEST($4::uuid[], $5::int4[]) AS b(id, n) ON b.id = e2.id
-                       CROSS JOIN LATERAL (
-                           SELECT d2.message_id, d2.endpoint_id, d2.next_attempt_at FROM webhook_deliveries d2
-                           WHERE d2.endpoint_id = e2.id AND d2.status = 'pending' AND d2.next_attempt_at <= now()
-                           ORDER BY d2.next_attempt_at LIMIT GREATEST($6 - COALESCE(b.n, 0), 0)
-                           FOR UPDATE SKIP LOCKED) x
-                       WHERE e2.disabled_at IS NULL) c
-                   ORDER BY c.turn, c.next_attempt_at LIMIT $3) due,
-                  webhook_endpoints e, webhook_messages m
+            "WITH ranked AS (
+                SELECT x.message_id, x.endpoint_id FROM webhook_endpoints e2
+                LEFT JOIN UNNEST($4::uuid[], $5::int4[]) AS b(id, n) ON b.id = e2.id
+                CROSS JOIN LATERAL (
+                    SELECT d2.message_id, d2.endpoint_id, d2.next_attempt_at,
+                           row_number() OVER (ORDER BY d2.next_attempt_at) AS rank
+                    FROM webhook_deliveries d2
+                    WHERE d2.endpoint_id = e2.id AND d2.status = 'pending' AND d2.next_attempt_at <= now()
+                    ORDER BY d2.next_attempt_at LIMIT GREATEST($6 - COALESCE(b.n, 0), 0)) x
+                WHERE e2.disabled_at IS NULL
+                ORDER BY COALESCE(b.n, 0) + x.rank, x.next_attempt_at LIMIT $3),
+             due AS (
+                SELECT d3.message_id, d3.endpoint_id FROM webhook_deliveries d3
+                JOIN ranked r ON r.message_id = d3.message_id AND r.endpoint_id = d3.endpoint_id
+                WHERE d3.status = 'pending' AND d3.next_attempt_at <= now()
+                FOR UPDATE OF d3 SKIP LOCKED)
+             UPDATE webhook_deliveries d SET lease = $1, next_attempt_at = now() + make_interval(secs => $2)
+             FROM due, webhook_endpoints e, webhook_messages m
              WHERE d.message_id = due.message_id AND d.endpoint_id = due.endpoint_id
                AND e.id = d.endpoint_id AND m.id = d.message_id
              RETURNING d.message_id, d.endpoint_id, d.attempts, d.max_attempts, d.first_attempt_at, e.url, e.secret,
