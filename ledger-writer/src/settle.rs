@@ -492,12 +492,12 @@ impl Settler {
         }
         if !grant_delta.is_empty() {
             let (mut t, mut ids, mut ds, mut ends, mut acts) = (vec![], vec![], vec![], vec![], vec![]);
-            for ((tenant, id), (d, end, act)) in grant_delta {
-                t.push(tenant);
-                ids.push(id);
-                ds.push(d);
-                ends.push(end);
-                acts.push(act);
+            for ((tenant, id), (d, end, act)) in &grant_delta {
+                t.push(tenant.as_str());
+                ids.push(*id);
+                ds.push(*d);
+                ends.push(*end);
+                acts.push(*act);
             }
             sqlx::query(
                 "UPDATE grants g SET remaining = g.remaining + d.delta,
@@ -520,13 +520,13 @@ impl Settler {
         }
         if !pool_delta.is_empty() {
             let (mut t, mut c, mut r, mut ct, mut b, mut o) = (vec![], vec![], vec![], vec![], vec![], vec![]);
-            for ((tenant, customer, resource, credit_type), (bal, od)) in pool_delta {
-                t.push(tenant);
-                c.push(customer);
-                r.push(resource);
-                ct.push(credit_type);
-                b.push(bal);
-                o.push(od);
+            for ((tenant, customer, resource, credit_type), (bal, od)) in &pool_delta {
+                t.push(tenant.as_str());
+                c.push(customer.as_str());
+                r.push(resource.as_str());
+                ct.push(credit_type.as_str());
+                b.push(*bal);
+                o.push(*od);
             }
             sqlx::query(
                 "INSERT INTO pools AS p (tenant_id, customer_id, resource_id, credit_type, balance, overdraft)
@@ -549,7 +549,12 @@ impl Settler {
             self.reverse(&slipped).await?;
         }
         // Webhook messages caused by this batch, in its transaction.
-        crate::webhooks::outbox::record(&mut tx, facts).await?;
+        let moved = crate::webhooks::outbox::Moved {
+            pools: &pool_delta,
+            grants: &grant_delta,
+            new_usage: &new_uids,
+        };
+        crate::webhooks::outbox::record(&mut tx, facts, &moved).await?;
         tx.commit().await?;
         metrics::histogram!(m::TX_DURATION).record(started.elapsed().as_secs_f64());
         for s in e2e {

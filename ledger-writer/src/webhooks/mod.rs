@@ -54,7 +54,7 @@ pub struct Config {
     /// Deliveries started per second while settlement is busy (settling 50% of its time or more):
     /// the sender yields the machine to the ledger and catches up when the backlog is gone.
     /// 0 turns the yielding off.
-    #[arg(long = "webhook-busy-rate", env = "WEBHOOK_BUSY_RATE", default_value_t = 200)]
+    #[arg(long = "webhook-busy-rate", env = "WEBHOOK_BUSY_RATE", default_value_t = 50)]
     pub busy_rate: u32,
     /// Yielding stops while the oldest pending delivery is older than this many seconds, so a
     /// steadily busy settlement delays webhooks by about this much, never without bound.

@@ -4,9 +4,10 @@
 //!
 //! - Grant facts give `credits.granted`, `credits.grant.updated` and `credits.expired` with ids
 //!   derived from the grant, so a redelivered batch inserts nothing new.
-//! - Pools and grants the batch touched are run through [`threshold::cross`] against the level
-//!   and fired set stored in `alert_state` (locked for the transaction), so a redelivered batch
-//!   sees no change and fires nothing.
+//! - Pools and grants the transaction moved are run through [`threshold::cross`]: the level
+//!   before is the level after minus what the transaction's new ledger rows moved, against the
+//!   fired set (and funding level) stored in `alert_state`, written only when they change. A
+//!   redelivered batch moves nothing and fires nothing.
 //! - Denied and unpriced events inserted by this transaction are counted per pool and window in
 //!   `webhook_rejections`; the sender turns each closed window into one message.
 //!
@@ -134,10 +135,13 @@ pub async fn dispatch(db: &sqlx::PgPool, limit: i64) -> sqlx::Result<u64> {
 /// What the batch did to one pool.
 #[derive(Default)]
 struct PoolBatch {
-    /// Sum of the batch's entries: the balance moved by this much.
+    /// What this transaction moved the balance by (set from [`Moved`]).
     moved: Decimal,
     /// Grant amounts that entered the pool in this batch (new active grants, activations).
     granted: Decimal,
+    /// The batch has grant facts for the pool: its funding may change without its balance
+    /// moving (a depleted grant voided or expired), so it is evaluated even if nothing moved.
+    grant_facts: bool,
 }
 
 enum GrantEvent {
@@ -145,8 +149,18 @@ enum GrantEvent {
     Changed(GrantChange, Decimal),
 }
 
+/// What one settle transaction moved, from the ledger rows it inserted (a redelivered fact
+/// inserts nothing and moves nothing), and the usage rows it inserted.
+pub struct Moved<'a> {
+    /// Pool -> (balance moved, overdraft moved).
+    pub pools: &'a HashMap<PoolKey, (Decimal, Decimal)>,
+    /// (tenant, grant) -> (remaining moved, ...): as the settle path applies it.
+    pub grants: &'a HashMap<(String, Uuid), (Decimal, Option<&'static str>, bool)>,
+    pub new_usage: &'a HashSet<Uuid>,
+}
+
 /// Write the outbox rows of one settled batch (inside its transaction).
-pub async fn record(tx: &mut PgConnection, facts: &[&LedgerMsg]) -> anyhow::Result<()> {
+pub async fn record(tx: &mut PgConnection, facts: &[&LedgerMsg], moved: &Moved<'_>) -> anyhow::Result<()> {
     let tenants: BTreeSet<&str> = facts.iter().map(|f| tenant_of(f)).collect();
     if tenants.is_empty() {
         return Ok(());
@@ -185,8 +199,8 @@ pub async fn record(tx: &mut PgConnection, facts: &[&LedgerMsg]) -> anyhow::Resu
                         credit_type, entries, ..
                     } => {
                         let pk = key(credit_type);
+                        pools.entry(pk.clone()).or_default();
                         for e in entries {
-                            pools.entry(pk.clone()).or_default().moved += e.amount;
                             if let Some(g) = e.grant_id {
                                 consumed
                                     .entry((ev.tenant_id.clone(), g))
@@ -214,7 +228,7 @@ pub async fn record(tx: &mut PgConnection, facts: &[&LedgerMsg]) -> anyhow::Resu
                     s.credit_type.clone(),
                 );
                 let p = pools.entry(pk).or_default();
-                p.moved += g.entries.iter().map(|e| e.amount).sum::<Decimal>();
+                p.grant_facts = true;
                 if s.effective_at <= s.created_at {
                     p.granted += s.amount;
                 }
@@ -229,7 +243,7 @@ pub async fn record(tx: &mut PgConnection, facts: &[&LedgerMsg]) -> anyhow::Resu
                 );
                 let moved: Decimal = v.entries.iter().map(|e| e.amount).sum();
                 let p = pools.entry(pk).or_default();
-                p.moved += moved;
+                p.grant_facts = true;
                 if v.change == GrantChange::Activate {
                     p.granted += moved + v.repaid;
                 }
@@ -242,6 +256,24 @@ pub async fn record(tx: &mut PgConnection, facts: &[&LedgerMsg]) -> anyhow::Resu
             }
         }
     }
+
+    // Thresholds see only what this transaction moved, exactly; pools and grants it did not move
+    // (a redelivery) were evaluated by the transaction that did.
+    pools.retain(|k, p| match moved.pools.get(k) {
+        Some((m, _)) => {
+            p.moved = *m;
+            true
+        }
+        None => p.grant_facts,
+    });
+    consumed.retain(|k, (_, m)| match moved.grants.get(k) {
+        Some((d, _, _)) => {
+            *m = *d;
+            true
+        }
+        None => false,
+    });
+    rejected.retain(|r| moved.new_usage.contains(&r.2));
 
     let mut msgs: Vec<NewMessage> = Vec::new();
     let now = Utc::now();
@@ -261,35 +293,14 @@ fn tenant_of(f: &LedgerMsg) -> &str {
     }
 }
 
-/// Make sure every key has a state row; returns the keys whose row is new (never evaluated).
-/// Rows are created (and so locked) in key order, like the SELECT ... FOR UPDATE after it.
-async fn ensure_state(tx: &mut PgConnection, keys: &[(&PoolKey, Uuid)]) -> sqlx::Result<HashSet<(PoolKey, Uuid)>> {
-    let (mut t, mut c, mut r, mut ct, mut g) = (vec![], vec![], vec![], vec![], vec![]);
-    for ((tt, cc, rr, cct), gid) in keys {
-        t.push(tt.as_str());
-        c.push(cc.as_str());
-        r.push(rr.as_str());
-        ct.push(cct.as_str());
-        g.push(*gid);
-    }
-    let fresh: Vec<(String, String, String, String, Uuid)> = sqlx::query_as(
-        "INSERT INTO alert_state (tenant_id, customer_id, resource_id, credit_type, grant_id, balance, granted)
-         SELECT t, c, r, ct, g, 0, 0 FROM UNNEST($1::text[], $2::text[], $3::text[], $4::text[], $5::uuid[])
-            WITH ORDINALITY AS k(t, c, r, ct, g, n) ORDER BY n
-         ON CONFLICT DO NOTHING
-         RETURNING tenant_id, customer_id, resource_id, credit_type, grant_id",
-    )
-    .bind(&t)
-    .bind(&c)
-    .bind(&r)
-    .bind(&ct)
-    .bind(&g)
-    .fetch_all(&mut *tx)
-    .await?;
-    Ok(fresh.into_iter().map(|(t, c, r, ct, g)| ((t, c, r, ct), g)).collect())
-}
-
+/// Store the fired set (and the pool's funding level) of keys whose state changed, creating
+/// rows as needed. Rows go in key order (callers pass BTreeMap order); a state row is only
+/// written while the pool or grant row it belongs to is locked by this transaction (the settle
+/// transaction moved it), so two ledger-writers never race on one.
 async fn save_state(tx: &mut PgConnection, rows: &[(&PoolKey, Uuid, Level, BTreeSet<String>)]) -> sqlx::Result<()> {
+    if rows.is_empty() {
+        return Ok(());
+    }
     let (mut t, mut c, mut r, mut ct, mut g, mut b, mut gr, mut f) =
         (vec![], vec![], vec![], vec![], vec![], vec![], vec![], vec![]);
     for ((tt, cc, rr, cct), gid, l, fired) in rows {
@@ -303,12 +314,12 @@ async fn save_state(tx: &mut PgConnection, rows: &[(&PoolKey, Uuid, Level, BTree
         f.push(fired.iter().cloned().collect::<Vec<_>>().join(","));
     }
     sqlx::query(
-        "UPDATE alert_state s SET balance = k.b, granted = k.gr,
-            fired = CASE WHEN k.f = '' THEN '{}'::text[] ELSE string_to_array(k.f, ',') END, updated_at = now()
+        "INSERT INTO alert_state AS s (tenant_id, customer_id, resource_id, credit_type, grant_id, balance, granted, fired)
+         SELECT t, c, r, ct, g, b, gr, CASE WHEN f = '' THEN '{}'::text[] ELSE string_to_array(f, ',') END
          FROM UNNEST($1::text[], $2::text[], $3::text[], $4::text[], $5::uuid[], $6::numeric[], $7::numeric[], $8::text[])
-            AS k(t, c, r, ct, g, b, gr, f)
-         WHERE s.tenant_id = k.t AND s.customer_id = k.c AND s.resource_id = k.r AND s.credit_type = k.ct
-            AND s.grant_id = k.g",
+            WITH ORDINALITY AS k(t, c, r, ct, g, b, gr, f, n) ORDER BY n
+         ON CONFLICT (tenant_id, customer_id, credit_type, resource_id, grant_id) DO UPDATE
+         SET balance = EXCLUDED.balance, granted = EXCLUDED.granted, fired = EXCLUDED.fired, updated_at = now()",
     )
     .bind(&t)
     .bind(&c)
@@ -328,16 +339,22 @@ type PoolRow = (
     String,
     String,
     String,
-    Decimal,
-    Decimal,
-    Vec<String>,
+    Option<Decimal>,
+    Option<Vec<String>>,
     Decimal,
     Decimal,
     Vec<i32>,
     Vec<Decimal>,
 );
 
-/// Balance thresholds of every pool the batch touched. Returns each pool's settled balance.
+/// Balance thresholds of every pool the batch moved. Returns each pool's settled balance.
+///
+/// The level before the batch is the level after it minus what this transaction moved (exact:
+/// taken from the ledger rows it inserted); the funding level before it is the stored one (it
+/// is stored whenever it changes). So a batch reads one row per pool and writes `alert_state`
+/// only when a threshold fires or recovers or the funding changes, not for every pool it
+/// touches. No lock is taken here: the settle transaction already holds the pool's row (it
+/// moved its balance), which orders two transactions on one pool.
 async fn pool_thresholds(
     tx: &mut PgConnection,
     pools: &BTreeMap<PoolKey, PoolBatch>,
@@ -347,8 +364,6 @@ async fn pool_thresholds(
     if pools.is_empty() {
         return Ok(HashMap::new());
     }
-    let keys: Vec<(&PoolKey, Uuid)> = pools.keys().map(|k| (k, Uuid::nil())).collect();
-    let fresh = ensure_state(tx, &keys).await?;
     let (mut t, mut c, mut r, mut ct) = (vec![], vec![], vec![], vec![]);
     for (tt, cc, rr, cct) in pools.keys() {
         t.push(tt.as_str());
@@ -357,7 +372,7 @@ async fn pool_thresholds(
         ct.push(cct.as_str());
     }
     let rows: Vec<PoolRow> = sqlx::query_as(
-        "SELECT k.t, k.c, k.r, k.ct, s.balance, s.granted, s.fired,
+        "SELECT k.t, k.c, k.r, k.ct, s.granted, s.fired,
             COALESCE(p.balance, 0),
             COALESCE((SELECT sum(g.amount) FROM grants g WHERE g.tenant_id = k.t AND g.customer_id = k.c
                 AND g.credit_type = k.ct AND g.resource_id = k.r AND g.status IN ('active', 'depleted')
@@ -365,15 +380,14 @@ async fn pool_thresholds(
             COALESCE(a.usage_percent, d.usage_percent, '{}'),
             COALESCE(a.balance_below, d.balance_below, '{}')
          FROM UNNEST($1::text[], $2::text[], $3::text[], $4::text[]) WITH ORDINALITY AS k(t, c, r, ct, n)
-         JOIN alert_state s ON s.tenant_id = k.t AND s.customer_id = k.c AND s.resource_id = k.r
+         LEFT JOIN alert_state s ON s.tenant_id = k.t AND s.customer_id = k.c AND s.resource_id = k.r
             AND s.credit_type = k.ct AND s.grant_id = '00000000-0000-0000-0000-000000000000'
          LEFT JOIN pools p ON p.tenant_id = k.t AND p.customer_id = k.c AND p.resource_id = k.r AND p.credit_type = k.ct
          LEFT JOIN credit_alerts a ON a.tenant_id = k.t AND a.customer_id = k.c AND a.resource_id = k.r
             AND a.credit_type = k.ct
          LEFT JOIN credit_alerts d ON d.tenant_id = k.t AND d.customer_id = '' AND d.resource_id = ''
             AND d.credit_type = k.ct
-         ORDER BY k.n
-         FOR UPDATE OF s",
+         ORDER BY k.n",
     )
     .bind(&t)
     .bind(&c)
@@ -384,26 +398,19 @@ async fn pool_thresholds(
     let mut balances = HashMap::new();
     let mut states = Vec::new();
     let mut emitted = Vec::new();
-    for (t, c, r, ct, sb, sg, fired, balance, granted, usage, below) in rows {
+    for (t, c, r, ct, stored_granted, fired, balance, granted, usage, below) in rows {
         let pk = (t, c, r, ct);
         let after = Level { balance, granted };
         let batch = &pools[&pk];
-        let before = if fresh.contains(&(pk.clone(), Uuid::nil())) {
-            // Never evaluated: what the pool was before this batch.
-            Level {
-                balance: balance - batch.moved,
-                granted: granted - batch.granted,
-            }
-        } else {
-            Level {
-                balance: sb,
-                granted: sg,
-            }
+        let before = Level {
+            balance: balance - batch.moved,
+            // Never stored: what the batch's grants added is all that changed it.
+            granted: stored_granted.unwrap_or(granted - batch.granted),
         };
         let mut th: Vec<Threshold> = usage.iter().map(|p| Threshold::UsagePercent(*p as u32)).collect();
         th.extend(below.iter().map(|b| Threshold::BalanceBelow(*b)));
         th.push(Threshold::Depleted);
-        let fired: BTreeSet<String> = fired.into_iter().collect();
+        let fired: BTreeSet<String> = fired.unwrap_or_default().into_iter().collect();
         let (crossings, next) = cross(&before, &after, &th, &fired);
         for x in crossings {
             let (kind, t) = match &x {
@@ -417,7 +424,7 @@ async fn pool_thresholds(
             emitted.push(message(Uuid::now_v7(), &pk.0, kind, now, Value::Object(data)));
         }
         balances.insert(pk.clone(), balance);
-        if next != fired || before != after || fresh.contains(&(pk.clone(), Uuid::nil())) {
+        if next != fired || stored_granted != Some(granted) {
             states.push((pk, after, next));
         }
     }
@@ -428,19 +435,12 @@ async fn pool_thresholds(
     Ok(balances)
 }
 
-type GrantRow = (
-    String,
-    Uuid,
-    Decimal,
-    Decimal,
-    String,
-    Decimal,
-    Decimal,
-    Vec<String>,
-    Vec<i32>,
-);
+type GrantRow = (String, Uuid, Decimal, Decimal, String, Option<Vec<String>>, Vec<i32>);
 
-/// Grant-level thresholds (grant_usage_percent) and depletion of every grant the batch consumed.
+/// Grant-level thresholds (grant_usage_percent) and depletion of every grant the batch consumed
+/// from. As for pools: the remaining before is the remaining after minus what this transaction
+/// moved, the grant's row is locked by the settle transaction, and state is written only when
+/// the fired set changes.
 async fn grant_thresholds(
     tx: &mut PgConnection,
     consumed: &BTreeMap<(String, Uuid), (PoolKey, Decimal)>,
@@ -451,50 +451,39 @@ async fn grant_thresholds(
     if consumed.is_empty() {
         return Ok(());
     }
-    let keys: Vec<(&PoolKey, Uuid)> = consumed.iter().map(|((_, g), (pk, _))| (pk, *g)).collect();
-    let fresh = ensure_state(tx, &keys).await?;
     let t: Vec<&str> = consumed.keys().map(|(t, _)| t.as_str()).collect();
     let g: Vec<Uuid> = consumed.keys().map(|(_, g)| *g).collect();
     let rows: Vec<GrantRow> = sqlx::query_as(
-        "SELECT k.t, k.g, gr.amount, gr.remaining, gr.status, s.balance, s.granted, s.fired,
+        "SELECT k.t, k.g, gr.amount, gr.remaining, gr.status, s.fired,
             COALESCE(a.grant_usage_percent, d.grant_usage_percent, '{}')
          FROM UNNEST($1::text[], $2::uuid[]) WITH ORDINALITY AS k(t, g, n)
          JOIN grants gr ON gr.tenant_id = k.t AND gr.id = k.g
-         JOIN alert_state s ON s.tenant_id = k.t AND s.customer_id = gr.customer_id AND s.resource_id = gr.resource_id
-            AND s.credit_type = gr.credit_type AND s.grant_id = k.g
+         LEFT JOIN alert_state s ON s.tenant_id = k.t AND s.customer_id = gr.customer_id
+            AND s.resource_id = gr.resource_id AND s.credit_type = gr.credit_type AND s.grant_id = k.g
          LEFT JOIN credit_alerts a ON a.tenant_id = k.t AND a.customer_id = gr.customer_id
             AND a.resource_id = gr.resource_id AND a.credit_type = gr.credit_type
          LEFT JOIN credit_alerts d ON d.tenant_id = k.t AND d.customer_id = '' AND d.resource_id = ''
             AND d.credit_type = gr.credit_type
-         ORDER BY k.n
-         FOR UPDATE OF s",
+         ORDER BY k.n",
     )
     .bind(&t)
     .bind(&g)
     .fetch_all(&mut *tx)
     .await?;
     let mut states = Vec::new();
-    for (tenant, gid, amount, remaining, status, sb, sg, fired, usage) in rows {
+    for (tenant, gid, amount, remaining, status, fired, usage) in rows {
         let (pk, moved) = &consumed[&(tenant.clone(), gid)];
         let after = Level {
             balance: remaining,
             granted: amount,
         };
-        let is_fresh = fresh.contains(&(pk.clone(), gid));
-        let before = if is_fresh {
-            Level {
-                balance: remaining - moved,
-                granted: amount,
-            }
-        } else {
-            Level {
-                balance: sb,
-                granted: sg,
-            }
+        let before = Level {
+            balance: remaining - moved,
+            granted: amount,
         };
         let mut th: Vec<Threshold> = usage.iter().map(|p| Threshold::UsagePercent(*p as u32)).collect();
         th.push(Threshold::Depleted);
-        let fired: BTreeSet<String> = fired.into_iter().collect();
+        let fired: BTreeSet<String> = fired.unwrap_or_default().into_iter().collect();
         let (crossings, next) = cross(&before, &after, &th, &fired);
         // A voided or expired grant is not "used up"; its thresholds stay quiet.
         if status != "voided" && status != "expired" {
@@ -514,7 +503,9 @@ async fn grant_thresholds(
                 msgs.push(message(Uuid::now_v7(), &tenant, kind, now, Value::Object(data)));
             }
         }
-        states.push((pk, gid, after, next));
+        if next != fired {
+            states.push((pk, gid, after, next));
+        }
     }
     save_state(tx, &states).await?;
     Ok(())
@@ -625,31 +616,14 @@ async fn grant_messages(
     Ok(())
 }
 
-/// Count the denied and unpriced events this transaction inserted (a redelivered one was
-/// inserted by an earlier transaction and is not counted again) into their pool's window.
+/// Count the denied and unpriced events this transaction inserted (the caller keeps only those:
+/// a redelivered one was counted by the transaction that inserted it) into their pool's window.
 async fn count_rejections(tx: &mut PgConnection, rejected: &[(PoolKey, &str, Uuid, bool)]) -> anyhow::Result<()> {
     if rejected.is_empty() {
         return Ok(());
     }
-    let t: Vec<&str> = rejected.iter().map(|r| r.0 .0.as_str()).collect();
-    let k: Vec<&str> = rejected.iter().map(|r| r.1).collect();
-    let u: Vec<Uuid> = rejected.iter().map(|r| r.2).collect();
-    let new: Vec<Uuid> = sqlx::query_scalar(
-        "SELECT u.event_uid FROM UNNEST($1::text[], $2::text[], $3::uuid[]) AS k(t, key, uid)
-         JOIN usage_events u ON u.tenant_id = k.t AND u.idempotency_key = k.key AND u.event_uid = k.uid
-         WHERE u.xmin::text::bigint = txid_current() % 4294967296",
-    )
-    .bind(&t)
-    .bind(&k)
-    .bind(&u)
-    .fetch_all(&mut *tx)
-    .await?;
-    let new: HashSet<Uuid> = new.into_iter().collect();
     let mut per: BTreeMap<&PoolKey, (i64, i64, Vec<&str>)> = BTreeMap::new();
-    for (pk, key, uid, denied) in rejected {
-        if !new.contains(uid) {
-            continue;
-        }
+    for (pk, key, _, denied) in rejected {
         let e = per.entry(pk).or_default();
         if *denied {
             e.0 += 1;
