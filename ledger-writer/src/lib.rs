@@ -70,7 +70,8 @@ pub struct Config {
     /// Where /healthz, /readyz and /metrics are served.
     #[arg(long, env = "LEDGER_WRITER_METRICS_LISTEN", default_value = "127.0.0.1:9102")]
     pub metrics_listen: SocketAddr,
-    /// Most messages settled in one transaction.
+    /// Most facts settled in one transaction (the batch ends with the message that reaches it;
+    /// a ledger message carries a run of facts).
     #[arg(long, env = "LEDGER_WRITER_MAX_BATCH", default_value_t = 5000)]
     pub max_batch: usize,
     /// Longest wait to fill a batch, in milliseconds.
@@ -115,7 +116,8 @@ pub struct InMsg {
     pub partition: i32,
     pub offset: i64,
     pub payload: Vec<u8>,
-    pub decoded: Result<LedgerMsg, String>,
+    /// The facts it carries (a run of them, or one).
+    pub decoded: Result<Vec<LedgerMsg>, String>,
     /// From the `trace_id` header (set by ingest, passed on by the rater).
     pub trace_id: Option<String>,
 }
@@ -123,7 +125,7 @@ pub struct InMsg {
 impl From<&BorrowedMessage<'_>> for InMsg {
     fn from(m: &BorrowedMessage<'_>) -> Self {
         let payload = m.payload().unwrap_or_default().to_vec();
-        let decoded = serde_json::from_slice::<LedgerMsg>(&payload).map_err(|e| format!("undecodable: {e}"));
+        let decoded = LedgerMsg::decode_many(&payload).map_err(|e| format!("undecodable: {e}"));
         InMsg {
             partition: m.partition(),
             offset: m.offset(),
@@ -180,12 +182,13 @@ pub async fn run(config: Config, ready: Ready, shutdown: CancellationToken) -> a
     // How much of its time settlement spends settling: the webhook sender yields when it is most.
     let mut duty = webhooks::SettleDuty::default();
     let result = loop {
-        let Some(batch) = shared::kafka::next_batch(
+        let Some(batch) = shared::kafka::next_batch_weighted(
             &consumer,
             config.max_batch,
             wait,
             &shutdown,
             |m: &BorrowedMessage<'_>| InMsg::from(m),
+            |m: &InMsg| m.decoded.as_ref().map_or(1, Vec::len),
         )
         .await
         else {
@@ -200,7 +203,7 @@ pub async fn run(config: Config, ready: Ready, shutdown: CancellationToken) -> a
                 .instrument(span.clone())
                 .await?;
         }
-        let facts: Vec<&LedgerMsg> = batch.iter().filter_map(|m| m.decoded.as_ref().ok()).collect();
+        let facts: Vec<&LedgerMsg> = batch.iter().filter_map(|m| m.decoded.as_ref().ok()).flatten().collect();
         let mut attempt = 0u32;
         loop {
             // A retry takes the checked path (every ledger entry through ON CONFLICT).

@@ -11,6 +11,7 @@ pub const BATCH_DURATION: &str = "rater_batch_duration_seconds";
 pub const LUA_DURATION: &str = "rater_lua_duration_seconds";
 pub const PRODUCE_DURATION: &str = "rater_produce_duration_seconds";
 pub const DLQ: &str = "rater_dlq_messages_total";
+pub const LEDGER_MESSAGES: &str = "rater_ledger_messages_produced_total";
 pub const REPLAYED: &str = "rater_replayed_operations_total";
 pub const POOL_REBUILDS: &str = "rater_pool_rebuilds_total";
 pub const CATALOGUE_RELOADS: &str = "rater_catalogue_reloads_total";
@@ -41,6 +42,11 @@ pub fn describe() {
     );
     describe_counter!(DLQ, Unit::Count, "Messages sent to the dead-letter topic, by reason");
     describe_counter!(
+        LEDGER_MESSAGES,
+        Unit::Count,
+        "Ledger messages produced (each carries a run of facts of one partition and trace id)"
+    );
+    describe_counter!(
         REPLAYED,
         Unit::Count,
         "Operations redelivered after a crash and answered from the journal"
@@ -64,7 +70,14 @@ pub fn describe() {
 /// Register the series with fixed labels at zero, so dashboards and alerts see them (and
 /// `rate()` has a start) before the first event of each kind.
 fn zero() {
-    for c in [MESSAGES, BATCHES, REPLAYED, POOL_REBUILDS, CATALOGUE_RELOADS] {
+    for c in [
+        MESSAGES,
+        BATCHES,
+        REPLAYED,
+        POOL_REBUILDS,
+        CATALOGUE_RELOADS,
+        LEDGER_MESSAGES,
+    ] {
         metrics::counter!(c).increment(0);
     }
     for outcome in ["settled", "denied", "unpriced", "duplicate"] {

@@ -15,7 +15,7 @@ const PREFIX: &str = "rater_";
 
 /// Names the dashboards, alerts and runbooks rely on. Removing or renaming one is a breaking
 /// change for operators: change the boards and rules in the same commit.
-const PINNED: [(&str, &str); 15] = [
+const PINNED: [(&str, &str); 16] = [
     ("counter", "rater_messages_consumed_total"),
     ("counter", "rater_events_total"),
     ("counter", "rater_commands_total"),
@@ -25,6 +25,7 @@ const PINNED: [(&str, &str); 15] = [
     ("histogram", "rater_lua_duration_seconds"),
     ("histogram", "rater_produce_duration_seconds"),
     ("counter", "rater_dlq_messages_total"),
+    ("counter", "rater_ledger_messages_produced_total"),
     ("counter", "rater_replayed_operations_total"),
     ("counter", "rater_pool_rebuilds_total"),
     ("counter", "rater_catalogue_reloads_total"),
@@ -63,6 +64,7 @@ fn fixed_label_series_exist_at_zero_from_start_up() {
     let found = zero_series::zero_series(m::describe, &LABELS, false);
     for want in [
         "rater_messages_consumed_total",
+        "rater_ledger_messages_produced_total",
         "rater_events_total{outcome=settled}",
         "rater_events_total{outcome=denied}",
         "rater_events_total{outcome=unpriced}",

@@ -101,7 +101,24 @@ pub async fn next_batch<C, T>(
 where
     C: ConsumerContext + 'static,
 {
+    next_batch_weighted(consumer, max, wait, shutdown, f, |_| 1).await
+}
+
+/// [`next_batch`], bounded by the sum of `weight` over the batch instead of its length (a
+/// ledger message carries a run of facts; a transaction is sized by facts).
+pub async fn next_batch_weighted<C, T>(
+    consumer: &rdkafka::consumer::StreamConsumer<C>,
+    max: usize,
+    wait: Duration,
+    shutdown: &tokio_util::sync::CancellationToken,
+    f: impl Fn(&rdkafka::message::BorrowedMessage<'_>) -> T,
+    weight: impl Fn(&T) -> usize,
+) -> Option<Vec<T>>
+where
+    C: ConsumerContext + 'static,
+{
     let mut batch = Vec::with_capacity(max.min(1024));
+    let mut total = 0usize;
     loop {
         let first = tokio::select! {
             _ = shutdown.cancelled() => return None,
@@ -109,7 +126,9 @@ where
         };
         match first {
             Ok(m) => {
-                batch.push(f(&m));
+                let t = f(&m);
+                total += weight(&t);
+                batch.push(t);
                 break;
             }
             Err(e) => {
@@ -119,9 +138,13 @@ where
         }
     }
     let deadline = tokio::time::Instant::now() + wait;
-    while batch.len() < max {
+    while total < max {
         match tokio::time::timeout_at(deadline, consumer.recv()).await {
-            Ok(Ok(m)) => batch.push(f(&m)),
+            Ok(Ok(m)) => {
+                let t = f(&m);
+                total += weight(&t);
+                batch.push(t);
+            }
             Ok(Err(e)) => tracing::warn!(error = %e, "consume error"),
             Err(_) => break,
         }

@@ -187,6 +187,17 @@ pub enum LedgerMsg {
     GrantChange(GrantChangeFact),
 }
 
+impl LedgerMsg {
+    /// Decode a ledger topic message: a JSON array of facts (what the rater produces: the run of
+    /// one request's facts on one partition) or one fact object (earlier raters, tools).
+    pub fn decode_many(payload: &[u8]) -> serde_json::Result<Vec<LedgerMsg>> {
+        match payload.iter().find(|b| !b.is_ascii_whitespace()) {
+            Some(b'[') => serde_json::from_slice(payload),
+            _ => serde_json::from_slice::<LedgerMsg>(payload).map(|m| vec![m]),
+        }
+    }
+}
+
 /// What happened to a grant after its creation.
 #[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
 #[serde(rename_all = "snake_case")]
