@@ -58,18 +58,41 @@ pub struct Step {
 const FACTS_PER_MESSAGE: usize = 500;
 
 /// Consecutive facts of one input partition with one trace id, produced as one message.
-struct FactRun<'a> {
-    trace_id: Option<String>,
-    facts: Vec<&'a LedgerMsg>,
+#[derive(Debug)]
+pub struct FactRun<'a, F> {
+    pub partition: i32,
+    pub trace_id: Option<&'a str>,
+    pub facts: Vec<&'a F>,
 }
 
-impl FactRun<'_> {
-    fn new(trace_id: Option<&str>) -> Self {
-        FactRun {
-            trace_id: trace_id.map(str::to_owned),
+/// Group facts, given in input order with their partition and trace id, into runs: a run ends
+/// where the partition's next fact has another trace id, or at `cap` facts. Within a partition
+/// the runs come out in input order, so the ledger topic keeps each partition's order (a grant
+/// is settled before the usage that consumes it).
+pub fn fact_runs<'a, F>(
+    facts: impl IntoIterator<Item = (i32, Option<&'a str>, &'a F)>,
+    cap: usize,
+) -> Vec<FactRun<'a, F>> {
+    let mut open: HashMap<i32, FactRun<'a, F>> = HashMap::new();
+    let mut out = Vec::new();
+    for (partition, trace_id, f) in facts {
+        let run = open.entry(partition).or_insert_with(|| FactRun {
+            partition,
+            trace_id,
             facts: Vec::new(),
+        });
+        if run.trace_id != trace_id || run.facts.len() >= cap {
+            let next = FactRun {
+                partition,
+                trace_id,
+                facts: Vec::new(),
+            };
+            out.push(std::mem::replace(run, next));
         }
+        run.facts.push(f);
     }
+    out.extend(open.into_values());
+    out
 }
 
 /// What becomes of one input message.
@@ -283,18 +306,11 @@ impl Step {
         // broker and both clients spend per event.
         let started = Instant::now();
         let mut acks = Vec::with_capacity(batch.len());
-        let mut runs: HashMap<i32, FactRun> = HashMap::new();
-        let mut full: Vec<(i32, FactRun)> = Vec::new();
+        let mut facts = Vec::new();
         for (msg, fate) in batch.iter().zip(&fates) {
             let (topic, key, payload, headers) = match fate {
                 Fate::Fact(f) => {
-                    let trace = msg.trace_id.as_deref();
-                    let run = runs.entry(msg.partition).or_insert_with(|| FactRun::new(trace));
-                    if run.trace_id.as_deref() != trace || run.facts.len() >= FACTS_PER_MESSAGE {
-                        let done = std::mem::replace(run, FactRun::new(trace));
-                        full.push((msg.partition, done));
-                    }
-                    run.facts.push(f);
+                    facts.push((msg.partition, msg.trace_id.as_deref(), f));
                     continue;
                 }
                 Fate::Dlq(reason) => {
@@ -325,8 +341,7 @@ impl Step {
             let rec = FutureRecord::to(topic).key(&key).payload(&payload).headers(headers);
             acks.push(self.send(rec).await?);
         }
-        full.extend(runs.into_iter().filter(|(_, r)| !r.facts.is_empty()));
-        for (partition, run) in full {
+        for run in fact_runs(facts, FACTS_PER_MESSAGE) {
             let (t, c) = fact_owner(run.facts[0]);
             let key = partition_key(t, c);
             let payload = serde_json::to_vec(&run.facts)?;
@@ -334,8 +349,8 @@ impl Step {
             let rec = FutureRecord::to(&self.kafka.ledger_topic)
                 .key(&key)
                 .payload(&payload)
-                .headers(shared::kafka::trace_headers(run.trace_id.as_deref()))
-                .partition(partition);
+                .headers(shared::kafka::trace_headers(run.trace_id))
+                .partition(run.partition);
             acks.push(self.send(rec).await?);
         }
         for a in acks {
@@ -525,5 +540,44 @@ fn reason_label(reason: &str) -> &'static str {
         "pool_total_too_large"
     } else {
         "other"
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    proptest! {
+        /// Runs keep every fact once, each partition's facts in input order, one partition and
+        /// one trace id per run, at most `cap` facts per run, and only split where they must.
+        #[test]
+        fn runs_keep_each_partition_in_order(
+            input in proptest::collection::vec((0i32..3, proptest::option::of(0u8..3)), 0..200),
+            cap in 1usize..8,
+        ) {
+            let traces: Vec<Option<String>> = input.iter().map(|(_, t)| t.map(|t| format!("t{t}"))).collect();
+            let ids: Vec<usize> = (0..input.len()).collect();
+            let runs = fact_runs(
+                input.iter().zip(&traces).zip(&ids).map(|(((p, _), t), i)| (*p, t.as_deref(), i)),
+                cap,
+            );
+            for p in 0..3 {
+                let want: Vec<usize> = ids.iter().copied().filter(|i| input[*i].0 == p).collect();
+                let mine: Vec<&FactRun<usize>> = runs.iter().filter(|r| r.partition == p).collect();
+                let got: Vec<usize> = mine.iter().flat_map(|r| r.facts.iter().map(|i| **i)).collect();
+                prop_assert_eq!(&got, &want);
+                for (k, r) in mine.iter().enumerate() {
+                    prop_assert!(!r.facts.is_empty() && r.facts.len() <= cap);
+                    for i in &r.facts {
+                        prop_assert_eq!(traces[**i].as_deref(), r.trace_id);
+                    }
+                    // A run shorter than the cap ends only where the trace id changes.
+                    if let Some(next) = mine.get(k + 1) {
+                        prop_assert!(r.facts.len() == cap || next.trace_id != r.trace_id);
+                    }
+                }
+            }
+        }
     }
 }

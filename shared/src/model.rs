@@ -302,4 +302,34 @@ mod tests {
         assert!(s.contains("\"kind\":\"usage\""));
         assert_eq!(serde_json::from_str::<InputMsg>(&s).unwrap(), e);
     }
+
+    #[test]
+    fn ledger_messages_decode_as_a_run_or_one_fact() {
+        let fact = |k: &str| {
+            LedgerMsg::Usage(UsageFact {
+                event: UsageEvent {
+                    tenant_id: "t".into(),
+                    event_uid: Uuid::nil(),
+                    customer_id: "c".into(),
+                    resource_id: String::new(),
+                    event_name: "image".into(),
+                    idempotency_key: k.into(),
+                    timestamp: DateTime::from_timestamp(1_700_000_000, 0).unwrap(),
+                    dimensions: Dimensions::new(),
+                    accepted_at: DateTime::from_timestamp(1_700_000_000, 0).unwrap(),
+                },
+                outcome: Outcome::Unpriced {
+                    reason: "no mapping".into(),
+                },
+            })
+        };
+        let run = vec![fact("a"), fact("b")];
+        let bytes = serde_json::to_vec(&run).unwrap();
+        assert_eq!(LedgerMsg::decode_many(&bytes).unwrap(), run);
+        let one = serde_json::to_vec(&run[0]).unwrap();
+        assert_eq!(LedgerMsg::decode_many(&one).unwrap(), vec![fact("a")]);
+        assert_eq!(LedgerMsg::decode_many(b" \n[]").unwrap(), vec![]);
+        assert!(LedgerMsg::decode_many(b"[{\"kind\":\"nope\"}]").is_err());
+        assert!(LedgerMsg::decode_many(b"").is_err());
+    }
 }
