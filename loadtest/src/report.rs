@@ -78,7 +78,19 @@ pub struct Report {
     pub mode: String,
     /// Whether settlement was waited for and checked (false with `--ingest-only`).
     pub verified: bool,
+    /// `events_per_second / rate_target` (null with `--ingest-only`): below 1 the pipeline
+    /// settled less than was offered; `1 / this` is by how much the rate is missed.
+    pub settled_vs_target: Option<f64>,
+    /// The pipeline kept up with the offered rate as the budget asks: settled at least
+    /// [`KEEP_UP_SHARE`] of it (the window runs to the last settlement, so a run that keeps up
+    /// shows a little under 1) with e2e p99 under [`KEEP_UP_E2E_P99_MS`]. Null with `--ingest-only`.
+    pub kept_up: Option<bool>,
 }
+
+/// A run that keeps up settles at least this share of the offered rate.
+pub const KEEP_UP_SHARE: f64 = 0.9;
+/// ... with its e2e p99 under this many milliseconds (the budget's line).
+pub const KEEP_UP_E2E_P99_MS: f64 = 1000.0;
 
 /// Percentiles of a microsecond histogram in milliseconds: p50, p99, p99.9, max.
 fn percentiles_ms(h: &Histogram<u64>) -> [Option<f64>; 4] {
@@ -153,10 +165,27 @@ impl Report {
             failures: Vec::new(),
             mode: args.mode().to_owned(),
             verified: !args.ingest_only,
+            settled_vs_target: None,
+            kept_up: None,
         };
         r.failures = r.failure_reasons();
         r.ok = r.failures.is_empty();
+        r.judge_keep_up();
         r
+    }
+
+    /// Fill `settled_vs_target` and `kept_up` from the settled rate and e2e p99.
+    pub fn judge_keep_up(&mut self) {
+        if !self.verified || self.rate_target <= 0.0 {
+            self.settled_vs_target = None;
+            self.kept_up = None;
+            return;
+        }
+        self.settled_vs_target = self.events_per_second.map(|e| e / self.rate_target);
+        self.kept_up = Some(
+            self.settled_vs_target.is_some_and(|x| x >= KEEP_UP_SHARE)
+                && self.e2e_p99_ms.is_some_and(|p| p < KEEP_UP_E2E_P99_MS),
+        );
     }
 
     /// Every reason the run is not ok.
@@ -275,6 +304,27 @@ impl Report {
             self.lost, self.double_charged, self.mismatched_pools, self.pools_checked,
             self.unexpected_rows, self.cost_mismatches, self.not_settled_status
         ));
+        if let (Some(x), Some(kept)) = (self.settled_vs_target, self.kept_up) {
+            let e2e = self
+                .e2e_p99_ms
+                .map_or_else(|| "-".to_owned(), |p| format!("{:.2}", p / 1000.0));
+            line(if kept {
+                format!(
+                    "  kept up: settled {:.2}x of the {} ev/s offered, e2e p99 {e2e} s (under {} s)",
+                    x,
+                    self.rate_target,
+                    KEEP_UP_E2E_P99_MS / 1000.0
+                )
+            } else {
+                format!(
+                    "  DID NOT KEEP UP: settled {:.2}x of the {} ev/s offered (short by {:.2}x), e2e p99 {e2e} s (budget {} s)",
+                    x,
+                    self.rate_target,
+                    if x > 0.0 { 1.0 / x } else { f64::INFINITY },
+                    KEEP_UP_E2E_P99_MS / 1000.0
+                )
+            });
+        }
         line(format!(
             "  redis bytes per retained idempotency key {}",
             self.redis_bytes_per_key
@@ -354,7 +404,14 @@ mod tests {
         assert_eq!(obj["rejected_by_status"]["503"], 100);
         // Additions come only after `ok`.
         let ok_at = text.find("\"ok\":").unwrap();
-        for added in ["settlement_completed", "failures", "mode", "verified"] {
+        for added in [
+            "settlement_completed",
+            "failures",
+            "mode",
+            "verified",
+            "settled_vs_target",
+            "kept_up",
+        ] {
             assert!(text.find(&format!("\"{added}\":")).unwrap() > ok_at, "{added}");
         }
     }
@@ -431,6 +488,38 @@ mod tests {
             ..good
         };
         assert!(failed.summary().contains("FAILED: x"));
+    }
+
+    #[test]
+    fn keeping_up_needs_the_rate_and_the_e2e_p99() {
+        let run = |eps: f64, p99: f64| {
+            let mut r = Report {
+                rate_target: 20_000.0,
+                events_per_second: Some(eps),
+                e2e_p99_ms: Some(p99),
+                verified: true,
+                ..Report::default()
+            };
+            r.judge_keep_up();
+            r
+        };
+        let slow = run(13_697.0, 35_783.0);
+        assert_eq!(slow.kept_up, Some(false));
+        assert!((slow.settled_vs_target.unwrap() - 0.68485).abs() < 1e-4);
+        assert!(slow
+            .summary()
+            .contains("DID NOT KEEP UP: settled 0.68x of the 20000 ev/s offered (short by 1.46x)"));
+        assert_eq!(run(19_500.0, 800.0).kept_up, Some(true));
+        assert!(run(19_500.0, 800.0).summary().contains("kept up: settled 0.97x"));
+        // Fast enough on average but late: not kept up; on time but short: not kept up.
+        assert_eq!(run(19_500.0, 1_500.0).kept_up, Some(false));
+        assert_eq!(run(15_000.0, 300.0).kept_up, Some(false));
+        let mut ingest = Report {
+            rate_target: 50_000.0,
+            ..Report::default()
+        };
+        ingest.judge_keep_up();
+        assert_eq!((ingest.settled_vs_target, ingest.kept_up), (None, None));
     }
 
     #[test]
