@@ -114,8 +114,10 @@ impl IntoResponse for ApiError {
 }
 
 /// Parse a JSON body, naming the field that is wrong: syntax errors are 400, wrong types or
-/// values 422, an over-large body 413.
+/// values 422, an over-large body 413. Text Postgres cannot store (U+0000) and numbers it cannot
+/// hold are refused here, for every endpoint, so they never reach a topic (guarantee 7).
 pub fn parse_json<T: DeserializeOwned>(bytes: &[u8]) -> ApiResult<T> {
+    unstorable(bytes)?;
     if bytes.is_empty() {
         return Err(ApiError::new(
             StatusCode::BAD_REQUEST,
@@ -137,6 +139,35 @@ pub fn parse_json<T: DeserializeOwned>(bytes: &[u8]) -> ApiResult<T> {
         }
         err
     })
+}
+
+/// Refuse a body holding what Postgres `text` and `jsonb` reject, naming where it is: U+0000 in
+/// any string or key (JSON can only carry it as the escape `\u0000`, so only bodies holding
+/// that escape are walked), and numbers beyond what `numeric` holds (more than 100 characters,
+/// or an exponent beyond +-1000).
+fn unstorable(bytes: &[u8]) -> ApiResult<()> {
+    // A cheap look first (the event path parses each body once more only when it must).
+    let has_nul_escape = bytes.windows(6).any(|w| w == b"\\u0000");
+    let has_exponent = bytes
+        .windows(3)
+        .any(|w| w[0].is_ascii_digit() && matches!(w[1], b'e' | b'E') && matches!(w[2], b'0'..=b'9' | b'+' | b'-'));
+    let long_digits = bytes
+        .split(|b| !b.is_ascii_digit() && *b != b'.')
+        .any(|run| run.len() > 90);
+    if !has_nul_escape && !has_exponent && !long_digits {
+        return Ok(());
+    }
+    // Malformed JSON is reported by the typed parse.
+    let Ok(v) = serde_json::from_slice::<serde_json::Value>(bytes) else {
+        return Ok(());
+    };
+    match crate::validate::unstorable_at(&v, &mut String::new()) {
+        None => Ok(()),
+        Some((path, what)) => {
+            let field = if path.is_empty() { "body".to_owned() } else { path };
+            Err(ApiError::invalid(&field, "unstorable_value", what))
+        }
+    }
 }
 
 /// A JSON body parsed with [`parse_json`].

@@ -131,6 +131,52 @@ pub fn dimensions(field: &str, v: &Value) -> Result<serde_json::Map<String, Valu
     Ok(map.clone())
 }
 
+/// The first place in `v` holding what Postgres cannot store, with why: U+0000 in a string or a
+/// key, or a number beyond `numeric` (over 100 characters, or an exponent beyond +-1000). The
+/// path is written like `events[0].dimensions.name`.
+pub fn unstorable_at(v: &Value, path: &mut String) -> Option<(String, &'static str)> {
+    match v {
+        Value::String(s) if s.contains('\0') => Some((path.clone(), "must not contain U+0000 (NUL)")),
+        Value::Number(n) if !number_storable(&n.to_string()) => {
+            Some((path.clone(), "is a number too large or too long to store"))
+        }
+        Value::Array(a) => a.iter().enumerate().find_map(|(i, x)| {
+            let len = path.len();
+            path.push_str(&format!("[{i}]"));
+            let r = unstorable_at(x, path);
+            path.truncate(len);
+            r
+        }),
+        Value::Object(o) => o.iter().find_map(|(k, x)| {
+            let len = path.len();
+            if !path.is_empty() {
+                path.push('.');
+            }
+            path.push_str(&k.replace('\0', "\\u0000"));
+            let r = if k.contains('\0') {
+                Some((path.clone(), "names must not contain U+0000 (NUL)"))
+            } else {
+                unstorable_at(x, path)
+            };
+            path.truncate(len);
+            r
+        }),
+        _ => None,
+    }
+}
+
+/// A JSON number Postgres `numeric` (and so `jsonb`) holds: at most 100 characters, exponent
+/// within +-1000.
+fn number_storable(text: &str) -> bool {
+    if text.len() > 100 {
+        return false;
+    }
+    match text.split_once(['e', 'E']) {
+        None => true,
+        Some((_, e)) => e.parse::<i32>().is_ok_and(|e| e.abs() <= 1000),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -177,6 +223,27 @@ mod tests {
             amount("a", &json!({"x": 1}), 2, false).unwrap_err().body.code,
             "invalid_amount"
         );
+    }
+
+    #[test]
+    fn unstorable_values_are_found_with_their_path() {
+        let at = |v: Value| unstorable_at(&v, &mut String::new()).map(|(p, _)| p);
+        assert_eq!(
+            at(json!({"dimensions": {"a\u{0}b": "x"}})).as_deref(),
+            Some("dimensions.a\\u0000b")
+        );
+        assert_eq!(
+            at(json!({"events": [{}, {"dimensions": {"k": "v\u{0}"}}]})).as_deref(),
+            Some("events[1].dimensions.k")
+        );
+        assert_eq!(
+            at(json!({"metadata": {"deep": ["ok", "\u{0}"]}})).as_deref(),
+            Some("metadata.deep[1]")
+        );
+        let huge: Value = serde_json::from_str(r#"{"dimensions": {"n": 1e999999}}"#).unwrap();
+        assert_eq!(at(huge).as_deref(), Some("dimensions.n"));
+        let fine: Value = serde_json::from_str(r#"{"dimensions": {"n": 1.5e300, "s": "caf\u00e9"}}"#).unwrap();
+        assert_eq!(at(fine), None);
     }
 
     #[test]
