@@ -297,7 +297,25 @@ pub async fn get_event(
         settled_at,
     )) = row
     else {
-        // Not settled. With the customer we can tell whether the rater has seen it.
+        // Not settled. Dead-lettered by a consumer (guarantee 7): a terminal status with its reason.
+        let dead: Option<(String, DateTime<Utc>)> = sqlx::query_as(
+            "SELECT reason, dead_lettered_at FROM dead_letters WHERE tenant_id = $1 AND idempotency_key = $2
+             ORDER BY dead_lettered_at DESC LIMIT 1",
+        )
+        .bind(&t.id)
+        .bind(&key)
+        .fetch_optional(&s.db)
+        .await?;
+        if let Some((reason, at)) = dead {
+            return Ok(Json(json!({
+                "status": "dead_lettered",
+                "idempotency_key": key,
+                "reason": reason,
+                "dead_lettered_at": at,
+                "duplicates": duplicates,
+            })));
+        }
+        // With the customer we can tell whether the rater has seen it.
         if let Some(c) = q.customer_id.filter(|c| validate::id_ok(c)) {
             // The mark sits in the bucket of the event's timestamp, which we do not know: ask
             // every bucket an accepted event could be in (one pipelined round trip).

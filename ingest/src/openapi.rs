@@ -132,10 +132,14 @@ pub struct Accepted {
 
 #[derive(ToSchema)]
 pub struct EventStatus {
-    /// pending, settled, denied or unpriced.
+    /// pending, settled, denied, unpriced or dead_lettered.
     status: String,
     idempotency_key: String,
     duplicates: i64,
+    /// Why it was denied, unpriced or dead-lettered.
+    reason: Option<String>,
+    /// When a consumer dead-lettered it (status dead_lettered).
+    dead_lettered_at: Option<String>,
     #[schema(value_type = Option<Object>)]
     event: Option<Value>,
     credit_type: Option<String>,

@@ -6,6 +6,7 @@
 //! balances move only by the entries actually inserted, so a redelivered batch changes nothing.
 
 pub mod billing;
+pub mod consume;
 pub mod metric;
 pub mod reconcile;
 pub mod rollups;
@@ -14,18 +15,13 @@ pub mod sweep;
 pub mod webhooks;
 
 use std::net::SocketAddr;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use anyhow::Context as _;
 use rdkafka::consumer::{Consumer, DefaultConsumerContext, StreamConsumer};
-use rdkafka::message::{BorrowedMessage, Header};
-use rdkafka::producer::FutureRecord;
-use rdkafka::Message;
 use shared::config::{DbArgs, KafkaArgs};
-use shared::model::LedgerMsg;
 use shared::telemetry::Ready;
 use tokio_util::sync::CancellationToken;
-use tracing::Instrument;
 
 #[derive(clap::Parser, Debug)]
 #[command(
@@ -111,31 +107,6 @@ pub async fn migrate(db: &DbArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// A consumed ledger message.
-pub struct InMsg {
-    pub partition: i32,
-    pub offset: i64,
-    pub payload: Vec<u8>,
-    /// The facts it carries (a run of them, or one).
-    pub decoded: Result<Vec<LedgerMsg>, String>,
-    /// From the `trace_id` header (set by ingest, passed on by the rater).
-    pub trace_id: Option<String>,
-}
-
-impl From<&BorrowedMessage<'_>> for InMsg {
-    fn from(m: &BorrowedMessage<'_>) -> Self {
-        let payload = m.payload().unwrap_or_default().to_vec();
-        let decoded = LedgerMsg::decode_many(&payload).map_err(|e| format!("undecodable: {e}"));
-        InMsg {
-            partition: m.partition(),
-            offset: m.offset(),
-            payload,
-            decoded,
-            trace_id: shared::kafka::trace_id(m),
-        }
-    }
-}
-
 pub async fn run(config: Config, ready: Ready, shutdown: CancellationToken) -> anyhow::Result<()> {
     crate::metric::describe();
     shared::kafka::partition_counts(&config.kafka, &[&config.kafka.ledger_topic, &config.kafka.input_topic])?;
@@ -178,57 +149,28 @@ pub async fn run(config: Config, ready: Ready, shutdown: CancellationToken) -> a
     ready.set(true);
     tracing::info!(group = %config.group_id, topic = %config.kafka.ledger_topic, "ledger-writer running");
 
-    let wait = Duration::from_millis(config.max_wait_ms);
-    // How much of its time settlement spends settling: the webhook sender yields when it is most.
-    let mut duty = webhooks::SettleDuty::default();
-    let result = loop {
-        let Some(batch) = shared::kafka::next_batch_weighted(
-            &consumer,
-            config.max_batch,
-            wait,
-            &shutdown,
-            |m: &BorrowedMessage<'_>| InMsg::from(m),
-            |m: &InMsg| m.decoded.as_ref().map_or(1, Vec::len),
-        )
-        .await
-        else {
-            break Ok(());
-        };
-        let started = Instant::now();
-        duty.begin();
-        let span = shared::kafka::batch_span(batch.iter().map(|m| (m.partition, m.offset)));
-        // Dead-letter what cannot be decoded, then settle the rest (retrying: it is idempotent).
-        for m in batch.iter().filter(|m| m.decoded.is_err()) {
-            dead_letter(&producer, &config.kafka, m)
-                .instrument(span.clone())
-                .await?;
-        }
-        let facts: Vec<&LedgerMsg> = batch.iter().filter_map(|m| m.decoded.as_ref().ok()).flatten().collect();
-        let mut attempt = 0u32;
-        loop {
-            // A retry takes the checked path (every ledger entry through ON CONFLICT).
-            match settler.settle_opts(&facts, attempt > 0).instrument(span.clone()).await {
-                Ok(()) => break,
-                Err(e) if attempt < 20 && !shutdown.is_cancelled() => {
-                    attempt += 1;
-                    metrics::counter!(crate::metric::ERRORS, "stage" => "settle").increment(1);
-                    tracing::warn!(parent: &span, error = %format!("{e:#}"), attempt, "settle failed, retrying");
-                    tokio::time::sleep(Duration::from_millis(100 * u64::from(attempt.min(10)))).await;
-                }
-                Err(e) => return Err(e).context("settle failed repeatedly"),
-            }
-        }
-        shared::kafka::store_offsets(
-            &consumer,
-            &config.kafka.ledger_topic,
-            batch.iter().map(|m| (m.partition, m.offset)),
-        )?;
-        metrics::counter!(crate::metric::MESSAGES).increment(batch.len() as u64);
-        metrics::counter!(crate::metric::BATCHES).increment(1);
-        metrics::histogram!(crate::metric::BATCH_SIZE).record(batch.len() as f64);
-        duty.record(started.elapsed());
-        tracing::debug!(elapsed_ms = started.elapsed().as_millis() as u64, "batch settled");
+    let driver = shared::consume::Driver {
+        consumer: consumer.clone(),
+        topic: config.kafka.ledger_topic.clone(),
+        max_units: config.max_batch,
+        max_wait: Duration::from_millis(config.max_wait_ms),
+        runner: shared::consume::Runner {
+            ready: ready.clone(),
+            shutdown: shutdown.clone(),
+            names: shared::consume::Names {
+                errors: crate::metric::ERRORS,
+                bisections: crate::metric::BISECTIONS,
+                stage: "settle",
+            },
+        },
     };
+    let mut step = consume::SettleStep {
+        settler,
+        producer,
+        kafka: config.kafka.clone(),
+        duty: webhooks::SettleDuty::default(),
+    };
+    let result = driver.run(&mut step).await;
     ready.set(false);
     shared::kafka::final_commit(&consumer);
     // The sender drains what it has in flight (bounded by its own grace) and records it.
@@ -242,38 +184,4 @@ pub async fn run(config: Config, ready: Ready, shutdown: CancellationToken) -> a
     }
     tracing::info!("ledger-writer stopped");
     result
-}
-
-async fn dead_letter(producer: &rdkafka::producer::FutureProducer, kafka: &KafkaArgs, m: &InMsg) -> anyhow::Result<()> {
-    let reason = m.decoded.as_ref().err().map(String::as_str).unwrap_or("unknown");
-    let trace_id = m.trace_id.as_deref();
-    tracing::warn!(partition = m.partition, offset = m.offset, trace_id, %reason, "dead-lettered");
-    metrics::counter!(crate::metric::DLQ, "reason" => "undecodable").increment(1);
-    let headers = shared::kafka::trace_headers(m.trace_id.as_deref())
-        .insert(Header {
-            key: "reason",
-            value: Some(reason),
-        })
-        .insert(Header {
-            key: "source_topic",
-            value: Some(kafka.ledger_topic.as_str()),
-        })
-        .insert(Header {
-            key: "source_partition",
-            value: Some(&m.partition.to_string()),
-        })
-        .insert(Header {
-            key: "source_offset",
-            value: Some(&m.offset.to_string()),
-        });
-    producer
-        .send(
-            FutureRecord::<(), _>::to(&kafka.dlq_topic)
-                .payload(&m.payload)
-                .headers(headers),
-            Duration::from_secs(30),
-        )
-        .await
-        .map_err(|(e, _)| anyhow::anyhow!("dead-letter produce: {e}"))?;
-    Ok(())
 }

@@ -12,6 +12,7 @@ pub const REVERSALS: &str = "ledger_writer_reversals_total";
 pub const E2E: &str = "ledger_writer_e2e_latency_seconds";
 pub const DLQ: &str = "ledger_writer_dlq_messages_total";
 pub const ERRORS: &str = "ledger_writer_errors_total";
+pub const BISECTIONS: &str = "ledger_writer_bisections_total";
 pub const SWEEP_COMMANDS: &str = "ledger_writer_sweep_commands_total";
 pub const CONSUMER_LAG: &str = "ledger_writer_consumer_lag_messages";
 
@@ -41,7 +42,16 @@ pub fn describe() {
         "From acceptance at ingest to settlement in Postgres"
     );
     describe_counter!(DLQ, Unit::Count, "Messages sent to the dead-letter topic, by reason");
-    describe_counter!(ERRORS, Unit::Count, "Transient errors, by stage");
+    describe_counter!(
+        ERRORS,
+        Unit::Count,
+        "Transient errors, by stage (each one retried with backoff)"
+    );
+    describe_counter!(
+        BISECTIONS,
+        Unit::Count,
+        "Batches split to isolate a fact Postgres refuses (the fact is then dead-lettered)"
+    );
     describe_counter!(
         SWEEP_COMMANDS,
         Unit::Count,
@@ -58,7 +68,7 @@ pub fn describe() {
 /// Register the series with fixed labels at zero, so dashboards and alerts see them (and
 /// `rate()` has a start) before the first event of each kind.
 fn zero() {
-    for c in [MESSAGES, BATCHES, REVERSALS] {
+    for c in [MESSAGES, BATCHES, REVERSALS, BISECTIONS] {
         metrics::counter!(c).increment(0);
     }
     for table in ["usage_events", "duplicate_events", "ledger_entries"] {
@@ -67,7 +77,9 @@ fn zero() {
     for by in ["redis", "postgres"] {
         metrics::counter!(DUPLICATES, "caught_by" => by).increment(0);
     }
-    metrics::counter!(DLQ, "reason" => "undecodable").increment(0);
+    for reason in ["undecodable", "unstorable"] {
+        metrics::counter!(DLQ, "reason" => reason).increment(0);
+    }
     for stage in ["settle", "sweep"] {
         metrics::counter!(ERRORS, "stage" => stage).increment(0);
     }

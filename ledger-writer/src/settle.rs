@@ -19,7 +19,7 @@ use std::time::{Duration, Instant};
 use chrono::{DateTime, Utc};
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use rust_decimal::Decimal;
-use shared::model::{partition_key, Entry, GrantChange, InputMsg, LedgerMsg, Outcome, ReverseCmd, UsageFact};
+use shared::model::{partition_key, Entry, GrantChange, InputMsg, LedgerMsg, Outcome, Release, ReverseCmd, UsageFact};
 use sqlx::PgPool;
 use uuid::Uuid;
 
@@ -185,6 +185,7 @@ impl Settler {
             })
             .collect();
         let mut slipped: Vec<&UsageFact> = Vec::new();
+        let mut reapplied: Vec<UsageFact> = Vec::new();
         let mut new_uids: HashSet<Uuid> = HashSet::new();
         if !usage.is_empty() {
             let mut cols = UsageCols::default();
@@ -234,12 +235,16 @@ impl Settler {
                 .await?;
                 let holder: HashMap<(&str, &str), Uuid> =
                     holders.iter().map(|(t, k, u)| ((t.as_str(), k.as_str()), *u)).collect();
+                let mut redelivered = Vec::new();
                 for u in lost {
                     let h = holder.get(&(u.event.tenant_id.as_str(), u.event.idempotency_key.as_str()));
                     if h != Some(&u.event.event_uid) {
                         slipped.push(u);
+                    } else {
+                        redelivered.push(*u);
                     }
                 }
+                reapplied = reapplied_in_redis(&mut tx, &redelivered).await?;
             }
         }
 
@@ -546,7 +551,10 @@ impl Settler {
 
         // Give back what slipped duplicates deducted, durably, before the commit.
         if !slipped.is_empty() {
-            self.reverse(&slipped).await?;
+            self.reverse(&slipped, false).await?;
+        }
+        if !reapplied.is_empty() {
+            self.reverse(&reapplied.iter().collect::<Vec<_>>(), false).await?;
         }
         // Webhook messages caused by this batch, in its transaction.
         let moved = crate::webhooks::outbox::Moved {
@@ -563,8 +571,10 @@ impl Settler {
         Ok(())
     }
 
-    async fn reverse(&self, slipped: &[&UsageFact]) -> anyhow::Result<()> {
-        for u in slipped {
+    /// Give the deductions of `facts` back to their hot pools (`reverse` commands through the
+    /// input topic, applied once per event uid); with `release`, their dedupe marks go too.
+    pub async fn reverse(&self, facts: &[&UsageFact], release: bool) -> anyhow::Result<()> {
+        for u in facts {
             let Outcome::Settled {
                 credit_type, entries, ..
             } = &u.outcome
@@ -575,7 +585,7 @@ impl Settler {
                 continue;
             }
             let ev = &u.event;
-            tracing::warn!(tenant = %ev.tenant_id, key = %ev.idempotency_key, "duplicate slipped past redis: reversing");
+            tracing::warn!(tenant = %ev.tenant_id, key = %ev.idempotency_key, release, "giving a deduction back to redis");
             let cmd = InputMsg::Reverse(ReverseCmd {
                 tenant_id: ev.tenant_id.clone(),
                 customer_id: ev.customer_id.clone(),
@@ -584,6 +594,10 @@ impl Settler {
                 decimals: entries[0].amount.scale(),
                 event_uid: ev.event_uid,
                 entries: entries.clone(),
+                release: release.then(|| Release {
+                    idempotency_key: ev.idempotency_key.clone(),
+                    timestamp: ev.timestamp,
+                }),
             });
             let payload = serde_json::to_vec(&cmd)?;
             let key = partition_key(&ev.tenant_id, &ev.customer_id);
@@ -599,6 +613,67 @@ impl Settler {
         }
         Ok(())
     }
+}
+
+/// Redelivered usage facts (same key, same uid as the settled event) that Redis charged a second
+/// time: a rater that crashed after charging an event, while Redis lost its state, charges it
+/// again in the pool rebuilt from Postgres (which already holds the first charge), and the
+/// second fact's entries differ from the settled ones (a journal replay repeats them exactly).
+/// Each is returned with a uid of its own (derived from the event's and its entries), so the
+/// reverse that gives the second charge back is applied once.
+async fn reapplied_in_redis(
+    tx: &mut sqlx::PgConnection,
+    redelivered: &[&UsageFact],
+) -> Result<Vec<UsageFact>, sqlx::Error> {
+    let charged: Vec<&UsageFact> = redelivered
+        .iter()
+        .copied()
+        .filter(|u| matches!(&u.outcome, Outcome::Settled { entries, .. } if !entries.is_empty()))
+        .collect();
+    if charged.is_empty() {
+        return Ok(Vec::new());
+    }
+    let tenants: Vec<String> = charged.iter().map(|u| u.event.tenant_id.clone()).collect();
+    let keys: Vec<String> = charged.iter().map(|u| u.event.idempotency_key.clone()).collect();
+    let rows: Vec<(String, String, i32, Decimal, Decimal)> = sqlx::query_as(
+        "SELECT e.tenant_id, e.source_id, e.entry_idx, e.amount, e.end_balance FROM ledger_entries e
+         JOIN UNNEST($1::text[], $2::text[]) AS k(t, k) ON e.tenant_id = k.t AND e.type = 'consume' AND e.source_id = k.k",
+    )
+    .bind(&tenants)
+    .bind(&keys)
+    .fetch_all(&mut *tx)
+    .await?;
+    let mut settled: HashMap<(&str, &str), Vec<(i32, Decimal, Decimal)>> = HashMap::new();
+    for (t, k, i, a, b) in &rows {
+        settled.entry((t.as_str(), k.as_str())).or_default().push((*i, *a, *b));
+    }
+    let mut out = Vec::new();
+    for u in charged {
+        let Outcome::Settled { entries, .. } = &u.outcome else {
+            continue;
+        };
+        let mut have = settled
+            .remove(&(u.event.tenant_id.as_str(), u.event.idempotency_key.as_str()))
+            .unwrap_or_default();
+        have.sort_by_key(|x| x.0);
+        let same = have.len() == entries.len()
+            && have
+                .iter()
+                .zip(entries)
+                .all(|(h, e)| h.1 == e.amount && h.2 == e.end_balance);
+        if !same {
+            let mut again = u.clone();
+            let seed: String = entries
+                .iter()
+                .map(|e| format!("{}:{};", e.amount, e.end_balance))
+                .collect();
+            again.event.event_uid = Uuid::new_v5(&u.event.event_uid, seed.as_bytes());
+            tracing::warn!(tenant = %u.event.tenant_id, key = %u.event.idempotency_key,
+                "an event was charged again in a rebuilt hot pool: giving the second charge back");
+            out.push(again);
+        }
+    }
+    Ok(out)
 }
 
 #[derive(Default)]

@@ -276,6 +276,7 @@ async fn scenario(args: &Args, pools: usize, db: &PgPool, redis: &redis::aio::Co
                         b: 1_000_000_000_000i64.to_string(),
                         c: order_key(100 + (g % 3) as u32, expires, cat, now, now, id),
                         ts_ms,
+                        id: rater::pools::ident(&id),
                     },
                 ));
             }
@@ -321,6 +322,7 @@ async fn scenario(args: &Args, pools: usize, db: &PgPool, redis: &redis::aio::Co
                     b: e.cost.to_string(),
                     c: String::new(),
                     ts_ms,
+                    id: rater::pools::ident(&Uuid::new_v4()),
                 },
             )
         });

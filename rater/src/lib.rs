@@ -6,6 +6,7 @@
 //! answered from the pool's journal with the result decided the first time.
 
 pub mod catalogue;
+pub mod consume;
 pub mod metric;
 pub mod pools;
 pub mod settle;
@@ -14,7 +15,7 @@ pub mod step;
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use anyhow::Context as _;
 use rdkafka::consumer::{Consumer, ConsumerContext, Rebalance, StreamConsumer};
@@ -23,7 +24,6 @@ use rdkafka::{ClientContext, Offset, TopicPartitionList};
 use shared::config::{DbArgs, KafkaArgs, RedisArgs};
 use shared::telemetry::Ready;
 use tokio_util::sync::CancellationToken;
-use tracing::Instrument;
 
 /// The rater's configuration (flags or env).
 #[derive(clap::Parser, Debug, Clone)]
@@ -68,10 +68,15 @@ pub struct Config {
 pub struct Committed(Arc<Mutex<HashMap<i32, i64>>>);
 
 impl Committed {
-    pub fn raise(&self, partition: i32, offset: i64) {
-        let mut m = self.0.lock().expect("poisoned");
-        let e = m.entry(partition).or_insert(offset);
-        *e = (*e).max(offset);
+    /// The group committed `offset` for `partition`. Taken as it is, not as a maximum: a
+    /// topic created again starts from 0, and an old, higher offset would trim the new topic's
+    /// journal entries before they are committed.
+    pub fn set(&self, partition: i32, offset: i64) {
+        self.0.lock().expect("poisoned").insert(partition, offset);
+    }
+    /// Forget everything (partitions assigned anew: their commits may have moved elsewhere).
+    pub fn clear(&self) {
+        self.0.lock().expect("poisoned").clear();
     }
     pub fn snapshot(&self) -> HashMap<i32, i64> {
         self.0.lock().expect("poisoned").clone()
@@ -88,6 +93,7 @@ impl ConsumerContext for Ctx {
     fn post_rebalance(&self, _base: &rdkafka::consumer::BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
         match rebalance {
             Rebalance::Assign(tpl) => {
+                self.committed.clear();
                 tracing::info!(partitions = tpl.count(), "partitions assigned");
                 metrics::gauge!(crate::metric::ASSIGNED_PARTITIONS).set(tpl.count() as f64);
             }
@@ -103,7 +109,7 @@ impl ConsumerContext for Ctx {
             Ok(()) => {
                 for e in offsets.elements() {
                     if let Offset::Offset(o) = e.offset() {
-                        self.committed.raise(e.partition(), o);
+                        self.committed.set(e.partition(), o);
                     }
                 }
             }
@@ -155,7 +161,7 @@ pub async fn run(config: Config, ready: Ready, shutdown: CancellationToken) -> a
         lag_stop,
     );
     let settle = settle::Settlement::new(&config.kafka, &config.ledger_writer_group_id)?;
-    let mut stepper = step::Step {
+    let stepper = step::Step {
         catalogue: catalogue::Catalogue::new(db, Duration::from_secs(1)),
         store,
         producer,
@@ -165,50 +171,26 @@ pub async fn run(config: Config, ready: Ready, shutdown: CancellationToken) -> a
     ready.set(true);
     tracing::info!(group = %config.group_id, topic = %config.kafka.input_topic, "rater running");
 
-    let max_wait = Duration::from_millis(config.max_wait_ms);
-    let result = loop {
-        let Some(batch) = shared::kafka::next_batch(
-            &consumer,
-            config.max_batch,
-            max_wait,
-            &shutdown,
-            |m: &rdkafka::message::BorrowedMessage<'_>| step::InMsg::from(m),
-        )
-        .await
-        else {
-            break Ok(());
-        };
-        let started = Instant::now();
-        let span = shared::kafka::batch_span(batch.iter().map(|m| (m.partition, m.offset)));
-        // A batch is retried until it succeeds: its effects are idempotent (journal replay).
-        let mut attempt = 0u32;
-        loop {
-            match stepper
-                .process(&batch, &committed.snapshot())
-                .instrument(span.clone())
-                .await
-            {
-                Ok(()) => break,
-                Err(e) if attempt < 20 && !shutdown.is_cancelled() => {
-                    attempt += 1;
-                    metrics::counter!(crate::metric::ERRORS, "stage" => "batch").increment(1);
-                    tracing::warn!(parent: &span, error = %format!("{e:#}"), attempt, "batch failed, retrying");
-                    tokio::time::sleep(Duration::from_millis(100 * u64::from(attempt.min(10)))).await;
-                }
-                Err(e) => return Err(e).context("batch failed repeatedly"),
-            }
-        }
-        // Side effects are durable: only now may the offsets be committed.
-        shared::kafka::store_offsets(
-            &consumer,
-            &config.kafka.input_topic,
-            batch.iter().map(|m| (m.partition, m.offset)),
-        )?;
-        metrics::counter!(crate::metric::MESSAGES).increment(batch.len() as u64);
-        metrics::counter!(crate::metric::BATCHES).increment(1);
-        metrics::histogram!(crate::metric::BATCH_SIZE).record(batch.len() as f64);
-        metrics::histogram!(crate::metric::BATCH_DURATION).record(started.elapsed().as_secs_f64());
+    let driver = shared::consume::Driver {
+        consumer: consumer.clone(),
+        topic: config.kafka.input_topic.clone(),
+        max_units: config.max_batch,
+        max_wait: Duration::from_millis(config.max_wait_ms),
+        runner: shared::consume::Runner {
+            ready: ready.clone(),
+            shutdown: shutdown.clone(),
+            names: shared::consume::Names {
+                errors: crate::metric::ERRORS,
+                bisections: crate::metric::BISECTIONS,
+                stage: "batch",
+            },
+        },
     };
+    let mut step = consume::RateStep {
+        step: stepper,
+        committed,
+    };
+    let result = driver.run(&mut step).await;
     ready.set(false);
     // Drain: commit what was stored, synchronously.
     shared::kafka::final_commit(&consumer);

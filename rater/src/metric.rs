@@ -16,6 +16,7 @@ pub const REPLAYED: &str = "rater_replayed_operations_total";
 pub const POOL_REBUILDS: &str = "rater_pool_rebuilds_total";
 pub const CATALOGUE_RELOADS: &str = "rater_catalogue_reloads_total";
 pub const ERRORS: &str = "rater_errors_total";
+pub const BISECTIONS: &str = "rater_bisections_total";
 pub const ASSIGNED_PARTITIONS: &str = "rater_assigned_partitions";
 pub const CONSUMER_LAG: &str = "rater_consumer_lag_messages";
 
@@ -53,7 +54,16 @@ pub fn describe() {
     );
     describe_counter!(POOL_REBUILDS, Unit::Count, "Pools rebuilt in Redis from Postgres");
     describe_counter!(CATALOGUE_RELOADS, Unit::Count, "Tenant catalogue reloads from Postgres");
-    describe_counter!(ERRORS, Unit::Count, "Transient errors, by stage");
+    describe_counter!(
+        ERRORS,
+        Unit::Count,
+        "Transient errors, by stage (each one retried with backoff)"
+    );
+    describe_counter!(
+        BISECTIONS,
+        Unit::Count,
+        "Batches split to isolate a message that fails permanently (it is then dead-lettered)"
+    );
     describe_gauge!(
         ASSIGNED_PARTITIONS,
         Unit::Count,
@@ -77,6 +87,7 @@ fn zero() {
         POOL_REBUILDS,
         CATALOGUE_RELOADS,
         LEDGER_MESSAGES,
+        BISECTIONS,
     ] {
         metrics::counter!(c).increment(0);
     }

@@ -68,6 +68,15 @@ pub struct Op {
     pub b: String,
     pub c: String,
     pub ts_ms: i64,
+    /// The identity of the message (see [`ident`]): with the offset, it keys the journal.
+    pub id: String,
+}
+
+/// A short identity of a message for the journal: the random half of a uuid (an event uid
+/// assigned at ingest, a grant id), 64 bits.
+pub fn ident(id: &Uuid) -> String {
+    let mut buf = [0u8; 32];
+    id.simple().encode_lower(&mut buf)[16..].to_owned()
 }
 
 /// Every operation of one batch for one pool.
@@ -205,7 +214,19 @@ impl PoolStore {
                 } else {
                     inv.arg(&op.a);
                 }
-                inv.arg(&op.b).arg(&op.c).arg(op.ts_ms);
+                inv.arg(&op.b);
+                match op.c.split_once(':') {
+                    // A reverse that releases a dedupe mark: "<bucket>:<idempotency key>".
+                    Some((bucket, key)) if op.kind == "r" => {
+                        let mut c = format!("{bucket}:").into_bytes();
+                        c.extend_from_slice(&shared::keys::dedupe_member(key)[..]);
+                        inv.arg(c);
+                    }
+                    _ => {
+                        inv.arg(&op.c);
+                    }
+                }
+                inv.arg(op.ts_ms).arg(&op.id);
             }
             pipe.invoke_script(&inv);
         }

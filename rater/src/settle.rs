@@ -46,7 +46,9 @@ impl Settlement {
         for p in parts {
             let (low, high) = self.reader.fetch_watermarks(&self.topic, p, Duration::from_secs(5))?;
             let done = match committed.find_partition(&self.topic, p).map(|e| e.offset()) {
-                Some(Offset::Offset(o)) => o >= high,
+                // Beyond the high watermark: a commit from an earlier incarnation of the topic
+                // (deleted and created again), not a settlement of this one.
+                Some(Offset::Offset(o)) => o == high,
                 // Never committed: settled only if the partition holds nothing.
                 _ => high <= low,
             };

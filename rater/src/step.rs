@@ -6,7 +6,7 @@ use std::time::{Duration, Instant};
 
 use chrono::Utc;
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
-use rdkafka::message::{BorrowedMessage, Header};
+use rdkafka::message::BorrowedMessage;
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use rdkafka::Message;
 use shared::amount::to_fixed;
@@ -18,7 +18,7 @@ use shared::pricing::{price, Price};
 
 use crate::catalogue::Catalogue;
 use crate::metric as m;
-use crate::pools::{dec, order_key, Op, OpResult, PoolOps, PoolStore};
+use crate::pools::{dec, ident, order_key, Op, OpResult, PoolOps, PoolStore};
 use crate::settle::Settlement;
 
 /// An input message, owned, decoded once.
@@ -169,6 +169,7 @@ impl Step {
                                 b: fixed.to_string(),
                                 c: String::new(),
                                 ts_ms: e.timestamp.timestamp_millis(),
+                                id: ident(&e.event_uid),
                             };
                             (pool, decimals, hard, op)
                         }
@@ -197,6 +198,7 @@ impl Step {
                         b: fixed.to_string(),
                         c: order_key(s.priority, s.expires_at, s.category, s.effective_at, s.created_at, s.id),
                         ts_ms: s.created_at.timestamp_millis(),
+                        id: ident(&s.id),
                     };
                     let hard = self.hard(&g.tenant_id, &s.credit_type).await?;
                     (pool, s.decimals, hard, op)
@@ -221,6 +223,7 @@ impl Step {
                         b: String::new(),
                         c: String::new(),
                         ts_ms: v.at.timestamp_millis(),
+                        id: ident(&v.grant_id),
                     };
                     let hard = self.hard(&v.tenant_id, &v.credit_type).await?;
                     (pool, v.decimals, hard, op)
@@ -244,8 +247,12 @@ impl Step {
                         kind: "r",
                         a: r.event_uid.to_string(),
                         b: parts.join(","),
-                        c: String::new(),
+                        c: r.release.as_ref().map_or_else(String::new, |x| {
+                            let bucket = shared::keys::dedupe_bucket(x.timestamp.timestamp_millis());
+                            format!("{bucket}:{}", x.idempotency_key)
+                        }),
                         ts_ms: Utc::now().timestamp_millis(),
+                        id: ident(&r.event_uid),
                     };
                     let hard = self.hard(&r.tenant_id, &r.credit_type).await?;
                     (pool, r.decimals, hard, op)
@@ -265,6 +272,7 @@ impl Step {
                         b: String::new(),
                         c: String::new(),
                         ts_ms: l.at.timestamp_millis(),
+                        id: l.at.timestamp_micros().to_string(),
                     };
                     let hard = self.hard(&l.tenant_id, &l.credit_type).await?;
                     (pool, l.decimals, hard, op)
@@ -314,26 +322,16 @@ impl Step {
                     continue;
                 }
                 Fate::Dlq(reason) => {
-                    metrics::counter!(m::DLQ, "reason" => reason_label(reason)).increment(1);
+                    metrics::counter!(m::DLQ, "reason" => shared::dead_letter::reason_label(reason)).increment(1);
                     let trace_id = msg.trace_id.as_deref();
                     tracing::warn!(partition = msg.partition, offset = msg.offset, trace_id, %reason, "dead-lettered");
-                    let headers = shared::kafka::trace_headers(msg.trace_id.as_deref())
-                        .insert(Header {
-                            key: "reason",
-                            value: Some(reason.as_str()),
-                        })
-                        .insert(Header {
-                            key: "source_topic",
-                            value: Some(self.kafka.input_topic.as_str()),
-                        })
-                        .insert(Header {
-                            key: "source_partition",
-                            value: Some(&msg.partition.to_string()),
-                        })
-                        .insert(Header {
-                            key: "source_offset",
-                            value: Some(&msg.offset.to_string()),
-                        });
+                    let source = shared::dead_letter::Source {
+                        topic: &self.kafka.input_topic,
+                        partition: msg.partition,
+                        offset: msg.offset,
+                        trace_id,
+                    };
+                    let headers = shared::dead_letter::headers(reason, &source, None);
                     (&self.kafka.dlq_topic, String::new(), msg.payload.clone(), headers)
                 }
                 Fate::Nothing | Fate::Pending => continue,
@@ -356,7 +354,7 @@ impl Step {
         for a in acks {
             match a.await {
                 Ok(Ok(_)) => {}
-                Ok(Err((e, _))) => anyhow::bail!("produce failed: {e}"),
+                Ok(Err((e, _))) => return Err(anyhow::Error::new(e).context("produce failed")),
                 Err(_) => anyhow::bail!("produce cancelled"),
             }
         }
@@ -379,7 +377,7 @@ impl Step {
                     tokio::time::sleep(Duration::from_millis(5)).await;
                 }
                 // Anything else fails the batch (it is retried, then the rater stops).
-                Err((e, _)) => anyhow::bail!("produce refused: {e}"),
+                Err((e, _)) => return Err(anyhow::Error::new(e).context("produce refused")),
             }
         }
     }
@@ -527,19 +525,6 @@ fn fact_owner(f: &LedgerMsg) -> (&str, &str) {
         LedgerMsg::Usage(u) => (&u.event.tenant_id, &u.event.customer_id),
         LedgerMsg::Grant(g) => (&g.tenant_id, &g.grant.customer_id),
         LedgerMsg::GrantChange(v) => (&v.pool.tenant_id, &v.pool.customer_id),
-    }
-}
-
-/// A fixed label set for dead-letter reasons (never raw text).
-fn reason_label(reason: &str) -> &'static str {
-    if reason.starts_with("undecodable") {
-        "undecodable"
-    } else if reason.starts_with("grant amount") {
-        "invalid_amount"
-    } else if reason.starts_with("pool_total_too_large") {
-        "pool_total_too_large"
-    } else {
-        "other"
     }
 }
 

@@ -60,6 +60,7 @@ async fn a_retained_key_costs_at_most_64_bytes_and_dedupes_across_batches_and_ho
         b: (EVENTS as i64 * 10).to_string(),
         c: order_key(100, None, Category::Paid, now - chrono::Duration::days(1), now, gid),
         ts_ms: t0,
+        id: "g".into(),
     }];
     for i in 0..EVENTS {
         ops.push(Op {
@@ -71,6 +72,7 @@ async fn a_retained_key_costs_at_most_64_bytes_and_dedupes_across_batches_and_ho
             b: "1".into(),
             c: String::new(),
             ts_ms: t0 + (i as i64 * 3 * 3_600_000 / EVENTS as i64),
+            id: format!("e{i}"),
         });
     }
     let mut offset = EVENTS as i64 + 1;
@@ -99,6 +101,7 @@ async fn a_retained_key_costs_at_most_64_bytes_and_dedupes_across_batches_and_ho
                 b: "1".into(),
                 c: String::new(),
                 ts_ms: t0 + (i as i64 * 3 * 3_600_000 / EVENTS as i64),
+                id: format!("r{offset}"),
             }
         })
         .collect();

@@ -269,6 +269,7 @@ fn ops(steps: &[Step]) -> Vec<Op> {
             b,
             c,
             ts_ms: ts,
+            id: format!("m{i}"),
         });
     }
     out

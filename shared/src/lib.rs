@@ -4,7 +4,9 @@
 pub mod amount;
 pub mod billing;
 pub mod config;
+pub mod consume;
 pub mod db;
+pub mod dead_letter;
 pub mod kafka;
 pub mod keys;
 pub mod model;

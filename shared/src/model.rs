@@ -125,6 +125,18 @@ pub struct ReverseCmd {
     /// The uid of the slipped duplicate: a reverse is applied once per uid.
     pub event_uid: Uuid,
     pub entries: Vec<Entry>,
+    /// For a dead-lettered event: its dedupe mark is removed too, so a replay of the dead letter
+    /// is charged (once) instead of being answered as a duplicate. Absent for a slipped
+    /// duplicate, whose key stays taken by the event that settled.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub release: Option<Release>,
+}
+
+/// The dedupe mark of one event: its idempotency key and timestamp (the mark's hour bucket).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct Release {
+    pub idempotency_key: String,
+    pub timestamp: DateTime<Utc>,
 }
 
 /// What happens to usage that costs more than the spendable balance.

@@ -73,6 +73,7 @@ pub struct Stack {
     pub admin_token: String,
     pub http: reqwest::Client,
     pub input_topic: String,
+    pub ledger_topic: String,
     pub dlq_topic: String,
     pub redis_prefix: String,
     metrics: HashMap<Svc, String>,
@@ -156,6 +157,7 @@ impl Stack {
                 .build()
                 .unwrap(),
             input_topic,
+            ledger_topic,
             dlq_topic,
             redis_prefix,
             metrics,
@@ -321,6 +323,49 @@ impl Stack {
             .map(str::to_owned)
             .collect();
         (out.status.code().unwrap_or(-1), lines)
+    }
+
+    /// Point every service (when next spawned) at new, empty topics and new consumer groups, as
+    /// a topic deleted and created again, a broker restarted without its storage, or a move to
+    /// another cluster would: offsets start from 0 again. The old topics are deleted.
+    pub async fn move_to_new_topics(&mut self, generation: u32, partitions: i32) {
+        let old = [
+            self.input_topic.clone(),
+            self.ledger_topic.clone(),
+            self.dlq_topic.clone(),
+        ];
+        let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
+            .set("bootstrap.servers", brokers())
+            .create()
+            .unwrap();
+        let refs: Vec<&str> = old.iter().map(String::as_str).collect();
+        let _ = admin.delete_topics(&refs, &AdminOptions::new()).await;
+        self.input_topic = format!("it.{}.g{generation}.input", self.name);
+        self.ledger_topic = format!("it.{}.g{generation}.ledger", self.name);
+        self.dlq_topic = format!("it.{}.g{generation}.dlq", self.name);
+        create_topics(&[&self.input_topic, &self.ledger_topic, &self.dlq_topic], partitions).await;
+        let name = self.name.clone();
+        let set = [
+            ("INPUT_TOPIC", self.input_topic.clone()),
+            ("LEDGER_TOPIC", self.ledger_topic.clone()),
+            ("DLQ_TOPIC", self.dlq_topic.clone()),
+            ("RATER_GROUP_ID", format!("it-{name}-g{generation}-rater")),
+            (
+                "LEDGER_WRITER_GROUP_ID",
+                format!("it-{name}-g{generation}-ledger-writer"),
+            ),
+        ];
+        for (k, v) in set {
+            self.env.retain(|(key, _)| key != k);
+            self.env.push((k.to_owned(), v));
+        }
+    }
+
+    /// Whether `svc` is still running (it has not exited on its own).
+    pub fn running(&mut self, svc: Svc) -> bool {
+        self.children
+            .get_mut(&svc)
+            .is_some_and(|c| matches!(c.try_wait(), Ok(None)))
     }
 
     /// SIGKILL: no drain, no final commit.
@@ -502,13 +547,54 @@ impl Stack {
         if let Ok(admin) = admin {
             let topics = [
                 self.input_topic.clone(),
-                format!("it.{}.ledger", self.name),
+                self.ledger_topic.clone(),
                 self.dlq_topic.clone(),
             ];
             let refs: Vec<&str> = topics.iter().map(String::as_str).collect();
             let _ = admin.delete_topics(&refs, &AdminOptions::new()).await;
         }
     }
+}
+
+/// The headers of the first message on partition 0 of a dead-letter topic.
+pub async fn first_dead_letter_headers(topic: &str) -> HashMap<String, String> {
+    use rdkafka::consumer::{Consumer, StreamConsumer};
+    use rdkafka::message::Headers;
+    use rdkafka::Message;
+    let consumer: StreamConsumer = ClientConfig::new()
+        .set("bootstrap.servers", brokers())
+        .set("group.id", format!("{topic}-reader"))
+        .set("enable.auto.commit", "false")
+        .create()
+        .unwrap();
+    let mut tpl = rdkafka::TopicPartitionList::new();
+    tpl.add_partition_offset(topic, 0, rdkafka::Offset::Beginning).unwrap();
+    consumer.assign(&tpl).unwrap();
+    let m = tokio::time::timeout(Duration::from_secs(30), consumer.recv())
+        .await
+        .expect("a dead letter")
+        .unwrap();
+    let out = m
+        .headers()
+        .map(|h| {
+            h.iter()
+                .map(|x| {
+                    (
+                        x.key.to_owned(),
+                        String::from_utf8_lossy(x.value.unwrap_or_default()).into_owned(),
+                    )
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    drop(m);
+    // Closing a consumer blocks; do it off the runtime, and do not wait on it forever.
+    let _ = tokio::time::timeout(
+        Duration::from_secs(5),
+        tokio::task::spawn_blocking(move || drop(consumer)),
+    )
+    .await;
+    out
 }
 
 pub async fn create_topics(names: &[&str], partitions: i32) {

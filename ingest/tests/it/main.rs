@@ -2,6 +2,7 @@
 //! and the three service binaries as processes.
 
 mod billing;
+mod faults;
 mod harness;
 mod isolation;
 mod observability;

@@ -8,18 +8,24 @@
 -- ARGV[2]  dedupe window, seconds
 -- ARGV[3]  the partition's committed input offset: journal entries wholly below it are dropped
 -- ARGV[4]  limit kind: "hard" or "soft"
--- ARGV[5]  number of operations N, then N groups of 6 values:
---          offset, kind, a, b, c, ts_ms
+-- ARGV[5]  number of operations N, then N groups of 7 values:
+--          offset, kind, a, b, c, ts_ms, id
+--          id: the identity of the message (the event uid an ingest assigned, the grant id...):
+--          a journal entry answers an operation only if both its offset and its id match, so a
+--          new topic (offsets from 0 again) never gets an old topic's decisions (guarantee 8)
 --          kind "u" usage:   a = dedupe member (12 bytes of SHA-256 of the idempotency key),
 --                            b = cost (fixed int), c = ""
 --          kind "g" grant:   a = grant id, b = amount (fixed int), c = order key
 --          kind "v" void:    a = grant id, b = "", c = ""
 --          kind "e" expire:  a = grant id, b = "", c = ""  (applies once ts >= its expiry)
 --          kind "a" activate: a = grant id, b = "", c = "" (a scheduled grant, once ts >= effective)
---          kind "r" reverse: a = event uid, b = "gid:amt,gid:amt" (gid "-" = overdraft), c = ""
+--          kind "r" reverse: a = event uid, b = "gid:amt,gid:amt" (gid "-" = overdraft),
+--                            c = "" or "<hour bucket>:<dedupe member>" (a dead-lettered event:
+--                            its dedupe mark is removed too)
 --          kind "l" limit:   a = "hard", "soft" or "" (back to ARGV[4]), b = "", c = ""
 --
--- Pool hash fields: off (highest input offset applied), od (overdraft, fixed int >= 0),
+-- Pool hash fields: off (the highest input offset in the journal's newest entry),
+-- od (overdraft, fixed int >= 0),
 -- lim (the pool's limit override, "hard" or "soft"; absent = ARGV[4]),
 -- o:<grant id> (order key), r:<grant id> (remaining, fixed int), x:<grant id> (ended: "1" voided,
 -- "e" expired), a:<grant id> (a scheduled grant was activated).
@@ -39,15 +45,19 @@
 --   reverse R|<end balance>                                    N (already applied)
 --   limit   L
 --   any     E|<reason>                                         refused, nothing changed
--- An operation at or below `off` was applied before (a redelivery after a crash): its recorded
--- result is replayed from the journal, and nothing changes.
+-- An operation at or below `off` may have been applied before (a redelivery after a crash): if
+-- the journal holds its offset and id, its recorded result is replayed and nothing changes.
+-- Journal: a list of entries, one per call that changed something: "<highest offset of the
+-- entry>\n<offset>#<id>|<result>\n...". Within one topic the entries' offsets only grow; an
+-- entry followed by a lower one belongs to an earlier topic (or a group reset) and is dropped,
+-- as are entries below the committed offset.
 -- Every value stays below 2^53 (Lua numbers are doubles); what would not fit is refused.
 
 if redis.call('EXISTS', KEYS[1]) == 0 then
   return {'MISSING'}
 end
 local n = tonumber(ARGV[5])
-assert(#ARGV == 5 + 6 * n, 'apply.lua: expected ' .. (5 + 6 * n) .. ' arguments')
+assert(#ARGV == 5 + 7 * n, 'apply.lua: expected ' .. (5 + 7 * n) .. ' arguments')
 local MAX = 9007199254740992
 -- A per-pool override (field lim) takes precedence over the credit type's limit.
 local lim = redis.call('HGET', KEYS[1], 'lim')
@@ -97,33 +107,42 @@ local function balance(ts)
 end
 local function fmt(x) return string.format('%d', x) end
 
--- Results recorded before, for redelivered operations.
+-- Results recorded before, for redelivered operations, keyed by "<offset>#<id>" (entries
+-- written before ids were journaled are keyed by the offset alone).
 local journal = nil
-local function replayed(o)
+local function replayed(o, id)
   if journal == nil then
     journal = {}
     for _, entry in ipairs(redis.call('LRANGE', KEYS[2], 0, -1)) do
       for line in string.gmatch(entry, '[^\n]+') do
         local p = string.find(line, '|', 1, true)
-        if p then journal[string.sub(line, 1, p - 1)] = line end
+        if p then
+          local k = string.sub(line, 1, p - 1)
+          local h = string.find(k, '#', 1, true)
+          local reply = (h and string.sub(k, 1, h - 1) or k) .. string.sub(line, p)
+          journal[k] = reply
+        end
       end
     end
   end
-  return journal[o]
+  return journal[o .. '#' .. id] or journal[o]
 end
 
 local out = {}
 local fresh = {}
-local maxoff = off
+local maxoff = -1
 local pool_dirty = false
+-- Nothing to replay from an empty journal, whatever `off` says.
+if off >= 0 and redis.call('LLEN', KEYS[2]) == 0 then off = -1 end
 for i = 0, n - 1 do
-  local base = 6 + 6 * i
+  local base = 6 + 7 * i
   local o, kind, a, b, c = ARGV[base], ARGV[base + 1], ARGV[base + 2], ARGV[base + 3], ARGV[base + 4]
   local ts = tonumber(ARGV[base + 5])
+  local id = ARGV[base + 6]
   local oi = tonumber(o)
   local res
   if oi <= off then
-    res = replayed(o)
+    res = replayed(o, id)
   end
   if res then
     out[#out + 1] = res
@@ -227,6 +246,10 @@ for i = 0, n - 1 do
           end
         end
         r = 'R|' .. fmt(balance(ts))
+        if c ~= '' then
+          local colon = string.find(c, ':', 1, true)
+          redis.call('SREM', ARGV[1] .. string.sub(c, 1, colon - 1), string.sub(c, colon + 1))
+        end
       end
     elseif kind == 'l' then
       if a == '' then
@@ -242,7 +265,7 @@ for i = 0, n - 1 do
     end
     res = o .. '|' .. r
     out[#out + 1] = res
-    fresh[#fresh + 1] = res
+    fresh[#fresh + 1] = o .. '#' .. id .. '|' .. r
     if oi > maxoff then maxoff = oi end
   end
 end
@@ -263,12 +286,19 @@ if #fresh > 0 then
   -- An idle pool's last entries go with the dedupe window (redeliveries are seconds old).
   redis.call('EXPIRE', KEYS[2], ARGV[2])
 end
--- Drop journal entries that were committed (their offsets are never delivered again).
+-- Drop journal entries that were committed (their offsets are never delivered again) and
+-- entries followed by a lower offset (an earlier topic's, or from before a group reset).
 local committed = tonumber(ARGV[3])
+local function top(entry) return tonumber(string.match(entry, '^(%-?%d+)')) end
 while true do
   local head = redis.call('LINDEX', KEYS[2], 0)
   if not head then break end
-  local m = tonumber(string.match(head, '^(%-?%d+)'))
-  if m < committed then redis.call('LPOP', KEYS[2]) else break end
+  local m = top(head)
+  local drop = m < committed
+  if not drop then
+    local second = redis.call('LINDEX', KEYS[2], 1)
+    drop = second ~= false and top(second) < m
+  end
+  if drop then redis.call('LPOP', KEYS[2]) else break end
 end
 return out
