@@ -358,35 +358,166 @@ create_topics() {
 # ---------------------------------------------------------------------------
 # Service processes
 # ---------------------------------------------------------------------------
+#
+# Each service runs under a supervisor, as systemd or Kubernetes would run it in
+# production: a bash loop (supervise_service, own session, nohup) that starts
+# $ROOT/target/release/NAME, waits for it and, whenever it exits for any reason
+# other than a deliberate stop (exit 75 on a fatal Kafka producer error, a
+# panic, a kill -9, even a clean exit), appends a "[supervisor] ..." line to
+# NAME.log and starts it again with the same environment and arguments, after
+# 1 s (doubling up to 10 s while it keeps dying within 10 s of its start).
+#
+#   $STACK_DIR/NAME.pid             the service process itself, rewritten at
+#                                   every (re)start; `kill -9 $(cat .stack/rater.pid)`
+#                                   is a crash that the supervisor recovers from
+#   $STACK_DIR/supervisor/NAME.pid  its supervisor; SIGTERM to it is a deliberate
+#                                   stop (SIGTERM to the service, no restart)
+#
+# stop_service (and stop_pidfile on NAME.pid, deploy/local/down, up's restarts)
+# stops both.
 
-# start_service NAME [ARGS...]: run $ROOT/target/release/NAME ARGS in the
-# background (own session, nohup) with the environment of $STACK_ENV; log to
-# $STACK_DIR/NAME.log (the previous one is kept as NAME.log.1), pid to
-# $STACK_DIR/NAME.pid. If the pid file names a live NAME process running the
-# current binary, it is left running. If it runs a binary that has since been
-# rebuilt, it is stopped and started again.
+# Restart delay: RESTART_DELAY_MIN_S, doubled for each further exit within
+# RESTART_FAST_S seconds of the start, at most RESTART_DELAY_MAX_S.
+RESTART_DELAY_MIN_S=1
+RESTART_DELAY_MAX_S=10
+RESTART_FAST_S=10
+# SIGTERM to SIGKILL, in stop_pidfile and stop_service.
+STOP_GRACE_S=15
+# wait_service_ready gives up on a service that exits this many times first.
+READY_MAX_EXITS=3
+
+# supervisor_pidfile NAME: the pid file of NAME's supervisor.
+supervisor_pidfile() { printf '%s' "$STACK_DIR/supervisor/$1.pid"; }
+
+# supervisor_live NAME: print the pid and succeed if NAME's supervisor runs
+# (a live process whose command line carries the tag start_service gives it).
+supervisor_live() {
+    local name="$1" pid
+    pid="$(read_pidfile "$(supervisor_pidfile "$name")")"
+    pid_alive "$pid" || return 1
+    grep -qzxF "stack-supervisor:$name" "/proc/$pid/cmdline" 2>/dev/null || return 1
+    printf '%s' "$pid"
+}
+
+# service_exits NAME: how many exits NAME's supervisor has logged in NAME.log.
+service_exits() {
+    local n
+    n="$(grep -cF "[supervisor] $1 exited with status" "$STACK_DIR/$1.log" 2>/dev/null)" || true
+    printf '%s' "${n:-0}"
+}
+
+# supervise_service NAME PIDFILE SUPFILE BIN [ARGS...]: the supervisor loop
+# described above: writes its own pid to SUPFILE, runs BIN ARGS again and again
+# and writes the pid of each run to PIDFILE. start_service runs it in its own
+# session, with the environment of $STACK_ENV and stdout and stderr on NAME's
+# log. Returns after a deliberate stop: SIGTERM (or SIGINT) to the supervisor,
+# which it forwards to the service as SIGTERM and then waits for the service to
+# exit, without restarting it.
+supervise_service() {
+    local name="$1" pidfile="$2" supfile="$3" bin="$4"
+    shift 4
+    local child="" last="" sleeper="" stopping=0 status started ran sig
+    local restarts=0 delay="$RESTART_DELAY_MIN_S"
+    # No errexit here: the supervisor must outlive any failing command of its own.
+    set +e
+    # (Unquoted: the pids are numbers, or empty when there is none.)
+    trap 'stopping=1; kill -TERM $child $sleeper 2>/dev/null' TERM INT
+
+    mkdir -p "${supfile%/*}"
+    printf '%s\n' "$$" >"$supfile"
+    while ((!stopping)); do
+        # A subshell that execs (not plain `"$bin" &`, whose child would ignore
+        # SIGINT and SIGQUIT): the service starts with default signal handling
+        # (but SIGHUP, ignored as under nohup) and its pid is $!.
+        (exec "$bin" "$@") &
+        child=$!
+        last=$child
+        printf '%s\n' "$child" >"$pidfile.tmp" && mv -f "$pidfile.tmp" "$pidfile"
+        # A stop that arrived while the service was being started.
+        if ((stopping)); then kill -TERM "$child" 2>/dev/null; fi
+        started=$SECONDS
+        # A trapped signal ends wait early (status > 128) while the service may
+        # still run: wait again until it is gone. (2>/dev/null: bash's own
+        # "Killed" report; the line below says it better.)
+        wait "$child" 2>/dev/null
+        status=$?
+        while kill -0 "$child" 2>/dev/null; do
+            wait "$child" 2>/dev/null
+            status=$?
+        done
+        child=""
+        ran=$((SECONDS - started))
+        sig=""
+        if ((status > 128)); then
+            sig=" (signal $(kill -l "$((status - 128))" 2>/dev/null || echo "$((status - 128))"))"
+        fi
+        if ((stopping)); then
+            printf '[supervisor] %s exited with status %s%s at %s; stopped deliberately, not restarting\n' \
+                "$name" "$status" "$sig" "$(date -u +%Y-%m-%dT%H:%M:%SZ)"
+            break
+        fi
+        restarts=$((restarts + 1))
+        if ((ran >= RESTART_FAST_S)); then
+            delay="$RESTART_DELAY_MIN_S"
+        elif ((restarts > 1)); then
+            delay=$((delay * 2 > RESTART_DELAY_MAX_S ? RESTART_DELAY_MAX_S : delay * 2))
+        fi
+        printf '[supervisor] %s exited with status %s%s at %s after %ss; restarting in %ss (restart #%s)\n' \
+            "$name" "$status" "$sig" "$(date -u +%Y-%m-%dT%H:%M:%SZ)" "$ran" "$delay" "$restarts"
+        # In the background, so that a stop need not wait for the sleep.
+        sleep "$delay" &
+        sleeper=$!
+        if ((stopping)); then kill -TERM "$sleeper" 2>/dev/null; fi
+        wait "$sleeper" 2>/dev/null
+        sleeper=""
+        if ((stopping)); then
+            printf '[supervisor] %s: stopped deliberately while waiting to restart it\n' "$name"
+        fi
+    done
+    # Our pid files, unless a newer supervisor has taken them over.
+    [[ "$(read_pidfile "$pidfile")" != "$last" ]] || rm -f "$pidfile"
+    [[ "$(read_pidfile "$supfile")" != "$$" ]] || rm -f "$supfile"
+}
+
+# start_service NAME [ARGS...]: run $ROOT/target/release/NAME ARGS under a
+# supervisor (see above), in the background (own session, nohup) with the
+# environment of $STACK_ENV; log to $STACK_DIR/NAME.log (the previous one is
+# kept as NAME.log.1), pid of the service to $STACK_DIR/NAME.pid, of the
+# supervisor to $STACK_DIR/supervisor/NAME.pid. A supervised NAME process
+# running the current binary is left running. One running a binary that has
+# since been rebuilt, one without a supervisor (started by an older version of
+# these scripts) and a supervisor between two restarts of its service are
+# stopped and started afresh.
 start_service() {
     # NAME may carry an instance suffix (ledger-writer@2): the binary is NAME without it.
     local name="$1"
     shift
     local exe_name="${name%@*}"
     local bin="$RELEASE_DIR/$exe_name"
-    local pidfile="$STACK_DIR/$name.pid" logfile="$STACK_DIR/$name.log" pid exe
+    local pidfile="$STACK_DIR/$name.pid" logfile="$STACK_DIR/$name.log" supfile pid sup exe
+    supfile="$(supervisor_pidfile "$name")"
 
     [[ -x "$bin" ]] || die "$bin is missing: build first (cargo build --release --workspace --bins)"
     [[ -f "$STACK_ENV" ]] || die "$STACK_ENV is missing (deploy/local/up writes it)"
 
-    if pid="$(pidfile_live "$pidfile" "$exe_name")"; then
+    pid="$(pidfile_live "$pidfile" "$exe_name")" || pid=""
+    sup="$(supervisor_live "$name")" || sup=""
+    if [[ -n "$pid" && -n "$sup" ]]; then
         exe="$(pid_exe "$pid")"
         if [[ "$exe" == "$(readlink -f "$bin")" ]]; then
-            log "$name is already running (pid $pid)"
+            log "$name is already running (pid $pid, supervisor pid $sup)"
             return 0
         fi
         log "$name (pid $pid) runs an older build; restarting it"
-        stop_pidfile "$pidfile" "$exe_name"
+    elif [[ -n "$sup" ]]; then
+        log "$name is between two restarts by its supervisor (pid $sup); starting it afresh"
+    elif [[ -n "$pid" ]]; then
+        log "$name (pid $pid) runs without a supervisor; restarting it under one"
     fi
+    if [[ -n "$pid$sup" ]]; then stop_service "$name"; fi
 
-    rm -f "$pidfile"
+    rm -f "$pidfile" "$supfile"
+    mkdir -p "${supfile%/*}"
     if [[ -f "$logfile" ]]; then mv -f "$logfile" "$logfile.1"; fi
     (
         set -a
@@ -394,41 +525,56 @@ start_service() {
         source "$STACK_ENV"
         set +a
         cd "$ROOT" || exit 1
+        # setsid: own session, so ^C in the calling terminal does not reach it.
+        # Its $0 tags the supervisor's command line for supervisor_live.
         # shellcheck disable=SC2016  # expanded by the inner bash
-        exec setsid bash -c 'echo $$ >"$0"; exec nohup "$@"' "$pidfile" "$bin" "$@"
+        exec setsid nohup bash -c 'source "$1" && shift && supervise_service "$@"' \
+            "stack-supervisor:$name" "$LIB_DIR/lib.sh" "$name" "$pidfile" "$supfile" "$bin" "$@"
     ) >"$logfile" 2>&1 </dev/null &
 
-    # Wait for the child to write its pid file.
+    # Wait for the supervisor to write both pid files.
     local deadline=$((SECONDS + 5))
-    until [[ -s "$pidfile" ]]; do
-        ((SECONDS < deadline)) || die "$name did not write $pidfile"
+    until [[ -s "$pidfile" && -s "$supfile" ]]; do
+        if ((SECONDS >= deadline)); then
+            show_log "$logfile"
+            die "the supervisor of $name did not write $pidfile and $supfile"
+        fi
         sleep 0.1
     done
-    log "started $name (pid $(read_pidfile "$pidfile"), log $logfile)"
+    log "started $name (pid $(read_pidfile "$pidfile"), supervisor pid $(read_pidfile "$supfile"), log $logfile)"
 }
 
 # wait_service_ready NAME URL [TIMEOUT_S]: wait until URL answers 2xx while
-# the process in $STACK_DIR/NAME.pid stays alive (default 60 s). On failure,
-# including the process exiting early, prints the tail of NAME.log and
-# returns 1.
+# the process in $STACK_DIR/NAME.pid is alive (default 60 s). Exits of the
+# service that its supervisor restarts are tolerated, up to READY_MAX_EXITS in
+# NAME.log (that is, since its supervisor started). On failure (timeout, that
+# many exits, or neither service nor supervisor left) prints the tail of
+# NAME.log and returns 1.
 wait_service_ready() {
     local name="$1" url="$2" timeout_s="${3:-60}"
+    local exe_name="${name%@*}"
     local pidfile="$STACK_DIR/$name.pid" logfile="$STACK_DIR/$name.log"
-    local deadline=$((SECONDS + timeout_s))
+    local deadline=$((SECONDS + timeout_s)) exits
     while :; do
-        if ! pidfile_live "$pidfile" "${name%@*}" >/dev/null; then
-            show_log "$logfile"
-            fail "$name exited before it was ready"
-            return 1
-        fi
-        if curl -fsS -o /dev/null --max-time 2 "$url" 2>/dev/null; then
+        if pidfile_live "$pidfile" "$exe_name" >/dev/null &&
+            curl -fsS -o /dev/null --max-time 2 "$url" 2>/dev/null; then
             # Still ours? (A leftover process may hold the port while ours
             # failed to bind and exited.)
             sleep 0.2
-            if pidfile_live "$pidfile" "${name%@*}" >/dev/null; then
+            if pidfile_live "$pidfile" "$exe_name" >/dev/null; then
                 return 0
             fi
-            continue
+        fi
+        if ! pidfile_live "$pidfile" "$exe_name" >/dev/null && ! supervisor_live "$name" >/dev/null; then
+            show_log "$logfile"
+            fail "$name exited before it was ready (and no supervisor restarts it)"
+            return 1
+        fi
+        exits="$(service_exits "$name")"
+        if ((exits >= READY_MAX_EXITS)); then
+            show_log "$logfile"
+            fail "$name exited $exits times before it was ready (its supervisor keeps restarting it; deploy/local/down stops it)"
+            return 1
         fi
         if ((SECONDS >= deadline)); then
             show_log "$logfile"
@@ -439,12 +585,34 @@ wait_service_ready() {
     done
 }
 
+# terminate_pid PID LABEL: SIGTERM to PID; SIGKILL if it still runs after
+# STOP_GRACE_S seconds.
+terminate_pid() {
+    local pid="$1" label="$2"
+    kill -TERM "$pid" 2>/dev/null || true
+    local deadline=$((SECONDS + STOP_GRACE_S))
+    while pid_alive "$pid"; do
+        if ((SECONDS >= deadline)); then
+            warn "$label (pid $pid) still running after ${STOP_GRACE_S}s; sending SIGKILL"
+            kill -KILL "$pid" 2>/dev/null || true
+            sleep 0.5
+            break
+        fi
+        sleep 0.2
+    done
+}
+
 # stop_pidfile FILE [NAME]: stop the process FILE names (SIGTERM, up to 15 s,
 # then SIGKILL) and remove FILE. Only a live process whose executable is called
 # NAME (default: FILE's name without .pid) is signalled; a stale pid file is
-# just removed.
+# just removed. FILE of a supervised service ($STACK_DIR/NAME.pid) stops the
+# service and its supervisor (stop_service), so that it is not restarted.
 stop_pidfile() {
     local file="$1" name="${2:-$(basename "$1" .pid)}" pid
+    if [[ "$(dirname "$file")" == "$STACK_DIR" ]] && supervisor_live "$(basename "$file" .pid)" >/dev/null; then
+        stop_service "$(basename "$file" .pid)"
+        return 0
+    fi
     [[ -f "$file" ]] || return 0
     if ! pid="$(pidfile_live "$file" "$name")"; then
         log "$file names no running $name; removing it"
@@ -452,16 +620,45 @@ stop_pidfile() {
         return 0
     fi
     log "stopping $name (pid $pid)"
-    kill -TERM "$pid" 2>/dev/null || true
-    local deadline=$((SECONDS + 15))
-    while pid_alive "$pid"; do
-        if ((SECONDS >= deadline)); then
-            warn "$name (pid $pid) still running after 15s; sending SIGKILL"
-            kill -KILL "$pid" 2>/dev/null || true
-            sleep 0.5
-            break
-        fi
-        sleep 0.2
-    done
+    terminate_pid "$pid" "$name"
     rm -f "$file"
+}
+
+# stop_service NAME: stop service NAME (ingest, rater, ledger-writer@2, ...) for
+# good: SIGTERM to its supervisor, which forwards it to the service (a graceful
+# drain) and exits without restarting it; after STOP_GRACE_S seconds, SIGKILL
+# to the service (and to the supervisor if it lingers). A service left without
+# a supervisor (e.g. the supervisor was killed) is stopped by its pid file.
+# Removes both pid files. Does nothing if neither runs.
+stop_service() {
+    local name="$1"
+    local exe_name="${name%@*}" pidfile="$STACK_DIR/$name.pid" supfile sup pid
+    supfile="$(supervisor_pidfile "$name")"
+    if sup="$(supervisor_live "$name")"; then
+        pid="$(pidfile_live "$pidfile" "$exe_name")" || pid=""
+        log "stopping $name (pid ${pid:-none: between restarts}, supervisor pid $sup)"
+        kill -TERM "$sup" 2>/dev/null || true
+        local deadline=$((SECONDS + STOP_GRACE_S))
+        while pid_alive "$sup"; do
+            if ((SECONDS >= deadline)); then
+                warn "$name still running after ${STOP_GRACE_S}s; sending SIGKILL"
+                if pid="$(pidfile_live "$pidfile" "$exe_name")"; then kill -KILL "$pid" 2>/dev/null || true; fi
+                # The supervisor exits once its service is gone; if not, it goes too.
+                sleep 1
+                if pid_alive "$sup"; then kill -KILL "$sup" 2>/dev/null || true; fi
+                sleep 0.2
+                break
+            fi
+            sleep 0.2
+        done
+    fi
+    rm -f "$supfile"
+    # A service without a (live) supervisor, or one that outlived it.
+    if pid="$(pidfile_live "$pidfile" "$exe_name")"; then
+        log "stopping $name (pid $pid, no supervisor)"
+        terminate_pid "$pid" "$name"
+    elif [[ -f "$pidfile" ]]; then
+        log "$pidfile names no running $exe_name; removing it"
+    fi
+    rm -f "$pidfile"
 }
