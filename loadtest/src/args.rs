@@ -86,6 +86,25 @@ pub struct Args {
     /// Write the JSON report to this file.
     #[arg(long)]
     pub report: Option<PathBuf>,
+
+    /// Behave as a product server: a request that fails with a connection error, a timeout, a
+    /// 5xx or a 429 is sent again with the same body (the same idempotency keys), with
+    /// exponential backoff and jitter (at least the `Retry-After` it was given), until a try
+    /// gets a 202 or `--retry-max` has passed since its first try. An event is accepted when
+    /// some try of its request got a 202. Off by default: then nothing is retried.
+    #[arg(long)]
+    pub retry: bool,
+
+    /// With `--retry`: seconds from a request's first try after which it is given up and its
+    /// events count as rejected (`abandoned` in the report).
+    #[arg(long, default_value_t = 120.0)]
+    pub retry_max: f64,
+
+    /// Stop sending once this file exists (checked about ten times a second), then settle and
+    /// verify as after `--duration`, which stays the longest the load can run. For scripts that
+    /// end the load when they are done with it (deploy/local/chaos).
+    #[arg(long)]
+    pub stop_file: Option<PathBuf>,
 }
 
 impl Args {
@@ -126,6 +145,12 @@ impl Args {
         if self.concurrency == 0 {
             bail!("--concurrency must be at least 1");
         }
+        if !self.retry_max.is_finite() || self.retry_max <= 0.0 {
+            bail!(
+                "--retry-max must be a positive number of seconds, got {}",
+                self.retry_max
+            );
+        }
         if self.url.trim().is_empty() {
             bail!("--url must not be empty");
         }
@@ -159,6 +184,12 @@ impl Args {
 
     pub fn settle_timeout(&self) -> Duration {
         Duration::from_secs_f64(self.settle_timeout)
+    }
+
+    /// The retry policy of `--retry` (None without it).
+    pub fn retry_policy(&self) -> Option<crate::load::RetryPolicy> {
+        self.retry
+            .then(|| crate::load::RetryPolicy::with_budget(Duration::from_secs_f64(self.retry_max)))
     }
 
     /// Per-tenant limit asked for at setup: four times the whole target rate, so neither the
@@ -195,6 +226,9 @@ mod tests {
         assert_eq!(a.concurrency, 64);
         assert_eq!(a.settle_timeout, 120.0);
         assert!(a.report.is_none());
+        assert!(!a.retry && a.retry_policy().is_none());
+        assert_eq!(a.retry_max, 120.0);
+        assert!(a.stop_file.is_none());
         assert_eq!(a.base_url(), "http://127.0.0.1:8080");
         assert_eq!(a.tenant_events_per_second(), 20_000);
         a.validate().expect("defaults are valid");
@@ -210,6 +244,10 @@ mod tests {
         assert!(parse(&["--rate", "0"]).validate().is_err());
         assert!(parse(&["--customers", "1", "--tenants", "2"]).validate().is_err());
         assert!(parse(&["--concurrency", "0"]).validate().is_err());
+        assert!(parse(&["--retry", "--retry-max", "0"]).validate().is_err());
+        let r = parse(&["--retry", "--retry-max", "30"]);
+        r.validate().unwrap();
+        assert_eq!(r.retry_policy().unwrap().max_total, Duration::from_secs(30));
         parse(&["--hot-share", "1", "--duration", "0.5", "--warmup", "0"])
             .validate()
             .unwrap();

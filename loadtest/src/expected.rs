@@ -24,6 +24,10 @@ struct KeyState {
 pub struct Expected {
     keys: HashMap<(usize, Uuid), KeyState>,
     accepted_sends: u64,
+    /// Events of requests that were never accepted but may have been processed by the server
+    /// (with `--retry`: a timeout, a dropped connection or a 5xx among their tries). Such an
+    /// event may settle, at most once; it is not lost if it does not.
+    maybe: HashMap<(usize, Uuid), Event>,
 }
 
 impl Expected {
@@ -42,6 +46,41 @@ impl Expected {
                 event: *event,
                 accepted_copies: 1,
             });
+    }
+
+    /// Records `event` of `tenant` as possibly processed although no try of its request was
+    /// accepted (see [`Expected::maybe_cost_of`]).
+    pub fn maybe(&mut self, tenant: usize, event: &Event) {
+        self.maybe.entry((tenant, event.key)).or_insert(*event);
+    }
+
+    /// The cost of a key that was never accepted but may have been processed; None for a key
+    /// that some accepted copy makes certain, or that never reached the server.
+    pub fn maybe_cost_of(&self, tenant: usize, key: &Uuid) -> Option<Decimal> {
+        if self.keys.contains_key(&(tenant, *key)) {
+            return None;
+        }
+        self.maybe.get(&(tenant, *key)).map(|e| e.cost())
+    }
+
+    /// Keys that may have been processed without being accepted.
+    pub fn maybe_count(&self) -> u64 {
+        self.maybe.keys().filter(|k| !self.keys.contains_key(k)).count() as u64
+    }
+
+    /// Expected charge per `(tenant, customer index)` when the uncertain keys in `settled`
+    /// (see [`Expected::maybe`]) did settle: [`Expected::charges`] plus their costs.
+    pub fn charges_with_settled_maybes(&self, settled: &[(usize, Uuid)]) -> HashMap<(usize, u32), Decimal> {
+        let mut out = self.charges();
+        for k in settled {
+            if self.keys.contains_key(k) {
+                continue;
+            }
+            if let Some(e) = self.maybe.get(k) {
+                *out.entry((k.0, e.customer)).or_default() += e.cost();
+            }
+        }
+        out
     }
 
     /// Accepted copies, originals and repeats alike.
@@ -126,6 +165,24 @@ mod tests {
         assert_eq!(x.accepted_repeats(), 0);
         assert_eq!(x.cost_of(1, &a.key), Some(dec("3.33")));
         assert_eq!(Expected::charge_of(&x.charges(), 1, 2), dec("3.33"));
+    }
+
+    #[test]
+    fn uncertain_keys_count_only_when_settled_and_never_over_an_accepted_one() {
+        let mut x = Expected::new();
+        let a = ev(1, 1, 100);
+        let b = ev(1, 2, 250);
+        x.maybe(0, &a); // its request timed out, then the retries ran out
+        x.maybe(0, &b);
+        x.accept(0, &b); // a later copy of b was accepted: b is certain
+        assert_eq!(x.maybe_count(), 1);
+        assert_eq!(x.maybe_cost_of(0, &a.key), Some(dec("1.00")));
+        assert_eq!(x.maybe_cost_of(0, &b.key), None);
+        assert_eq!(x.unique_accepted(), 1);
+        assert_eq!(Expected::charge_of(&x.charges(), 0, 1), dec("2.50"));
+        // a settled after all: it is charged once on top; b is never counted twice.
+        let c = x.charges_with_settled_maybes(&[(0, a.key), (0, b.key)]);
+        assert_eq!(Expected::charge_of(&c, 0, 1), dec("3.50"));
     }
 
     #[test]

@@ -50,8 +50,32 @@ pub async fn run(args: &Args) -> Result<Report> {
         batch: args.batch,
         concurrency: args.concurrency as usize,
         duplicates: args.duplicates,
+        retry: args.retry_policy(),
+        stop_file: args.stop_file.clone(),
     };
+    // A marker for scripts that act during the load (deploy/local/chaos waits for it).
+    eprintln!(
+        "load: sending {} events/s for {}s{}",
+        args.rate,
+        args.duration,
+        if args.retry {
+            format!(" (retrying failed requests for up to {}s each)", args.retry_max)
+        } else {
+            String::new()
+        }
+    );
     let outcome = load::run_load(&client, &cfg, &tenants, mix).await?;
+    eprintln!(
+        "load: finished sending after {:.1}s{} (accepted {}, rejected {})",
+        outcome.send_window.as_secs_f64(),
+        if outcome.stopped_by_file {
+            ", stopped by --stop-file"
+        } else {
+            ""
+        },
+        outcome.accepted,
+        outcome.rejected
+    );
 
     let warmup_end = outcome.started_at + chrono::Duration::from_std(args.warmup()).context("warm-up out of range")?;
     let verification = match pool {
@@ -66,6 +90,7 @@ pub async fn run(args: &Args) -> Result<Report> {
     };
 
     let mut report = Report::build(args, &outcome, &verification);
+    report.tenant_ids = tenants.iter().map(|t| t.id.clone()).collect();
     if let (Some(url), false) = (&args.redis_url, args.ingest_only) {
         let ids: Vec<String> = tenants.iter().map(|t| t.id.clone()).collect();
         match redis_mem::dedupe_memory(url, &args.redis_prefix, &ids).await {

@@ -85,6 +85,35 @@ pub struct Report {
     /// [`KEEP_UP_SHARE`] of it (the window runs to the last settlement, so a run that keeps up
     /// shows a little under 1) with e2e p99 under [`KEEP_UP_E2E_P99_MS`]. Null with `--ingest-only`.
     pub kept_up: Option<bool>,
+    /// `--retry`: failed requests were retried with the same body (the fields below are zero
+    /// without it, apart from `tries`).
+    pub retry: bool,
+    /// `--retry-max` (null without `--retry`).
+    pub retry_max_s: Option<f64>,
+    /// HTTP tries, first ones included.
+    pub tries: u64,
+    /// Tries beyond the first (`tries - requests`).
+    pub retries: u64,
+    /// Requests that needed more than one try.
+    pub retried_requests: u64,
+    /// Retried tries by what they failed with (`"503"`, `"429"`, `connect_error`, `timeout`, ...).
+    pub retries_by_cause: BTreeMap<String, u64>,
+    /// Most tries one request took.
+    pub max_tries: u32,
+    /// Events accepted on a try after the first (part of `accepted`).
+    pub accepted_after_retry: u64,
+    /// Events of requests given up after `--retry-max` (part of `rejected`).
+    pub abandoned: u64,
+    /// Keys never accepted whose request may have been processed anyway (a timeout, a dropped
+    /// connection or a 5xx among its tries; counted with `--retry` only).
+    pub uncertain: u64,
+    /// Of those, keys that settled (once; they are in the expected balances).
+    pub uncertain_settled: u64,
+    /// The tenants created for the run (every event of the run is theirs).
+    pub tenant_ids: Vec<String>,
+    /// The load ended before `duration_s` because the `--stop-file` appeared (`send_window_s`
+    /// is then how long it ran, and `accept_rate` is over that).
+    pub stopped_by_file: bool,
 }
 
 /// A run that keeps up settles at least this share of the offered rate.
@@ -110,7 +139,11 @@ impl Report {
     pub fn build(args: &Args, load: &LoadOutcome, v: &Verification) -> Self {
         let [http_p50_ms, http_p99_ms, http_p999_ms, http_max_ms] = percentiles_ms(&load.http_us);
         let [e2e_p50_ms, e2e_p99_ms, e2e_p999_ms, e2e_max_ms] = percentiles_ms(&v.e2e_us);
-        let window = load.send_window.as_secs_f64().max(args.duration);
+        let window = if load.stopped_by_file {
+            load.send_window.as_secs_f64()
+        } else {
+            load.send_window.as_secs_f64().max(args.duration)
+        };
         let mut r = Report {
             version: REPORT_VERSION,
             started_at: load.started_at.to_rfc3339_opts(chrono::SecondsFormat::Millis, true),
@@ -167,6 +200,19 @@ impl Report {
             verified: !args.ingest_only,
             settled_vs_target: None,
             kept_up: None,
+            retry: args.retry,
+            retry_max_s: args.retry.then_some(args.retry_max),
+            tries: load.tries,
+            retries: load.tries.saturating_sub(load.requests),
+            retried_requests: load.retried_requests,
+            retries_by_cause: load.retries_by_cause.clone(),
+            max_tries: load.max_tries,
+            accepted_after_retry: load.accepted_after_retry,
+            abandoned: load.abandoned,
+            uncertain: load.expected.maybe_count(),
+            uncertain_settled: v.uncertain_settled,
+            tenant_ids: Vec::new(),
+            stopped_by_file: load.stopped_by_file,
         };
         r.failures = r.failure_reasons();
         r.ok = r.failures.is_empty();
@@ -242,8 +288,13 @@ impl Report {
             s.push_str(&l);
             s.push('\n');
         };
+        let stopped = if self.stopped_by_file {
+            format!(" (stopped by --stop-file after {:.1}s)", self.send_window_s)
+        } else {
+            String::new()
+        };
         line(format!(
-            "loadtest {}: {} ev/s target for {}s ({}s warm-up excluded from latency), batch {}, {} tenants, {} customers, hot {}, duplicates {}",
+            "loadtest {}: {} ev/s target for {}s{stopped} ({}s warm-up excluded from latency), batch {}, {} tenants, {} customers, hot {}, duplicates {}",
             self.started_at, self.rate_target, self.duration_s, self.warmup_s,
             self.batch, self.tenants, self.customers, self.hot_share, self.duplicates_ratio
         ));
@@ -262,6 +313,20 @@ impl Report {
             "  duplicates sent {}, accepted repeats {}, unique accepted {}",
             self.duplicates_sent, self.duplicates_accepted, self.unique_accepted
         ));
+        if self.retry {
+            line(format!(
+                "  retries {} in {} requests (most tries {}) {:?}; accepted after a retry {}; given up after {}s: {} events; uncertain {} ({} settled)",
+                self.retries,
+                self.retried_requests,
+                self.max_tries,
+                self.retries_by_cause,
+                self.accepted_after_retry,
+                self.retry_max_s.unwrap_or_default(),
+                self.abandoned,
+                self.uncertain,
+                self.uncertain_settled
+            ));
+        }
         line(format!(
             "  http ms   p50 {}  p99 {}  p99.9 {}  max {}  ({} requests measured)",
             ms(self.http_p50_ms),
@@ -411,6 +476,13 @@ mod tests {
             "verified",
             "settled_vs_target",
             "kept_up",
+            "retry",
+            "retries",
+            "retries_by_cause",
+            "abandoned",
+            "uncertain_settled",
+            "tenant_ids",
+            "stopped_by_file",
         ] {
             assert!(text.find(&format!("\"{added}\":")).unwrap() > ok_at, "{added}");
         }
@@ -520,6 +592,30 @@ mod tests {
         };
         ingest.judge_keep_up();
         assert_eq!((ingest.settled_vs_target, ingest.kept_up), (None, None));
+    }
+
+    #[test]
+    fn the_summary_shows_retries_only_with_retry() {
+        let plain = Report {
+            accepted: 10,
+            ..Report::default()
+        };
+        assert!(!plain.summary().contains("retries"));
+        let mut by = BTreeMap::new();
+        by.insert("503".to_owned(), 7);
+        let retried = Report {
+            retry: true,
+            retry_max_s: Some(120.0),
+            retries: 9,
+            retried_requests: 4,
+            retries_by_cause: by,
+            max_tries: 3,
+            abandoned: 100,
+            ..plain
+        };
+        let s = retried.summary();
+        assert!(s.contains("retries 9 in 4 requests (most tries 3)"), "{s}");
+        assert!(s.contains("given up after 120s: 100 events"), "{s}");
     }
 
     #[test]

@@ -1,7 +1,8 @@
 //! Settlement wait and verification, read straight from Postgres.
 //!
 //! Waits until `usage_events` holds one row per unique accepted key and `duplicate_events` one
-//! row per accepted repeat (more than expected also ends the wait and is reported), then checks
+//! row per accepted repeat (more than expected also ends the wait and is reported, once every
+//! accepted key is confirmed present or the timeout passes), then checks
 //! that nothing was lost, nothing was charged twice, and every settled pool balance equals its
 //! grant minus the expected charge, compared exactly as `Decimal`. Every query is scoped to the
 //! tenants this run created.
@@ -24,6 +25,9 @@ use crate::load::new_histogram;
 use crate::setup::{Tenant, CREDIT_TYPE, GRANT_AMOUNT};
 
 const POLL: Duration = Duration::from_millis(500);
+/// Once the counts are reached, how often to confirm that every accepted key is there (a row
+/// nobody expected can make up the count while an accepted key is still missing).
+const CONFIRM_EVERY: Duration = Duration::from_secs(5);
 
 /// What Postgres says about the run.
 #[derive(Debug)]
@@ -41,8 +45,13 @@ pub struct Verification {
     pub mismatched_pools: u64,
     pub pools_below_expected: u64,
     pub pools_checked: u64,
-    /// `usage_events` rows for keys that were never accepted (or are not ours).
+    /// `usage_events` rows for keys that were never accepted (or are not ours), apart from
+    /// `uncertain_settled`.
     pub unexpected_rows: u64,
+    /// With `--retry`: settled keys that were never accepted but whose request may have reached
+    /// the server (a timeout, a dropped connection, a 5xx before the retries ran out). They are
+    /// charged in the expected balances; settling them twice is still a double charge.
+    pub uncertain_settled: u64,
     /// Settled rows whose `cost` differs from tokens x 0.01.
     pub cost_mismatches: u64,
     /// Rows whose status is not `settled` (`denied`, `unpriced`).
@@ -69,6 +78,7 @@ impl Verification {
             pools_below_expected: 0,
             pools_checked: 0,
             unexpected_rows: 0,
+            uncertain_settled: 0,
             cost_mismatches: 0,
             not_settled_status: 0,
             e2e_us: new_histogram(),
@@ -110,12 +120,17 @@ pub async fn verify(
     let want_rows = expected.unique_accepted();
     let want_dups = expected.accepted_repeats();
 
+    let index: HashMap<&str, usize> = tenants.iter().enumerate().map(|(i, t)| (t.id.as_str(), i)).collect();
     let started = tokio::time::Instant::now();
+    let mut confirmed_at: Option<tokio::time::Instant> = None;
     let (settled_rows, duplicate_rows, settlement_completed) = loop {
         let rows = count(pool, "usage_events", &tenant_ids).await?;
         let dups = count(pool, "duplicate_events", &tenant_ids).await?;
-        if rows >= want_rows && dups >= want_dups {
-            break (rows, dups, true);
+        if rows >= want_rows && dups >= want_dups && confirmed_at.is_none_or(|t| t.elapsed() >= CONFIRM_EVERY) {
+            if check_rows(pool, &tenant_ids, &index, expected).await?.lost == 0 {
+                break (rows, dups, true);
+            }
+            confirmed_at = Some(tokio::time::Instant::now());
         }
         if started.elapsed() >= settle_timeout {
             break (rows, dups, false);
@@ -130,10 +145,10 @@ pub async fn verify(
         if settlement_completed { "" } else { " (timed out)" }
     );
 
-    let index: HashMap<&str, usize> = tenants.iter().enumerate().map(|(i, t)| (t.id.as_str(), i)).collect();
     let rows = check_rows(pool, &tenant_ids, &index, expected).await?;
     let over_consumed_keys = over_consumed(pool, &tenant_ids).await?;
-    let pools = check_pools(pool, tenants, &tenant_ids, expected).await?;
+    let charges = expected.charges_with_settled_maybes(&rows.uncertain_settled);
+    let pools = check_pools(pool, tenants, &tenant_ids, &charges).await?;
     let (e2e_us, measured_events, events_per_second) = e2e(pool, &tenant_ids, warmup_end).await?;
 
     Ok(Verification {
@@ -148,6 +163,7 @@ pub async fn verify(
         pools_below_expected: pools.below,
         pools_checked: pools.checked,
         unexpected_rows: rows.unexpected,
+        uncertain_settled: rows.uncertain_settled.len() as u64,
         cost_mismatches: rows.cost_mismatches,
         not_settled_status: rows.not_settled,
         e2e_us,
@@ -159,6 +175,8 @@ pub async fn verify(
 struct RowCheck {
     lost: u64,
     unexpected: u64,
+    /// Settled keys that were never accepted but may have been processed.
+    uncertain_settled: Vec<(usize, Uuid)>,
     cost_mismatches: u64,
     not_settled: u64,
 }
@@ -174,6 +192,7 @@ async fn check_rows(
     let mut check = RowCheck {
         lost: 0,
         unexpected: 0,
+        uncertain_settled: Vec::new(),
         cost_mismatches: 0,
         not_settled: 0,
     };
@@ -198,7 +217,15 @@ async fn check_rows(
                     check.cost_mismatches += 1;
                 }
             }
-            None => check.unexpected += 1,
+            None => match expected.maybe_cost_of(tenant, &key) {
+                Some(want) => {
+                    check.uncertain_settled.push((tenant, key));
+                    if cost != Some(want) {
+                        check.cost_mismatches += 1;
+                    }
+                }
+                None => check.unexpected += 1,
+            },
         }
     }
     check.lost = expected.keys().filter(|k| !found.contains(k)).count() as u64;
@@ -231,12 +258,13 @@ struct PoolCheck {
     below: u64,
 }
 
-/// Every granted pool must hold exactly grant - expected charge.
+/// Every granted pool must hold exactly grant - expected charge (`charges`, per tenant and
+/// customer).
 async fn check_pools(
     pool: &PgPool,
     tenants: &[Tenant],
     tenant_ids: &[String],
-    expected: &Expected,
+    charges: &HashMap<(usize, u32), Decimal>,
 ) -> Result<PoolCheck> {
     let rows = sqlx::query_as::<_, (String, String, Decimal)>(
         "select tenant_id, customer_id, balance from pools \
@@ -248,7 +276,6 @@ async fn check_pools(
     .await
     .context("reading pools")?;
     let balances: HashMap<(String, String), Decimal> = rows.into_iter().map(|(t, c, b)| ((t, c), b)).collect();
-    let charges = expected.charges();
     let mut check = PoolCheck {
         checked: 0,
         mismatched: 0,
@@ -256,7 +283,7 @@ async fn check_pools(
     };
     for (t, tenant) in tenants.iter().enumerate() {
         for &customer in &tenant.customers {
-            let want = GRANT_AMOUNT - Expected::charge_of(&charges, t, customer);
+            let want = GRANT_AMOUNT - Expected::charge_of(charges, t, customer);
             check.checked += 1;
             match balances.get(&(tenant.id.clone(), customer_name(customer))) {
                 Some(&got) if got == want => {}
