@@ -245,6 +245,7 @@ async fn run(args: &Args, name: &str) -> Result<()> {
         ledger_topic: "bench.unused".into(),
         dlq_topic: "bench.unused".into(),
         kafka_compression: "lz4".into(),
+        kafka_commit_interval_ms: 500,
     };
     let settler = Arc::new(Settler {
         db: db.clone(),

@@ -162,6 +162,7 @@ pub async fn run(config: Config, ready: Ready, shutdown: CancellationToken) -> a
                 bisections: crate::metric::BISECTIONS,
                 stage: "settle",
             },
+            max_delay: shared::consume::MAX_DELAY,
         },
     };
     let mut step = consume::SettleStep {

@@ -184,6 +184,7 @@ pub async fn run(config: Config, ready: Ready, shutdown: CancellationToken) -> a
                 bisections: crate::metric::BISECTIONS,
                 stage: "batch",
             },
+            max_delay: shared::consume::MAX_DELAY,
         },
     };
     let mut step = consume::RateStep {

@@ -21,6 +21,11 @@ pub struct KafkaArgs {
     #[arg(long, env = "KAFKA_COMPRESSION", default_value = "lz4",
           value_parser = ["none", "gzip", "snappy", "lz4", "zstd"])]
     pub kafka_compression: String,
+    /// How often a consumer commits the offsets it stored (after their effects were durable),
+    /// in milliseconds. Longer means more is redelivered after a crash (harmlessly).
+    #[arg(long, env = "KAFKA_COMMIT_INTERVAL_MS", default_value_t = 500,
+          value_parser = clap::value_parser!(u32).range(10..=3_600_000))]
+    pub kafka_commit_interval_ms: u32,
 }
 
 #[derive(clap::Args, Debug, Clone)]

@@ -179,13 +179,19 @@ pub struct Runner {
     pub ready: Ready,
     pub shutdown: CancellationToken,
     pub names: Names,
+    /// The longest wait between transient retries ([`MAX_DELAY`]).
+    pub max_delay: Duration,
 }
 
-/// The backoff between transient retries: 100 ms doubling to 10 s, with jitter, without end.
-pub fn backoff() -> impl Iterator<Item = Duration> {
+/// The longest wait between two transient retries.
+pub const MAX_DELAY: Duration = Duration::from_secs(10);
+
+/// The backoff between transient retries: 100 ms (at most `max`) doubling to `max`, with
+/// jitter, without end.
+pub fn backoff(max: Duration) -> impl Iterator<Item = Duration> {
     backon::ExponentialBuilder::default()
-        .with_min_delay(Duration::from_millis(100))
-        .with_max_delay(Duration::from_secs(10))
+        .with_min_delay(Duration::from_millis(100).min(max))
+        .with_max_delay(max)
         .with_jitter()
         .without_max_times()
         .build()
@@ -259,7 +265,7 @@ impl Runner {
             }
             let part = &units[r.clone()];
             let mut attempt = 0u32;
-            let mut delays = backoff();
+            let mut delays = backoff(self.max_delay);
             let outcome = loop {
                 match step.process(part, attempt).await {
                     Ok(()) => break Ok(()),
@@ -288,7 +294,7 @@ impl Runner {
     async fn dead_letter<S: Step>(&self, step: &mut S, unit: &S::Unit, reason: &str) -> Result<(), Stopped> {
         tracing::warn!(partition = unit.partition(), offset = unit.offset(), %reason, "dead-lettering");
         let mut attempt = 0u32;
-        let mut delays = backoff();
+        let mut delays = backoff(self.max_delay);
         loop {
             match step.dead_letter(unit, reason).await {
                 Ok(()) => break,
@@ -312,7 +318,7 @@ impl Runner {
         *attempt += 1;
         metrics::counter!(self.names.errors, "stage" => self.names.stage).increment(1);
         self.ready.set(false);
-        let delay = delays.next().unwrap_or(Duration::from_secs(10));
+        let delay = delays.next().unwrap_or(self.max_delay);
         tracing::warn!(error = %format!("{e:#}"), attempt = *attempt, delay_ms = delay.as_millis() as u64, "transient error: retrying");
         tokio::select! {
             _ = self.shutdown.cancelled() => Err(Stopped),
@@ -386,10 +392,11 @@ mod tests {
                 bisections: "t_bisections_total",
                 stage: "test",
             },
+            max_delay: Duration::from_millis(2),
         }
     }
 
-    #[tokio::test(start_paused = true)]
+    #[tokio::test]
     async fn bisection_dead_letters_only_the_poison_and_keeps_order() {
         for flaky in [false, true] {
             let units: Vec<U> = (0..37)
@@ -412,7 +419,7 @@ mod tests {
         }
     }
 
-    #[tokio::test(start_paused = true)]
+    #[tokio::test]
     async fn transient_errors_are_retried_and_shutdown_stops_them() {
         struct Down(usize);
         impl Step for Down {
@@ -440,21 +447,22 @@ mod tests {
         {
             let run = r.batch(&mut step, &units);
             tokio::pin!(run);
-            // An hour of retries (paused clock): still trying, not ready, never dead-lettered.
+            // A second of retries (at most 2 ms apart here): still trying, not ready, never
+            // dead-lettered.
             tokio::select! {
                 _ = &mut run => panic!("gave up on a transient error"),
-                _ = tokio::time::sleep(Duration::from_secs(3600)) => {}
+                _ = tokio::time::sleep(Duration::from_secs(1)) => {}
             }
             assert!(!ready.get());
             stop.cancel();
             assert!(run.await.is_err(), "stopped without storing the batch");
         }
-        assert!(step.0 > 150, "retried for the whole hour: {}", step.0);
+        assert!(step.0 > 100, "retried for the whole second: {}", step.0);
     }
 
     #[test]
     fn backoff_grows_to_its_cap_and_never_ends() {
-        let d: Vec<Duration> = backoff().take(40).collect();
+        let d: Vec<Duration> = backoff(MAX_DELAY).take(40).collect();
         assert_eq!(d.len(), 40);
         assert!(d.iter().all(|x| *x <= Duration::from_secs(20)), "{d:?}");
         assert!(d[30] >= Duration::from_secs(5), "{d:?}");

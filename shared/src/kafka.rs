@@ -55,7 +55,7 @@ pub fn consumer<C: ConsumerContext + 'static, T: rdkafka::config::FromClientConf
         .set("bootstrap.servers", &args.kafka_brokers)
         .set("group.id", group)
         .set("enable.auto.commit", "true")
-        .set("auto.commit.interval.ms", "500")
+        .set("auto.commit.interval.ms", args.kafka_commit_interval_ms.to_string())
         .set("enable.auto.offset.store", "false")
         .set("auto.offset.reset", "earliest")
         .set("session.timeout.ms", "10000")
