@@ -154,6 +154,9 @@ pub struct Mapping {
     pub created_at: DateTime<Utc>,
 }
 
+/// Seconds a new mapping version's `effective_at` may lie in the past (clock skew).
+const MAPPING_SKEW_S: i64 = 1;
+
 const MAP_COLS: &str = "event_name, credit_type, credits_per_unit, quantity_dimension, effective_at, created_at";
 
 pub async fn put_mapping(
@@ -187,10 +190,32 @@ pub async fn put_mapping(
             ));
         }
     }
+    let now = Utc::now();
     let effective_at = match &b.effective_at {
-        None | Some(Value::Null) => Utc::now(),
+        None | Some(Value::Null) => now,
         Some(v) => validate::timestamp("effective_at", v)?,
     };
+    // A price is a function of the versions and the event's timestamp only: once a feature has
+    // a price in force, a new version may not take effect before it exists, since events
+    // stamped since then may be priced already (the same event would cost one price or the
+    // other by arrival). Back-dating is refused then; a second of clock skew is allowed (the
+    // raters see a new version within a second anyway). A feature's first price may be
+    // back-dated (to price a backfill of old events): there was no price to contradict.
+    let in_force: Option<DateTime<Utc>> = sqlx::query_scalar(
+        "SELECT max(effective_at) FROM feature_mappings WHERE tenant_id = $1 AND event_name = $2 AND effective_at <= now()",
+    )
+    .bind(&t.id)
+    .bind(&event_name)
+    .fetch_one(&s.db)
+    .await?;
+    if in_force.is_some() && effective_at < now - chrono::Duration::seconds(MAPPING_SKEW_S) {
+        return Err(ApiError::invalid(
+            "effective_at",
+            "effective_at_in_past",
+            "must not be in the past: a mapping version applies to events at or after its effective_at, and events \
+             before now may be priced already; to change a price, set a new version effective now or later",
+        ));
+    }
     let m: Mapping = sqlx::query_as(&format!(
         "INSERT INTO feature_mappings (tenant_id, event_name, effective_at, credit_type, credits_per_unit, quantity_dimension)
          VALUES ($1, $2, $3, $4, $5, $6)

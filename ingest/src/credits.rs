@@ -665,10 +665,13 @@ pub struct LedgerEntry {
     pub actor: String,
     pub customer_id: String,
     pub credit_type: String,
+    /// The pool's resource (`null` for the customer's default pool): `end_balance` is that
+    /// pool's balance.
+    pub resource_id: Option<String>,
 }
 
 pub const LEDGER_COLS: &str = "id::text AS id, ts AS timestamp, type AS kind, source, source_id, grant_id,
-    amount, end_balance, actor, customer_id, credit_type";
+    amount, end_balance, actor, customer_id, credit_type, NULLIF(resource_id, '') AS resource_id";
 
 #[derive(Deserialize)]
 pub struct LedgerQuery {
@@ -683,7 +686,9 @@ pub struct LedgerQuery {
     after: Option<String>,
 }
 
-/// The settled ledger, newest first; the cursor is the last entry's id (ids only grow).
+/// The settled ledger of one pool per credit type, newest first; the cursor is the last entry's
+/// id (ids only grow). An omitted `resource_id` means the default pool, as for the balance and
+/// usage (each pool's `end_balance` chain is its own: mixing pools would interleave chains).
 pub async fn ledger(t: Tenant, State(s): State<Arc<AppState>>, Q(q): Q<LedgerQuery>) -> ApiResult<Json<Value>> {
     validate::id("customer_id", &q.customer_id)?;
     let limit = limit(q.limit)?;
@@ -699,7 +704,7 @@ pub async fn ledger(t: Tenant, State(s): State<Arc<AppState>>, Q(q): Q<LedgerQue
     }
     let rows: Vec<LedgerEntry> = sqlx::query_as(&format!(
         "SELECT {LEDGER_COLS} FROM ledger_entries WHERE tenant_id = $1 AND customer_id = $2
-            AND ($3::text IS NULL OR credit_type = $3) AND ($4::text IS NULL OR resource_id = $4)
+            AND ($3::text IS NULL OR credit_type = $3) AND resource_id = $4
             AND ($5::text IS NULL OR type = $5) AND ($6::timestamptz IS NULL OR ts >= $6)
             AND ($7::timestamptz IS NULL OR ts < $7) AND ($8::bigint IS NULL OR id < $8)
          ORDER BY ledger_entries.id DESC LIMIT $9"
@@ -707,7 +712,7 @@ pub async fn ledger(t: Tenant, State(s): State<Arc<AppState>>, Q(q): Q<LedgerQue
     .bind(&t.id)
     .bind(&q.customer_id)
     .bind(&q.credit_type)
-    .bind(&q.resource_id)
+    .bind(q.resource_id.as_deref().unwrap_or(""))
     .bind(&q.kind)
     .bind(q.from)
     .bind(q.to)

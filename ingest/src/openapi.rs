@@ -259,8 +259,13 @@ pub struct LedgerEntry {
     source_id: String,
     grant_id: Option<String>,
     amount: String,
+    /// The balance of the entry's pool (credit type and resource) after the entry.
     end_balance: String,
     actor: String,
+    customer_id: String,
+    credit_type: String,
+    /// The pool's resource; `null` for the default pool.
+    resource_id: Option<String>,
 }
 
 #[derive(ToSchema)]
@@ -406,7 +411,7 @@ fn set_pool_limit() {}
 
 #[utoipa::path(get, path = "/v1/credits/ledger", tag = "credits",
     security(("api_key" = [])),
-    params(("customer_id" = String, Query, description = ""), ("credit_type" = Option<String>, Query, description = ""), ("resource_id" = Option<String>, Query, description = ""), ("type" = Option<String>, Query, description = "grant, consume, expire, void, adjust or deny"), ("from" = Option<String>, Query, description = "RFC 3339"), ("to" = Option<String>, Query, description = "RFC 3339"), ("limit" = Option<i64>, Query, description = "1-1000, default 50"), ("after" = Option<String>, Query, description = "cursor")),
+    params(("customer_id" = String, Query, description = ""), ("credit_type" = Option<String>, Query, description = ""), ("resource_id" = Option<String>, Query, description = "the pool's resource; omitted = the default pool"), ("type" = Option<String>, Query, description = "grant, consume, expire, void, adjust or deny"), ("from" = Option<String>, Query, description = "RFC 3339"), ("to" = Option<String>, Query, description = "RFC 3339"), ("limit" = Option<i64>, Query, description = "1-1000, default 50"), ("after" = Option<String>, Query, description = "cursor")),
     responses((status = 200, description = "newest first", body = LedgerPage), (status = 400, description = "malformed request", body = Error), (status = 401, description = "missing or invalid credentials", body = Error), (status = 422, description = "invalid value; `field` names it", body = Error))
 )]
 fn ledger() {}

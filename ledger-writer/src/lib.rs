@@ -42,11 +42,17 @@ pub enum Command {
     /// Apply the database migrations and exit (run once per deploy, not by every replica).
     Migrate,
     /// Compare every pool's ledger sum, grant remainders and Redis hot pool with its settled
-    /// balance; print each difference as a JSON line; exit 1 if there is any.
+    /// balance, and check the ledger's order (end-balance chain, grant before use); print each
+    /// difference as a JSON line; exit 1 if there is any balance difference (any order
+    /// difference too with --strict).
     Reconcile {
         /// Only this tenant's pools.
         #[arg(long)]
         tenant: Option<String>,
+        /// Fail on ledger-order differences as well (see the README's known gaps: a charge
+        /// given back in the hot pool is not written to the ledger).
+        #[arg(long)]
+        strict: bool,
     },
 }
 
@@ -85,7 +91,7 @@ pub struct Config {
 }
 
 /// `ledger-writer reconcile`: returns whether everything agreed.
-pub async fn reconcile(config: &Config, tenant: Option<&str>) -> anyhow::Result<bool> {
+pub async fn reconcile(config: &Config, tenant: Option<&str>, strict: bool) -> anyhow::Result<bool> {
     let db = shared::db::connect(&config.db).await.context("postgres")?;
     let mut redis = redis::Client::open(config.redis.redis_url.as_str())?
         .get_multiplexed_async_connection()
@@ -96,8 +102,22 @@ pub async fn reconcile(config: &Config, tenant: Option<&str>) -> anyhow::Result<
     for d in &diffs {
         println!("{}", serde_json::to_string(d)?);
     }
-    eprintln!("reconcile: {pools} pools checked, {} differences", diffs.len());
-    Ok(diffs.is_empty())
+    let order = diffs
+        .iter()
+        .filter(|d| reconcile::ORDER_CHECKS.contains(&d.check))
+        .count();
+    eprintln!(
+        "reconcile: {pools} pools checked ({}), {} differences ({} of balance, {order} of ledger order{})",
+        reconcile::CHECKS.join(", "),
+        diffs.len(),
+        diffs.len() - order,
+        if strict {
+            ""
+        } else {
+            ", reported, not failed without --strict"
+        }
+    );
+    Ok(diffs.len() == order && (order == 0 || !strict))
 }
 
 pub async fn migrate(db: &DbArgs) -> anyhow::Result<()> {

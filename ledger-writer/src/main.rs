@@ -9,8 +9,8 @@ async fn main() -> anyhow::Result<()> {
     let cli = ledger_writer::Cli::parse();
     match cli.command {
         Some(ledger_writer::Command::Migrate) => ledger_writer::migrate(&cli.config.db).await,
-        Some(ledger_writer::Command::Reconcile { tenant }) => {
-            if ledger_writer::reconcile(&cli.config, tenant.as_deref()).await? {
+        Some(ledger_writer::Command::Reconcile { tenant, strict }) => {
+            if ledger_writer::reconcile(&cli.config, tenant.as_deref(), strict).await? {
                 Ok(())
             } else {
                 std::process::exit(1)

@@ -4,7 +4,13 @@
 //! 1. the sum of its ledger entries equals its settled balance;
 //! 2. its grants' remainders (activated ones) minus its overdraft equal that balance;
 //! 3. the hot pool in Redis (spendable-or-not grant remainders minus overdraft, scheduled grants
-//!    not yet activated left out) equals it, and each grant's remainder matches.
+//!    not yet activated left out) equals it, and each grant's remainder matches;
+//! 4. `end_balance_chain`: each ledger entry's end balance is the running sum of the pool's
+//!    amounts in ledger order (reported at the first entry that breaks it);
+//! 5. `grant_before_use`: every consumption of a grant comes after the grant's own entry
+//!    (reported at the first consumption that precedes it).
+//!
+//! [`CHECKS`] names them; the command prints the list with its summary.
 //!
 //! Redis runs ahead of Postgres by the facts not yet settled, so run it when the pipeline is
 //! quiet (or read a difference on a busy pool as "in flight" and run again).
@@ -42,6 +48,19 @@ type PoolRow = (
     Option<Decimal>,
     Option<Decimal>,
 );
+
+/// What `reconcile` checks, in its output's words.
+pub const CHECKS: [&str; 6] = [
+    "ledger_sum",
+    "grant_remainders",
+    "hot_balance",
+    "grant_hot_remaining",
+    "end_balance_chain",
+    "grant_before_use",
+];
+
+/// The checks of the ledger's order (4 and 5).
+pub const ORDER_CHECKS: [&str; 2] = ["end_balance_chain", "grant_before_use"];
 
 /// Check every pool (of one tenant, if given); returns (pools checked, differences).
 pub async fn run(
@@ -124,5 +143,56 @@ pub async fn run(
         }
         diff("hot_balance", *balance, from_fixed(hot, d), None);
     }
+    diffs.extend(ledger_order(db, tenant).await?);
     Ok((pools.len(), diffs))
+}
+
+/// Checks 4 and 5, over the whole ledger in one pass each (the pool index orders the chain; a
+/// grant's own entry is found by its unique key).
+async fn ledger_order(db: &PgPool, tenant: Option<&str>) -> anyhow::Result<Vec<Difference>> {
+    type Row = (String, String, String, String, Decimal, Decimal, Option<Uuid>);
+    let chain: Vec<Row> = sqlx::query_as(
+        "SELECT DISTINCT ON (tenant_id, customer_id, credit_type, resource_id)
+            tenant_id, customer_id, credit_type, resource_id, run, end_balance, grant_id
+         FROM (SELECT *, sum(amount) OVER (PARTITION BY tenant_id, customer_id, credit_type, resource_id ORDER BY id) AS run
+               FROM ledger_entries WHERE $1::text IS NULL OR tenant_id = $1) l
+         WHERE run <> end_balance
+         ORDER BY tenant_id, customer_id, credit_type, resource_id, id",
+    )
+    .bind(tenant)
+    .fetch_all(db)
+    .await?;
+    let early: Vec<Row> = sqlx::query_as(
+        "SELECT DISTINCT ON (c.tenant_id, c.customer_id, c.credit_type, c.resource_id, c.grant_id)
+            c.tenant_id, c.customer_id, c.credit_type, c.resource_id, 0::numeric, 0::numeric, c.grant_id
+         FROM ledger_entries c
+         WHERE c.type = 'consume' AND c.grant_id IS NOT NULL AND ($1::text IS NULL OR c.tenant_id = $1)
+           AND NOT EXISTS (SELECT 1 FROM ledger_entries g WHERE g.tenant_id = c.tenant_id AND g.type = 'grant'
+                AND g.source_id = c.grant_id::text AND g.entry_idx = 0 AND g.id < c.id)
+         ORDER BY c.tenant_id, c.customer_id, c.credit_type, c.resource_id, c.grant_id, c.id",
+    )
+    .bind(tenant)
+    .fetch_all(db)
+    .await?;
+    let diff = |check, (t, c, ct, r, expected, found, grant_id): Row, what: Option<(&str, &str)>| Difference {
+        tenant_id: t,
+        customer_id: c,
+        credit_type: ct,
+        resource_id: r,
+        check,
+        expected: what.map_or_else(|| expected.normalize().to_string(), |w| w.0.to_owned()),
+        found: what.map_or_else(|| found.normalize().to_string(), |w| w.1.to_owned()),
+        grant_id,
+    };
+    Ok(chain
+        .into_iter()
+        .map(|r| diff("end_balance_chain", r, None))
+        .chain(early.into_iter().map(|r| {
+            diff(
+                "grant_before_use",
+                r,
+                Some(("the grant's entry first", "a consumption before it")),
+            )
+        }))
+        .collect())
 }

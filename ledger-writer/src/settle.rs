@@ -5,11 +5,14 @@
 //!    counted, its entries are not settled, and a reverse command gives its deduction back to
 //!    the hot pool (produced and acked before the commit; the rater applies it once per uid).
 //! 2. grants: insert, ON CONFLICT DO NOTHING.
-//! 3. ledger entries. Those of usage rows inserted in step 1 cannot exist yet (a usage row and
-//!    its entries are only ever written together), so they go in with a plain insert: no
-//!    arbiter probe, no RETURNING. Entries of redelivered or slipped usage are not written at
-//!    all (copies of one fact within a batch are dropped first). Grant and grant-change
-//!    entries: insert, ON CONFLICT DO NOTHING RETURNING what was new. A retry of a failed transaction takes the checked path for every entry (so a broken
+//! 3. ledger entries, in one insert in the order of the facts (a pool's facts are in one
+//!    partition, in the rater's order), so ledger ids follow each pool's end-balance chain: a
+//!    grant's entry before the usage that draws on it. Those of usage rows inserted in step 1
+//!    cannot exist yet (a usage row and its entries are only ever written together): when the
+//!    batch holds nothing else, a plain insert (no arbiter probe). Entries of redelivered or
+//!    slipped usage are not written at all (copies of one fact within a batch are dropped
+//!    first). With any grant or grant-change entry: ON CONFLICT DO NOTHING RETURNING what was
+//!    new. A retry of a failed transaction takes the checked path for every entry (so a broken
 //!    assumption costs one retry, never a stuck partition).
 //! 4. grant remainders and pool balances move by the new entries only.
 
@@ -323,7 +326,7 @@ impl Settler {
                 .bind(&s.metadata)
                 .bind(&s.source)
                 .bind(s.created_at)
-                .bind(s.effective_at <= s.created_at)
+                .bind(!s.scheduled())
                 .execute(&mut *tx)
                 .await?
                 .rows_affected();
@@ -339,10 +342,10 @@ impl Settler {
             }
         }
 
-        // 3. Ledger entries: `fresh` for usage rows inserted now (see the module doc), `es` for
-        // the rest.
+        // 3. Ledger entries, in fact order (see the module doc).
         let mut es = Entries::default();
-        let mut fresh = Entries::default();
+        // Every entry is of a usage row inserted now: the plain insert is safe.
+        let mut all_fresh = !checked;
         let mut activations: HashMap<(String, String), (Uuid, Decimal, PoolKey)> = HashMap::new();
         let mut e2e: Vec<f64> = Vec::new();
         let now = Utc::now();
@@ -359,7 +362,8 @@ impl Settler {
                     if !new && !checked {
                         continue;
                     }
-                    let out = if new && !checked { &mut fresh } else { &mut es };
+                    all_fresh &= new;
+                    let out = &mut es;
                     if let Ok(d) = (now - ev.accepted_at).to_std() {
                         e2e.push(d.as_secs_f64());
                     }
@@ -417,6 +421,7 @@ impl Settler {
                     }
                 }
                 LedgerMsg::Grant(g) => {
+                    all_fresh = false;
                     let s = &g.grant;
                     let pool = (
                         g.tenant_id.as_str(),
@@ -430,6 +435,7 @@ impl Settler {
                     }
                 }
                 LedgerMsg::GrantChange(v) => {
+                    all_fresh = false;
                     let p = &v.pool;
                     let pool = (
                         p.tenant_id.as_str(),
@@ -438,10 +444,12 @@ impl Settler {
                         p.credit_type.as_str(),
                     );
                     let sid = v.grant_id.to_string();
-                    let source = if v.change == GrantChange::Void {
-                        "api"
-                    } else {
-                        "sweeper"
+                    // A scheduled grant activated by the first event that drew on it has the
+                    // system as its actor; the sweeper's activations and expiries have the sweeper.
+                    let source = match v.change {
+                        GrantChange::Void => "api",
+                        GrantChange::Activate if v.actor == "system" => "usage",
+                        _ => "sweeper",
                     };
                     for (i, e) in v.entries.iter().enumerate() {
                         es.push(pool, v.at, v.change.entry_type(), source, &sid, i as i32, e, &v.actor);
@@ -458,15 +466,20 @@ impl Settler {
                 }
             }
         }
-        let mut new_rows = es.insert(&mut tx, true).await?;
-        new_rows.extend(fresh.insert(&mut tx, checked).await?);
+        let new_rows = es.insert(&mut tx, !all_fresh).await?;
         metrics::counter!(m::ROWS, "table" => "ledger_entries").increment(new_rows.len() as u64);
 
         // 4. Move grant remainders and pool balances by what was inserted now.
         let mut grant_delta: HashMap<(String, Uuid), (Decimal, Option<&'static str>, bool)> = HashMap::new();
         let mut pool_delta: HashMap<PoolKey, (Decimal, Decimal)> = HashMap::new();
+        // Each pool's new entries in ledger order, as (balance moved, funding moved): thresholds
+        // are crossed along this path, not only between the batch's ends.
+        let mut steps: HashMap<PoolKey, Vec<(Decimal, Decimal)>> = HashMap::new();
         for (t, c, r, ct, kind, gid, amount, source_id) in new_rows {
-            let p = pool_delta.entry((t.clone(), c, r, ct)).or_default();
+            let key = (t.clone(), c, r, ct);
+            let funding = if kind == "grant" { amount } else { Decimal::ZERO };
+            steps.entry(key.clone()).or_default().push((amount, funding));
+            let p = pool_delta.entry(key).or_default();
             p.0 += amount;
             match (kind.as_str(), gid) {
                 // A grant is inserted with its remaining already; its entry moves the pool only,
@@ -505,7 +518,7 @@ impl Settler {
                 acts.push(*act);
             }
             sqlx::query(
-                "UPDATE grants g SET remaining = g.remaining + d.delta,
+                "UPDATE grants g SET remaining = CASE WHEN d.ended IS NOT NULL THEN 0 ELSE g.remaining + d.delta END,
                     status = CASE WHEN d.ended IS NOT NULL THEN d.ended
                                   WHEN g.status IN ('voided', 'expired') THEN g.status
                                   WHEN g.remaining + d.delta <= 0 THEN 'depleted' ELSE 'active' END,
@@ -559,6 +572,7 @@ impl Settler {
         // Webhook messages caused by this batch, in its transaction.
         let moved = crate::webhooks::outbox::Moved {
             pools: &pool_delta,
+            steps: &steps,
             grants: &grant_delta,
             new_usage: &new_uids,
         };

@@ -97,15 +97,47 @@ pub struct Part {
     pub end: i64,
 }
 
+/// A scheduled grant activated by the event that first drew on it (before the sweeper did):
+/// its whole remaining enters the ledger ahead of the event's parts.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Activation {
+    pub grant_id: Uuid,
+    /// What entered the ledger (the grant's remaining, overdraft repaid included).
+    pub amount: i64,
+    /// The pool's ledger balance after it.
+    pub end: i64,
+    /// Overdraft repaid from it.
+    pub repaid: i64,
+    pub effective_ms: i64,
+}
+
 #[derive(Debug, Clone, PartialEq)]
 pub enum OpResult {
-    Charged { end: i64, parts: Vec<Part> },
-    Denied { end: i64, reason: String },
+    Charged {
+        end: i64,
+        parts: Vec<Part>,
+        activated: Vec<Activation>,
+    },
+    Denied {
+        end: i64,
+        reason: String,
+    },
     Duplicate,
-    Granted { end: i64, remaining: i64, repaid: i64 },
+    Granted {
+        end: i64,
+        remaining: i64,
+        repaid: i64,
+    },
     GrantKnown,
-    Voided { end: i64, removed: i64 },
-    Activated { end: i64, remaining: i64, repaid: i64 },
+    Voided {
+        end: i64,
+        removed: i64,
+    },
+    Activated {
+        end: i64,
+        remaining: i64,
+        repaid: i64,
+    },
     Reversed,
     LimitSet,
     NotApplied,
@@ -125,7 +157,20 @@ pub fn parse_result(line: &str) -> Result<(i64, OpResult), PoolError> {
         Some("S") => {
             let end = num(it.next(), line)?;
             let mut parts = Vec::new();
+            let mut activated = Vec::new();
             for p in it.next().unwrap_or("").split(';').filter(|p| !p.is_empty()) {
+                if let Some(a) = p.strip_prefix('+') {
+                    let mut f = a.split(':');
+                    let gid = f.next().and_then(|g| Uuid::parse_str(g).ok());
+                    activated.push(Activation {
+                        grant_id: gid.ok_or_else(|| PoolError::Reply(line.to_owned()))?,
+                        amount: num(f.next(), line)?,
+                        end: num(f.next(), line)?,
+                        repaid: num(f.next(), line)?,
+                        effective_ms: num(f.next(), line)?,
+                    });
+                    continue;
+                }
                 let mut f = p.split(':');
                 let gid = match f.next() {
                     Some("-") => None,
@@ -138,7 +183,7 @@ pub fn parse_result(line: &str) -> Result<(i64, OpResult), PoolError> {
                     end: num(f.next(), line)?,
                 });
             }
-            OpResult::Charged { end, parts }
+            OpResult::Charged { end, parts, activated }
         }
         Some("D") => OpResult::Denied {
             end: num(it.next(), line)?,
@@ -480,13 +525,39 @@ mod tests {
                             delta: -10,
                             end: -5
                         }
-                    ]
+                    ],
+                    activated: vec![]
                 }
             )
         );
+        // A scheduled grant activated by the event: its part comes first, with its own fields.
+        assert_eq!(
+            parse_result(&format!("7|S|3|+{g}:5:5:0:1700000000000;{g}:-2:3"))
+                .unwrap()
+                .1,
+            OpResult::Charged {
+                end: 3,
+                parts: vec![Part {
+                    grant_id: Some(Uuid::parse_str(g).unwrap()),
+                    delta: -2,
+                    end: 3
+                }],
+                activated: vec![Activation {
+                    grant_id: Uuid::parse_str(g).unwrap(),
+                    amount: 5,
+                    end: 5,
+                    repaid: 0,
+                    effective_ms: 1_700_000_000_000
+                }]
+            }
+        );
         assert_eq!(
             parse_result("8|S|5|").unwrap().1,
-            OpResult::Charged { end: 5, parts: vec![] }
+            OpResult::Charged {
+                end: 5,
+                parts: vec![],
+                activated: vec![]
+            }
         );
         assert_eq!(parse_result("9|P").unwrap().1, OpResult::Duplicate);
         assert_eq!(

@@ -4,11 +4,12 @@
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
-use chrono::Utc;
+use chrono::{DateTime, Utc};
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::BorrowedMessage;
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use rdkafka::Message;
+use rust_decimal::Decimal;
 use shared::amount::to_fixed;
 use shared::config::KafkaArgs;
 use shared::model::{
@@ -101,6 +102,8 @@ enum Fate {
     /// Waiting for its pool's reply (index into the pool list).
     Pending,
     Fact(LedgerMsg),
+    /// Scheduled grants the event activated (their facts first), then the event's.
+    Facts(Vec<LedgerMsg>),
     Dlq(String),
     Nothing,
 }
@@ -321,6 +324,10 @@ impl Step {
                     facts.push((msg.partition, msg.trace_id.as_deref(), f));
                     continue;
                 }
+                Fate::Facts(fs) => {
+                    facts.extend(fs.iter().map(|f| (msg.partition, msg.trace_id.as_deref(), f)));
+                    continue;
+                }
                 Fate::Dlq(reason) => {
                     metrics::counter!(m::DLQ, "reason" => shared::dead_letter::reason_label(reason)).increment(1);
                     let trace_id = msg.trace_id.as_deref();
@@ -399,8 +406,25 @@ impl Step {
         match (decoded, r) {
             (_, OpResult::Refused(reason)) => Fate::Dlq(reason),
             (InputMsg::Usage(e), r) => {
+                let mut first = Vec::new();
                 let outcome = match r {
-                    OpResult::Charged { parts, .. } => {
+                    OpResult::Charged { parts, activated, .. } => {
+                        for a in activated {
+                            metrics::counter!(m::COMMANDS, "kind" => "activate", "result" => "by_usage").increment(1);
+                            first.push(LedgerMsg::GrantChange(GrantChangeFact {
+                                change: GrantChange::Activate,
+                                pool: p.pool.clone(),
+                                grant_id: a.grant_id,
+                                at: DateTime::from_timestamp_millis(a.effective_ms).unwrap_or(e.timestamp),
+                                actor: "system".into(),
+                                entries: vec![Entry {
+                                    grant_id: Some(a.grant_id),
+                                    amount: dec(a.amount, d),
+                                    end_balance: dec(a.end, d),
+                                }],
+                                repaid: dec(a.repaid, d),
+                            }));
+                        }
                         let total: i64 = parts.iter().map(|x| -x.delta).sum();
                         Outcome::Settled {
                             credit_type: p.pool.credit_type.clone(),
@@ -425,15 +449,21 @@ impl Step {
                     other => return Fate::Dlq(format!("unexpected usage reply {other:?}")),
                 };
                 count_outcome(&outcome);
-                Fate::Fact(LedgerMsg::Usage(UsageFact {
+                let fact = LedgerMsg::Usage(UsageFact {
                     event: e.clone(),
                     outcome,
-                }))
+                });
+                if first.is_empty() {
+                    Fate::Fact(fact)
+                } else {
+                    first.push(fact);
+                    Fate::Facts(first)
+                }
             }
             (InputMsg::Grant(g), OpResult::Granted { end, remaining, .. }) => {
                 metrics::counter!(m::COMMANDS, "kind" => "grant", "result" => "applied").increment(1);
                 // A scheduled grant enters the ledger when it is activated, not before.
-                let scheduled = g.grant.effective_at > g.grant.created_at;
+                let scheduled = g.grant.scheduled();
                 let entries = if scheduled {
                     Vec::new()
                 } else {
@@ -484,6 +514,14 @@ impl Step {
                     }
                 };
                 metrics::counter!(m::COMMANDS, "kind" => kind, "result" => "applied").increment(1);
+                let entry = Entry {
+                    amount: if entry.amount.is_zero() {
+                        Decimal::ZERO
+                    } else {
+                        entry.amount
+                    },
+                    ..entry
+                };
                 Fate::Fact(LedgerMsg::GrantChange(GrantChangeFact {
                     change,
                     pool: p.pool.clone(),

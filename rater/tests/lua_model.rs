@@ -8,7 +8,7 @@ use std::collections::{HashMap, HashSet};
 
 use chrono::DateTime;
 use proptest::prelude::*;
-use rater::pools::{order_key, Op, OpResult, Part, PoolOps, PoolStore};
+use rater::pools::{order_key, Activation, Op, OpResult, Part, PoolOps, PoolStore};
 use shared::keys::Keys;
 use shared::model::{Category, PoolId};
 use uuid::Uuid;
@@ -63,6 +63,8 @@ struct G {
     rem: i64,
     ended: bool,
     activated: bool,
+    /// Effective after it was created: it enters the ledger when activated.
+    sched: bool,
 }
 
 /// The reference: the same rules as apply.lua, written plainly.
@@ -81,6 +83,19 @@ impl Model {
     }
     fn spendable(g: &G, ts: i64) -> bool {
         g.eff <= ts && ts < g.exp
+    }
+    /// In the ledger: granted active, or scheduled and activated; not ended.
+    fn entered(g: &G) -> bool {
+        !g.ended && (!g.sched || g.activated)
+    }
+    /// The balance the ledger shows (end balances): what entered it, minus overdraft.
+    fn ledger_balance(&self) -> i64 {
+        self.grants
+            .iter()
+            .filter(|g| Self::entered(g))
+            .map(|g| g.rem)
+            .sum::<i64>()
+            - self.od
     }
     fn balance(&self, ts: i64) -> i64 {
         self.grants
@@ -103,11 +118,38 @@ impl Model {
                 let avail = self.balance(ts);
                 if hard && cost > avail {
                     return OpResult::Denied {
-                        end: avail,
+                        end: self.ledger_balance(),
                         reason: "insufficient_balance".into(),
                     };
                 }
-                let (mut left, mut bal, mut parts) = (cost, avail, Vec::new());
+                let (mut left, mut bal, mut parts) = (cost, self.ledger_balance(), Vec::new());
+                let mut activated = Vec::new();
+                // Scheduled grants the event draws on enter the ledger first, whole (repaying
+                // overdraft), before any of its consumption.
+                let mut l = cost;
+                for g in self.grants.iter_mut() {
+                    if l <= 0 {
+                        break;
+                    }
+                    if g.rem > 0 && Self::spendable(g, ts) {
+                        if !Self::entered(g) {
+                            let whole = g.rem;
+                            let repaid = self.od.min(g.rem);
+                            g.rem -= repaid;
+                            self.od -= repaid;
+                            g.activated = true;
+                            bal += whole;
+                            activated.push(Activation {
+                                grant_id: g.id,
+                                amount: whole,
+                                end: bal,
+                                repaid,
+                                effective_ms: g.eff,
+                            });
+                        }
+                        l -= g.rem.min(l);
+                    }
+                }
                 for g in self.grants.iter_mut() {
                     if left <= 0 {
                         break;
@@ -133,7 +175,11 @@ impl Model {
                         end: bal,
                     });
                 }
-                OpResult::Charged { end: bal, parts }
+                OpResult::Charged {
+                    end: bal,
+                    parts,
+                    activated,
+                }
             }
             "g" => {
                 let id: Uuid = op.a.parse().unwrap();
@@ -147,6 +193,7 @@ impl Model {
                     rem: amt,
                     ended: false,
                     activated: false,
+                    sched: k[21..34] > k[35..48],
                 };
                 let repaid = if Self::spendable(&g, ts) { self.od.min(amt) } else { 0 };
                 g.rem -= repaid;
@@ -155,7 +202,7 @@ impl Model {
                 self.grants.push(g);
                 self.sorted();
                 OpResult::Granted {
-                    end: self.balance(ts),
+                    end: self.ledger_balance(),
                     remaining,
                     repaid,
                 }
@@ -168,11 +215,12 @@ impl Model {
                 if g.ended || (op.kind == "e" && ts < g.exp) {
                     return OpResult::NotApplied;
                 }
-                let removed = g.rem;
+                // Nothing leaves the ledger for a scheduled grant that never entered it.
+                let removed = if Self::entered(g) { g.rem } else { 0 };
                 g.rem = 0;
                 g.ended = true;
                 OpResult::Voided {
-                    end: self.balance(ts),
+                    end: self.ledger_balance(),
                     removed,
                 }
             }
@@ -182,7 +230,7 @@ impl Model {
                 let Some(g) = self.grants.iter_mut().find(|g| g.id == id) else {
                     return OpResult::NotApplied;
                 };
-                if g.ended || g.activated || ts < g.eff {
+                if g.ended || g.activated || !g.sched || ts < g.eff {
                     return OpResult::NotApplied;
                 }
                 let repaid = od.min(g.rem);
@@ -191,7 +239,7 @@ impl Model {
                 let remaining = g.rem;
                 self.od -= repaid;
                 OpResult::Activated {
-                    end: self.balance(ts),
+                    end: self.ledger_balance(),
                     remaining,
                     repaid,
                 }
@@ -275,6 +323,36 @@ fn ops(steps: &[Step]) -> Vec<Op> {
     out
 }
 
+/// The ledger entries a reply becomes, in order: each end balance is the running sum of the
+/// pool's entries (a scheduled grant writes none until it is activated).
+fn chain(ledger: &mut i64, op: &Op, r: &OpResult) {
+    let mut entry = |amount: i64, end: i64| {
+        *ledger += amount;
+        assert_eq!(
+            end, *ledger,
+            "end balance off the ledger's running sum: {op:?} -> {r:?}"
+        );
+    };
+    match r {
+        OpResult::Charged { parts, activated, .. } => {
+            for a in activated {
+                entry(a.amount, a.end);
+            }
+            for p in parts {
+                entry(p.delta, p.end);
+            }
+        }
+        OpResult::Denied { end, .. } => entry(0, *end),
+        OpResult::Granted { end, .. } => {
+            let scheduled = op.c[21..34] > op.c[35..48];
+            entry(if scheduled { 0 } else { op.b.parse().unwrap() }, *end)
+        }
+        OpResult::Voided { end, removed } => entry(-removed, *end),
+        OpResult::Activated { end, remaining, repaid } => entry(remaining + repaid, *end),
+        _ => {}
+    }
+}
+
 fn run_case(store: &PoolStore, rt: &tokio::runtime::Runtime, steps: Vec<Step>, cuts: Vec<usize>, hard: bool) {
     let ops = ops(&steps);
     let customer = Uuid::new_v4().simple().to_string();
@@ -300,6 +378,7 @@ fn run_case(store: &PoolStore, rt: &tokio::runtime::Runtime, steps: Vec<Step>, c
             .unwrap();
     });
     let mut model = Model::default();
+    let mut ledger = 0i64;
     let mut start = 0;
     let mut bounds: Vec<usize> = cuts.into_iter().map(|c| c % (ops.len() + 1)).collect();
     bounds.push(ops.len());
@@ -316,6 +395,9 @@ fn run_case(store: &PoolStore, rt: &tokio::runtime::Runtime, steps: Vec<Step>, c
             ops: ops[start..end].to_vec(),
         };
         let expected: Vec<OpResult> = chunk.ops.iter().map(|op| model.apply(op, hard)).collect();
+        for (op, r) in chunk.ops.iter().zip(&expected) {
+            chain(&mut ledger, op, r);
+        }
         for attempt in 0..2 {
             // The second time is a redelivery: same offsets, same answers, no change.
             let got = rt

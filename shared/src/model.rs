@@ -95,6 +95,14 @@ pub struct GrantSpec {
     pub created_at: DateTime<Utc>,
 }
 
+impl GrantSpec {
+    /// A scheduled grant: effective after it was created (to the millisecond, the precision of
+    /// the hot pool's order key). It enters the ledger when it is activated, not when granted.
+    pub fn scheduled(&self) -> bool {
+        self.effective_at.timestamp_millis() > self.created_at.timestamp_millis()
+    }
+}
+
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct GrantCmd {
     pub tenant_id: String,

@@ -2,7 +2,9 @@
 //!
 //! An event is priced by the newest mapping version whose `effective_at` is at or before the
 //! event's own timestamp, so a price change never reprices past events. The quantity is the
-//! numeric dimension the mapping names, else 1; cost = quantity x credits_per_unit, rounded to
+//! numeric dimension the mapping names, 1 when the mapping names none or the event does not
+//! send it (absent or `null`: seed 003, "defaults to 1 if you don't send it"); a quantity that
+//! is sent but is not a number, or is negative, is an error (`unpriced`). Cost = quantity x credits_per_unit, rounded to
 //! the credit type's places half away from zero.
 
 use std::str::FromStr;
@@ -48,7 +50,7 @@ pub fn price<'a>(versions: &'a [MappingVersion], ts: DateTime<Utc>, dims: &Dimen
     let quantity = match &m.quantity_dimension {
         None => Decimal::ONE,
         Some(dim) => match dims.get(dim) {
-            None => return Price::Unpriced("quantity_dimension_missing"),
+            None | Some(serde_json::Value::Null) => Decimal::ONE,
             // serde_json keeps numbers as their text (arbitrary_precision): no float on the way.
             Some(serde_json::Value::Number(n)) => {
                 match Decimal::from_str(&n.to_string()).or_else(|_| Decimal::from_scientific(&n.to_string())) {
@@ -138,12 +140,23 @@ mod tests {
     }
 
     #[test]
+    fn a_quantity_not_sent_is_one() {
+        let vs = [v(0, "2", Some("tokens"))];
+        for d in [
+            Dimensions::new(),
+            dims(json!({"other": 5})),
+            dims(json!({"tokens": null})),
+        ] {
+            assert!(
+                matches!(price(&vs, t(1), &d), Price::Priced { fixed: 200, .. }),
+                "{d:?}"
+            );
+        }
+    }
+
+    #[test]
     fn unusable_quantity_is_unpriced_with_a_reason() {
         let vs = [v(0, "1", Some("tokens"))];
-        assert_eq!(
-            price(&vs, t(1), &Dimensions::new()),
-            Price::Unpriced("quantity_dimension_missing")
-        );
         assert_eq!(
             price(&vs, t(1), &dims(json!({"tokens": "x"}))),
             Price::Unpriced("quantity_not_a_number")

@@ -256,9 +256,17 @@ impl Stack {
                     self.children.remove(&svc);
                     let text = std::fs::read(&path).unwrap_or_default();
                     let text = String::from_utf8_lossy(&text[logged_before.min(text.len())..]);
+                    // With RUST_BACKTRACE set, anyhow's report ends in a long backtrace:
+                    // keep the error itself (the first lines of the report) as well as the end.
                     let lines: Vec<&str> = text.lines().collect();
+                    let error: Vec<&str> = lines
+                        .iter()
+                        .copied()
+                        .filter(|l| l.starts_with("Error:") || l.contains("in use") || l.contains("ERROR"))
+                        .take(10)
+                        .collect();
                     let tail = lines[lines.len().saturating_sub(20)..].join("\n");
-                    return Err(format!("{status}\n{tail}"));
+                    return Err(format!("{status}\n{}\n...\n{tail}", error.join("\n")));
                 }
             }
             assert!(
@@ -312,8 +320,18 @@ impl Stack {
 
     /// Run `ledger-writer reconcile`: (exit code, stdout lines).
     pub async fn reconcile(&self) -> (i32, Vec<String>) {
+        self.reconcile_with(&[]).await
+    }
+
+    /// `ledger-writer reconcile --strict`: ledger-order differences fail it too.
+    pub async fn reconcile_strict(&self) -> (i32, Vec<String>) {
+        self.reconcile_with(&["--strict"]).await
+    }
+
+    async fn reconcile_with(&self, args: &[&str]) -> (i32, Vec<String>) {
         let out = Command::new(bin("ledger-writer"))
             .arg("reconcile")
+            .args(args)
             .envs(self.env.iter().cloned())
             .output()
             .await

@@ -8,4 +8,5 @@ mod isolation;
 mod observability;
 mod pipeline;
 mod semantics;
+mod truth;
 mod webhooks;

@@ -164,6 +164,14 @@ async fn per_type(s: &Stack) -> BTreeMap<String, i64> {
     rows.into_iter().collect()
 }
 
+/// The pools' own alerts in the outbox, per type (rejections are announced per window, grants
+/// per grant).
+async fn pool_alerts(s: &Stack) -> BTreeMap<String, i64> {
+    let mut m = per_type(s).await;
+    m.retain(|k, _| k.starts_with("credits.balance."));
+    m
+}
+
 fn expect(pairs: &[(&str, i64)]) -> BTreeMap<String, i64> {
     pairs.iter().map(|(k, v)| (k.to_string(), *v)).collect()
 }
@@ -991,4 +999,47 @@ async fn settlement_rate_with_100_endpoints_10_hanging_vs_none() {
                "rate_ratio_100_endpoints_vs_one": rates[2] / rates[1],
                "rate_ratio_one_endpoint_vs_none": rates[1] / rates[0]})
     );
+}
+
+/// Issue 15, case 6: the grant and the twelve events that drain it settle in ONE transaction
+/// (the ledger-writer is held while they are rated). Between the batch's ends nothing is
+/// crossed (the pool read 0 before and reads 0 after); along it, 50% and 80% used and the
+/// depletion each fire once. On main the depletion could go unannounced.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_grant_drained_in_the_same_batch_announces_every_crossing_once() {
+    let mut s = Stack::start("webhookpath", 1).await;
+    let key = s.tenant("hard").await;
+    let (st, b) = s
+        .call(
+            Method::PUT,
+            "/v1/credits/alerts",
+            &key,
+            Some(json!({"customer_id": "c-p", "credit_type": "ai", "usage_percent": [50, 80]})),
+        )
+        .await;
+    assert_eq!(st, 200, "{b}");
+    let rx = Receiver::start(|_| Answer::Status(200)).await;
+    let ep = endpoint(&s, &key, json!({"url": rx.url()})).await;
+    rx.add_secret(ep["secret"].as_str().unwrap());
+    s.stop(Svc::LedgerWriter).await;
+    s.grant(&key, "c-p", "10").await;
+    let sends = (0..12).map(|i| {
+        let s = &s;
+        let key = &key;
+        async move { spend(s, key, "c-p", &format!("p-{i}"), 100).await }
+    });
+    futures::future::join_all(sends).await;
+    s.spawn(Svc::LedgerWriter).await;
+    s.wait_settled(12, 0, Duration::from_secs(60)).await;
+    let expected = expect(&[("credits.balance.depleted", 1), ("credits.balance.usage_low", 2)]);
+    wait_until("the crossings recorded", Duration::from_secs(30), || {
+        let s = &s;
+        let expected = &expected;
+        async move { &pool_alerts(s).await == expected }
+    })
+    .await;
+    // And nothing more.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(pool_alerts(&s).await, expected);
+    s.cleanup().await;
 }

@@ -21,7 +21,7 @@ use chrono::{DateTime, Utc};
 use rust_decimal::Decimal;
 use serde_json::{json, Value};
 use shared::model::{GrantChange, LedgerMsg, Outcome};
-use shared::webhook::threshold::{cross, Crossing, Level, Threshold};
+use shared::webhook::threshold::{cross, cross_path, Crossing, Level, Threshold};
 use shared::webhook::{self as wh};
 use sqlx::PgConnection;
 use uuid::Uuid;
@@ -154,6 +154,9 @@ enum GrantEvent {
 pub struct Moved<'a> {
     /// Pool -> (balance moved, overdraft moved).
     pub pools: &'a HashMap<PoolKey, (Decimal, Decimal)>,
+    /// Pool -> its new ledger entries in order, as (balance moved, funding moved by a grant or
+    /// activation entry).
+    pub steps: &'a HashMap<PoolKey, Vec<(Decimal, Decimal)>>,
     /// (tenant, grant) -> (remaining moved, ...): as the settle path applies it.
     pub grants: &'a HashMap<(String, Uuid), (Decimal, Option<&'static str>, bool)>,
     pub new_usage: &'a HashSet<Uuid>,
@@ -229,7 +232,7 @@ pub async fn record(tx: &mut PgConnection, facts: &[&LedgerMsg], moved: &Moved<'
                 );
                 let p = pools.entry(pk).or_default();
                 p.grant_facts = true;
-                if s.effective_at <= s.created_at {
+                if !s.scheduled() {
                     p.granted += s.amount;
                 }
                 grant_events.push((g.tenant_id.clone(), s.id, s.created_at, GrantEvent::Granted));
@@ -277,7 +280,7 @@ pub async fn record(tx: &mut PgConnection, facts: &[&LedgerMsg], moved: &Moved<'
 
     let mut msgs: Vec<NewMessage> = Vec::new();
     let now = Utc::now();
-    let balances = pool_thresholds(tx, &pools, now, &mut msgs).await?;
+    let balances = pool_thresholds(tx, &pools, moved.steps, now, &mut msgs).await?;
     grant_thresholds(tx, &consumed, &balances, now, &mut msgs).await?;
     grant_messages(tx, &grant_events, &balances, &mut msgs).await?;
     count_rejections(tx, &rejected).await?;
@@ -358,6 +361,7 @@ type PoolRow = (
 async fn pool_thresholds(
     tx: &mut PgConnection,
     pools: &BTreeMap<PoolKey, PoolBatch>,
+    steps: &HashMap<PoolKey, Vec<(Decimal, Decimal)>>,
     now: DateTime<Utc>,
     msgs: &mut Vec<NewMessage>,
 ) -> anyhow::Result<HashMap<PoolKey, Decimal>> {
@@ -411,7 +415,20 @@ async fn pool_thresholds(
         th.extend(below.iter().map(|b| Threshold::BalanceBelow(*b)));
         th.push(Threshold::Depleted);
         let fired: BTreeSet<String> = fired.unwrap_or_default().into_iter().collect();
-        let (crossings, next) = cross(&before, &after, &th, &fired);
+        // The levels after each of the batch's entries, ending exactly at `after` (a grant
+        // and the usage that drains it in one batch still cross every threshold between).
+        let mut path = Vec::new();
+        let mut l = before;
+        for (b, g) in steps.get(&pk).map(Vec::as_slice).unwrap_or_default() {
+            l.balance += b;
+            l.granted += g;
+            path.push(l);
+        }
+        match path.last_mut() {
+            Some(last) => *last = after,
+            None => path.push(after),
+        }
+        let (crossings, next) = cross_path(&before, &path, &th, &fired);
         for x in crossings {
             let (kind, t) = match &x {
                 Crossing::Fired(t @ Threshold::Depleted) => (wh::BALANCE_DEPLETED, t),

@@ -36,12 +36,16 @@
 -- Reply: {"MISSING"} if the pool hash does not exist (the caller rebuilds it and retries), else
 -- one string per operation, "<offset>|<result>":
 --   usage   S|<end balance>|<gid>:<delta>:<end>;...   (gid "-" = overdraft)  charged
+--           a part "+<gid>:<amount>:<end>:<repaid>:<effective ms>" is a scheduled grant that the
+--           event drew on before the sweeper activated it: it is activated here, and its part
+--           comes before the parts that draw on it (its ledger entry precedes theirs)
 --           D|<end balance>|insufficient_balance                           denied (hard limit)
 --           P                                                              duplicate key
 --   grant   G|<end balance>|<remaining>|<repaid overdraft>     X (id already known)
 --   void    V|<end balance>|<removed>                          N (unknown or already ended)
 --   expire  V|<end balance>|<removed>                          N (unknown, ended, or not yet due)
---   activate A|<end balance>|<remaining>|<repaid overdraft>    N (unknown, ended, done or not due)
+--   activate A|<end balance>|<remaining>|<repaid overdraft>    N (unknown, ended, done, not
+--                                                              scheduled, or not due)
 --   reverse R|<end balance>                                    N (already applied)
 --   limit   L
 --   any     E|<reason>                                         refused, nothing changed
@@ -52,6 +56,14 @@
 -- entry followed by a lower one belongs to an earlier topic (or a group reset) and is dropped,
 -- as are entries below the committed offset.
 -- Every value stays below 2^53 (Lua numbers are doubles); what would not fit is refused.
+--
+-- End balances are the pool's LEDGER balance: the remaining of every grant that has entered
+-- the ledger (granted active, or a scheduled one once activated; not ended) minus overdraft,
+-- so each entry's end balance is the running sum of the pool's entries in ledger order. What
+-- an event may spend is decided by its timestamp (spendable: effective <= ts < expiry); a
+-- scheduled grant enters the ledger when it is activated (by the sweeper, or by the first
+-- event that draws on it), and voiding or expiring one that never entered removes nothing
+-- from the ledger.
 
 if redis.call('EXISTS', KEYS[1]) == 0 then
   return {'MISSING'}
@@ -80,7 +92,8 @@ for i = 1, #flat, 2 do
     local id = string.sub(f, 3)
     local ok = flat[i + 1]
     local g = { id = id, key = ok, exp = tonumber(string.sub(ok, 6, 18)),
-                eff = tonumber(string.sub(ok, 22, 34)), rem = 0, dirty = false }
+                eff = tonumber(string.sub(ok, 22, 34)), rem = 0, dirty = false,
+                sched = tonumber(string.sub(ok, 22, 34)) > tonumber(string.sub(ok, 36, 48)) }
     grants[#grants + 1] = g
     byid[id] = g
   end
@@ -102,6 +115,15 @@ local function balance(ts)
   local b = 0
   for _, g in ipairs(grants) do
     if spendable(g, ts) then b = b + g.rem end
+  end
+  return b - od
+end
+-- In the ledger: granted active, or a scheduled grant that was activated; and not ended.
+local function entered(g) return not g.voided and (not g.sched or g.activated) end
+local function ledger_balance()
+  local b = 0
+  for _, g in ipairs(grants) do
+    if entered(g) then b = b + g.rem end
   end
   return b - od
 end
@@ -164,11 +186,33 @@ for i = 0, n - 1 do
         end
         local avail = balance(ts)
         if hard and cost > avail then
-          r = 'D|' .. fmt(avail) .. '|insufficient_balance'
+          r = 'D|' .. fmt(ledger_balance()) .. '|insufficient_balance'
         else
           local parts = {}
           local left = cost
-          local bal = avail
+          local bal = ledger_balance()
+          -- Scheduled grants not yet activated that this event draws on enter the ledger first,
+          -- whole, repaying overdraft as the sweeper's activation would: find them with a dry
+          -- run of the loop below, activate them, then consume.
+          local l, o = cost, od
+          for _, g in ipairs(grants) do
+            if l <= 0 then break end
+            if g.rem > 0 and spendable(g, ts) then
+              local r = g.rem
+              if not entered(g) then
+                local rp = math.min(o, r)
+                r = r - rp; o = o - rp
+                local whole = g.rem
+                g.rem = r; total = total - rp
+                od = o
+                if rp > 0 then pool_dirty = true end
+                g.dirty = true; g.activated = true; g.newly_activated = true
+                bal = bal + whole
+                parts[#parts + 1] = '+' .. g.id .. ':' .. fmt(whole) .. ':' .. fmt(bal) .. ':' .. fmt(rp) .. ':' .. fmt(g.eff)
+              end
+              l = l - math.min(r, l)
+            end
+          end
           for _, g in ipairs(grants) do
             if left <= 0 then break end
             if g.rem > 0 and spendable(g, ts) then
@@ -196,7 +240,8 @@ for i = 0, n - 1 do
         r = 'E|pool_total_too_large'
       else
         local g = { id = a, key = c, exp = tonumber(string.sub(c, 6, 18)),
-                    eff = tonumber(string.sub(c, 22, 34)), rem = amt, dirty = true, new = true }
+                    eff = tonumber(string.sub(c, 22, 34)), rem = amt, dirty = true, new = true,
+                    sched = tonumber(string.sub(c, 22, 34)) > tonumber(string.sub(c, 36, 48)) }
         -- Overdraft (soft limit) is repaid first by the next grant that is spendable.
         local repaid = 0
         if spendable(g, ts) then repaid = math.min(od, amt) end
@@ -207,22 +252,23 @@ for i = 0, n - 1 do
         grants[#grants + 1] = g
         byid[a] = g
         table.sort(grants, function(x, y) return x.key < y.key end)
-        r = 'G|' .. fmt(balance(ts)) .. '|' .. fmt(g.rem) .. '|' .. fmt(repaid)
+        r = 'G|' .. fmt(ledger_balance()) .. '|' .. fmt(g.rem) .. '|' .. fmt(repaid)
       end
     elseif kind == 'v' or kind == 'e' then
       local g = byid[a]
       if g == nil or g.voided or (kind == 'e' and ts < g.exp) then
         r = 'N'
       else
-        local removed = g.rem
-        total = total - removed
+        -- What leaves the ledger: nothing for a scheduled grant that never entered it.
+        local removed = entered(g) and g.rem or 0
+        total = total - g.rem
         g.rem = 0; g.dirty = true; g.voided = true
         g.ended = (kind == 'v') and '1' or 'e'
-        r = 'V|' .. fmt(balance(ts)) .. '|' .. fmt(removed)
+        r = 'V|' .. fmt(ledger_balance()) .. '|' .. fmt(removed)
       end
     elseif kind == 'a' then
       local g = byid[a]
-      if g == nil or g.voided or g.activated or ts < g.eff then
+      if g == nil or g.voided or g.activated or not g.sched or ts < g.eff then
         r = 'N'
       else
         local repaid = math.min(od, g.rem)
@@ -230,7 +276,7 @@ for i = 0, n - 1 do
         od = od - repaid
         if repaid > 0 then pool_dirty = true end
         g.dirty = true; g.activated = true; g.newly_activated = true
-        r = 'A|' .. fmt(balance(ts)) .. '|' .. fmt(g.rem) .. '|' .. fmt(repaid)
+        r = 'A|' .. fmt(ledger_balance()) .. '|' .. fmt(g.rem) .. '|' .. fmt(repaid)
       end
     elseif kind == 'r' then
       if redis.call('SET', ARGV[1] .. 'rv:' .. a, '1', 'NX', 'EX', ARGV[2]) == false then
@@ -245,7 +291,7 @@ for i = 0, n - 1 do
             total = total + back
           end
         end
-        r = 'R|' .. fmt(balance(ts))
+        r = 'R|' .. fmt(ledger_balance())
         if c ~= '' then
           local colon = string.find(c, ':', 1, true)
           redis.call('SREM', ARGV[1] .. string.sub(c, 1, colon - 1), string.sub(c, colon + 1))

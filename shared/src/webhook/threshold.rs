@@ -94,6 +94,27 @@ pub fn cross(
     (out, next)
 }
 
+/// [`cross`] along a path: `levels` are the levels after each step of a batch, in order (the
+/// last is the level after the batch). Every threshold the path crosses fires once, and one
+/// that recovers within the path recovers once, whatever the batching.
+pub fn cross_path(
+    before: &Level,
+    levels: &[Level],
+    thresholds: &[Threshold],
+    fired: &BTreeSet<String>,
+) -> (Vec<Crossing>, BTreeSet<String>) {
+    let mut out = Vec::new();
+    let mut fired = fired.clone();
+    let mut prev = before;
+    for l in levels {
+        let (mut c, next) = cross(prev, l, thresholds, &fired);
+        out.append(&mut c);
+        fired = next;
+        prev = l;
+    }
+    (out, fired)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -108,6 +129,36 @@ mod tests {
 
     fn set(keys: &[&str]) -> BTreeSet<String> {
         keys.iter().map(|k| k.to_string()).collect()
+    }
+
+    /// Issue 15, case 6: the grant of 10 and the twelve events of 1 that drain it settle in one
+    /// batch. Between the batch's ends nothing is crossed (0 before, 0 after); along its path
+    /// the 50% and 80% alerts and the depletion each fire once.
+    #[test]
+    fn a_grant_and_the_usage_that_drains_it_in_one_batch_cross_every_threshold() {
+        let th = [
+            Threshold::UsagePercent(50),
+            Threshold::UsagePercent(80),
+            Threshold::Depleted,
+        ];
+        let mut path = vec![lvl(10, 10)];
+        path.extend((0..10).rev().map(|b| lvl(b, 10)));
+        let (ends, _) = cross(&Level::EMPTY, path.last().unwrap(), &th, &BTreeSet::new());
+        assert!(!ends.contains(&Crossing::Fired(Threshold::Depleted)));
+        let (e, f) = cross_path(&Level::EMPTY, &path, &th, &BTreeSet::new());
+        assert_eq!(
+            e,
+            [
+                Crossing::Fired(Threshold::UsagePercent(50)),
+                Crossing::Fired(Threshold::UsagePercent(80)),
+                Crossing::Fired(Threshold::Depleted),
+            ]
+        );
+        assert_eq!(f, set(&["depleted", "usage_percent:50", "usage_percent:80"]));
+        // A refill within the same batch recovers each once.
+        let (e, f) = cross_path(&lvl(0, 10), &[lvl(0, 10), lvl(100, 110)], &th, &f);
+        assert_eq!(e.len(), 3, "{e:?}");
+        assert!(f.is_empty());
     }
 
     #[test]
