@@ -7,6 +7,7 @@ mod harness;
 mod isolation;
 mod observability;
 mod pipeline;
+mod property;
 mod semantics;
 mod truth;
 mod webhooks;
