@@ -2,8 +2,13 @@
 //!
 //! 1. usage events: insert, ON CONFLICT DO NOTHING. A conflicting key with the same event_uid
 //!    is a redelivery (skip); with another uid it is a duplicate that slipped past Redis: it is
-//!    counted, its entries are not settled, and a reverse command gives its deduction back to
-//!    the hot pool (produced and acked before the commit; the rater applies it once per uid).
+//!    counted, and a reverse command gives its deduction back to the hot pool (produced and
+//!    acked before the commit; the rater applies it once per uid). What the hot pool charged
+//!    for it is still written to the ledger (`adjust` entries, source `duplicate`, under its
+//!    uid) where Redis charged it, and the rater's reversal fact writes the give-back (`adjust`
+//!    entries, source `reversal`, same uid): the pool's end balances chain through both, and
+//!    `consume` entries stay exactly the settled events' charges. The same for a second charge
+//!    in a pool rebuilt after a Redis loss (source `reapplied`).
 //! 2. grants: insert, ON CONFLICT DO NOTHING.
 //! 3. ledger entries, in one insert in the order of the facts (a pool's facts are in one
 //!    partition, in the rater's order), so ledger ids follow each pool's end-balance chain: a
@@ -33,6 +38,10 @@ pub struct Settler {
     pub producer: FutureProducer,
     pub input_topic: String,
 }
+
+/// Entry indexes of a reversal's `adjust` entries start here: the charge it gives back holds
+/// the indexes below it under the same source id (one entry per grant touched).
+const REVERSAL_IDX: i32 = 10_000;
 
 /// Column vectors for one multi-row insert into ledger_entries.
 #[derive(Default)]
@@ -189,6 +198,8 @@ impl Settler {
             .collect();
         let mut slipped: Vec<&UsageFact> = Vec::new();
         let mut reapplied: Vec<UsageFact> = Vec::new();
+        // The redelivered event uid each of `reapplied` is the second charge of.
+        let mut reapplied_of: Vec<Uuid> = Vec::new();
         let mut new_uids: HashSet<Uuid> = HashSet::new();
         if !usage.is_empty() {
             let mut cols = UsageCols::default();
@@ -247,7 +258,9 @@ impl Settler {
                         redelivered.push(*u);
                     }
                 }
-                reapplied = reapplied_in_redis(&mut tx, &redelivered).await?;
+                let pairs = reapplied_in_redis(&mut tx, &redelivered).await?;
+                reapplied_of = pairs.iter().map(|p| p.0).collect();
+                reapplied = pairs.into_iter().map(|p| p.1).collect();
             }
         }
 
@@ -350,11 +363,42 @@ impl Settler {
         let mut e2e: Vec<f64> = Vec::new();
         let now = Utc::now();
         let slipped_uids: HashSet<Uuid> = slipped.iter().map(|u| u.event.event_uid).collect();
+        // Redelivered event uid -> its second charge in a rebuilt hot pool (with a uid of its own).
+        let again: HashMap<Uuid, &UsageFact> = reapplied
+            .iter()
+            .zip(&reapplied_of)
+            .map(|(u, orig)| (*orig, u))
+            .collect();
         for f in facts {
             match f {
                 LedgerMsg::Usage(u) => {
                     let ev = &u.event;
-                    if slipped_uids.contains(&ev.event_uid) {
+                    // A charge the hot pool made and is given back (a duplicate that slipped past
+                    // Redis, or a second charge in a rebuilt pool): its entries go in where Redis
+                    // made them, under the uid its reverse is applied for, and the reverse's
+                    // adjust entries follow when the rater has applied it.
+                    let given_back = if slipped_uids.contains(&ev.event_uid) {
+                        Some((u, "duplicate"))
+                    } else {
+                        again.get(&ev.event_uid).map(|a| (*a, "reapplied"))
+                    };
+                    if let Some((g, source)) = given_back {
+                        if let Outcome::Settled {
+                            credit_type, entries, ..
+                        } = &g.outcome
+                        {
+                            all_fresh = false;
+                            let pool = (
+                                ev.tenant_id.as_str(),
+                                ev.customer_id.as_str(),
+                                ev.resource_id.as_str(),
+                                credit_type.as_str(),
+                            );
+                            let sid = g.event.event_uid.to_string();
+                            for (i, e) in entries.iter().enumerate() {
+                                es.push(pool, ev.timestamp, "adjust", source, &sid, i as i32, e, "system");
+                            }
+                        }
                         continue;
                     }
                     // A redelivered usage row: its entries were settled with it.
@@ -432,6 +476,29 @@ impl Settler {
                     let sid = s.id.to_string();
                     for (i, e) in g.entries.iter().enumerate() {
                         es.push(pool, s.created_at, "grant", &s.source, &sid, i as i32, e, &g.actor);
+                    }
+                }
+                LedgerMsg::Reversal(v) => {
+                    all_fresh = false;
+                    let p = &v.pool;
+                    let pool = (
+                        p.tenant_id.as_str(),
+                        p.customer_id.as_str(),
+                        p.resource_id.as_str(),
+                        p.credit_type.as_str(),
+                    );
+                    let sid = v.event_uid.to_string();
+                    for (i, e) in v.entries.iter().enumerate() {
+                        es.push(
+                            pool,
+                            v.at,
+                            "adjust",
+                            "reversal",
+                            &sid,
+                            REVERSAL_IDX + i as i32,
+                            e,
+                            "system",
+                        );
                     }
                 }
                 LedgerMsg::GrantChange(v) => {
@@ -634,11 +701,11 @@ impl Settler {
 /// again in the pool rebuilt from Postgres (which already holds the first charge), and the
 /// second fact's entries differ from the settled ones (a journal replay repeats them exactly).
 /// Each is returned with a uid of its own (derived from the event's and its entries), so the
-/// reverse that gives the second charge back is applied once.
+/// reverse that gives the second charge back is applied once, after the event's own uid.
 async fn reapplied_in_redis(
     tx: &mut sqlx::PgConnection,
     redelivered: &[&UsageFact],
-) -> Result<Vec<UsageFact>, sqlx::Error> {
+) -> Result<Vec<(Uuid, UsageFact)>, sqlx::Error> {
     let charged: Vec<&UsageFact> = redelivered
         .iter()
         .copied()
@@ -684,7 +751,7 @@ async fn reapplied_in_redis(
             again.event.event_uid = Uuid::new_v5(&u.event.event_uid, seed.as_bytes());
             tracing::warn!(tenant = %u.event.tenant_id, key = %u.event.idempotency_key,
                 "an event was charged again in a rebuilt hot pool: giving the second charge back");
-            out.push(again);
+            out.push((u.event.event_uid, again));
         }
     }
     Ok(out)

@@ -138,7 +138,11 @@ pub enum OpResult {
         remaining: i64,
         repaid: i64,
     },
-    Reversed,
+    /// A reverse applied: what went back (deltas positive), the pool's balance after each.
+    Reversed {
+        end: i64,
+        parts: Vec<Part>,
+    },
     LimitSet,
     NotApplied,
     Refused(String),
@@ -147,6 +151,21 @@ pub enum OpResult {
 fn num(s: Option<&str>, line: &str) -> Result<i64, PoolError> {
     s.and_then(|v| v.parse().ok())
         .ok_or_else(|| PoolError::Reply(line.to_owned()))
+}
+
+/// One "<gid>:<delta>:<end>" part of a reply (gid "-" = overdraft).
+fn part(p: &str, line: &str) -> Result<Part, PoolError> {
+    let mut f = p.split(':');
+    let grant_id = match f.next() {
+        Some("-") => None,
+        Some(g) => Some(Uuid::parse_str(g).map_err(|_| PoolError::Reply(line.to_owned()))?),
+        None => return Err(PoolError::Reply(line.to_owned())),
+    };
+    Ok(Part {
+        grant_id,
+        delta: num(f.next(), line)?,
+        end: num(f.next(), line)?,
+    })
 }
 
 /// Parse one "<offset>|<result>" line of apply.lua.
@@ -171,17 +190,7 @@ pub fn parse_result(line: &str) -> Result<(i64, OpResult), PoolError> {
                     });
                     continue;
                 }
-                let mut f = p.split(':');
-                let gid = match f.next() {
-                    Some("-") => None,
-                    Some(g) => Some(Uuid::parse_str(g).map_err(|_| PoolError::Reply(line.to_owned()))?),
-                    None => return Err(PoolError::Reply(line.to_owned())),
-                };
-                parts.push(Part {
-                    grant_id: gid,
-                    delta: num(f.next(), line)?,
-                    end: num(f.next(), line)?,
-                });
+                parts.push(part(p, line)?);
             }
             OpResult::Charged { end, parts, activated }
         }
@@ -205,7 +214,17 @@ pub fn parse_result(line: &str) -> Result<(i64, OpResult), PoolError> {
             remaining: num(it.next(), line)?,
             repaid: num(it.next(), line)?,
         },
-        Some("R") => OpResult::Reversed,
+        Some("R") => {
+            let end = num(it.next(), line)?;
+            let parts = it
+                .next()
+                .unwrap_or("")
+                .split(';')
+                .filter(|p| !p.is_empty())
+                .map(|p| part(p, line))
+                .collect::<Result<_, _>>()?;
+            OpResult::Reversed { end, parts }
+        }
         Some("L") => OpResult::LimitSet,
         Some("N") => OpResult::NotApplied,
         Some("E") => OpResult::Refused(it.next().unwrap_or("").to_owned()),

@@ -13,7 +13,8 @@ use rust_decimal::Decimal;
 use shared::amount::to_fixed;
 use shared::config::KafkaArgs;
 use shared::model::{
-    partition_key, Entry, GrantChange, GrantChangeFact, GrantFact, InputMsg, LedgerMsg, Outcome, PoolId, UsageFact,
+    partition_key, Entry, GrantChange, GrantChangeFact, GrantFact, InputMsg, LedgerMsg, Outcome, PoolId, ReversalFact,
+    UsageFact,
 };
 use shared::pricing::{price, Price};
 
@@ -532,14 +533,32 @@ impl Step {
                     repaid: dec(repaid, d),
                 }))
             }
-            (InputMsg::Reverse(_), r) => {
-                let result = if r == OpResult::Reversed {
-                    "applied"
-                } else {
-                    "not_applied"
+            (InputMsg::Reverse(rv), r) => {
+                let OpResult::Reversed { parts, .. } = r else {
+                    metrics::counter!(m::COMMANDS, "kind" => "reverse", "result" => "not_applied").increment(1);
+                    return Fate::Nothing;
                 };
-                metrics::counter!(m::COMMANDS, "kind" => "reverse", "result" => result).increment(1);
-                Fate::Nothing
+                metrics::counter!(m::COMMANDS, "kind" => "reverse", "result" => "applied").increment(1);
+                // What went back enters the ledger (adjust entries), so the pool's end balances
+                // chain through the charge and its give-back; the ledger-writer wrote the charge
+                // under the same uid. A dead-lettered event's charge (`release`) never reached
+                // the ledger, so its give-back does not either.
+                if parts.is_empty() || rv.release.is_some() {
+                    return Fate::Nothing;
+                }
+                Fate::Fact(LedgerMsg::Reversal(ReversalFact {
+                    pool: p.pool.clone(),
+                    event_uid: rv.event_uid,
+                    at: Utc::now(),
+                    entries: parts
+                        .into_iter()
+                        .map(|x| Entry {
+                            grant_id: x.grant_id,
+                            amount: dec(x.delta, d),
+                            end_balance: dec(x.end, d),
+                        })
+                        .collect(),
+                }))
             }
             (InputMsg::SetLimit(_), r) => {
                 let result = if r == OpResult::LimitSet {
@@ -563,6 +582,7 @@ fn fact_owner(f: &LedgerMsg) -> (&str, &str) {
         LedgerMsg::Usage(u) => (&u.event.tenant_id, &u.event.customer_id),
         LedgerMsg::Grant(g) => (&g.tenant_id, &g.grant.customer_id),
         LedgerMsg::GrantChange(v) => (&v.pool.tenant_id, &v.pool.customer_id),
+        LedgerMsg::Reversal(v) => (&v.pool.tenant_id, &v.pool.customer_id),
     }
 }
 

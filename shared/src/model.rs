@@ -198,6 +198,20 @@ pub struct PoolId {
     pub credit_type: String,
 }
 
+/// A charge given back to its hot pool (a `reverse` command applied by the rater: a duplicate
+/// that slipped past Redis, an event charged again in a pool rebuilt after a Redis loss, or a
+/// dead-lettered event): written to the ledger as `adjust` entries, so the pool's end balances
+/// keep chaining through the charge and its give-back.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct ReversalFact {
+    pub pool: PoolId,
+    /// The uid the reverse was applied for (once per uid).
+    pub event_uid: Uuid,
+    pub at: DateTime<Utc>,
+    /// What went back, per grant (None = overdraft), with the pool's balance after each.
+    pub entries: Vec<Entry>,
+}
+
 /// A message on the ledger topic.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(tag = "kind", rename_all = "snake_case")]
@@ -205,6 +219,7 @@ pub enum LedgerMsg {
     Usage(UsageFact),
     Grant(GrantFact),
     GrantChange(GrantChangeFact),
+    Reversal(ReversalFact),
 }
 
 impl LedgerMsg {

@@ -237,6 +237,16 @@ pub async fn record(tx: &mut PgConnection, facts: &[&LedgerMsg], moved: &Moved<'
                 }
                 grant_events.push((g.tenant_id.clone(), s.id, s.created_at, GrantEvent::Granted));
             }
+            LedgerMsg::Reversal(v) => {
+                // A give-back moves the pool: its thresholds are evaluated (a recovery).
+                let pk = (
+                    v.pool.tenant_id.clone(),
+                    v.pool.customer_id.clone(),
+                    v.pool.resource_id.clone(),
+                    v.pool.credit_type.clone(),
+                );
+                pools.entry(pk).or_default();
+            }
             LedgerMsg::GrantChange(v) => {
                 let pk = (
                     v.pool.tenant_id.clone(),
@@ -293,6 +303,7 @@ fn tenant_of(f: &LedgerMsg) -> &str {
         LedgerMsg::Usage(u) => &u.event.tenant_id,
         LedgerMsg::Grant(g) => &g.tenant_id,
         LedgerMsg::GrantChange(v) => &v.pool.tenant_id,
+        LedgerMsg::Reversal(v) => &v.pool.tenant_id,
     }
 }
 

@@ -46,7 +46,8 @@
 --   expire  V|<end balance>|<removed>                          N (unknown, ended, or not yet due)
 --   activate A|<end balance>|<remaining>|<repaid overdraft>    N (unknown, ended, done, not
 --                                                              scheduled, or not due)
---   reverse R|<end balance>                                    N (already applied)
+--   reverse R|<end balance>|<gid>:<amount>:<end>;...          N (already applied)
+--           (what went back, gid "-" = overdraft; written to the ledger as adjust entries)
 --   limit   L
 --   any     E|<reason>                                         refused, nothing changed
 -- An operation at or below `off` may have been applied before (a redelivery after a crash): if
@@ -282,16 +283,30 @@ for i = 0, n - 1 do
       if redis.call('SET', ARGV[1] .. 'rv:' .. a, '1', 'NX', 'EX', ARGV[2]) == false then
         r = 'N'
       else
+        -- What actually went back, per grant, with the ledger balance after each (a grant that
+        -- ended since takes nothing back; overdraft is repaid at most to zero).
+        local bal = ledger_balance()
+        local parts = {}
         for gid, amt in string.gmatch(b, '([^:,]+):(%-?%d+)') do
           local back = -tonumber(amt)
           if gid == '-' then
-            od = math.max(0, od - back); pool_dirty = true
+            local d = math.min(od, back)
+            if d > 0 then
+              od = od - d; pool_dirty = true
+              bal = bal + d
+              parts[#parts + 1] = '-:' .. fmt(d) .. ':' .. fmt(bal)
+            end
           elseif byid[gid] and not byid[gid].voided then
-            byid[gid].rem = byid[gid].rem + back; byid[gid].dirty = true
+            local g = byid[gid]
+            g.rem = g.rem + back; g.dirty = true
             total = total + back
+            if entered(g) then
+              bal = bal + back
+              parts[#parts + 1] = gid .. ':' .. fmt(back) .. ':' .. fmt(bal)
+            end
           end
         end
-        r = 'R|' .. fmt(ledger_balance())
+        r = 'R|' .. fmt(bal) .. '|' .. table.concat(parts, ';')
         if c ~= '' then
           local colon = string.find(c, ':', 1, true)
           redis.call('SREM', ARGV[1] .. string.sub(c, 1, colon - 1), string.sub(c, colon + 1))
