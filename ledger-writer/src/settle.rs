@@ -39,6 +39,16 @@ pub struct Settler {
     pub input_topic: String,
 }
 
+/// A pool as the entry columns take it.
+fn pool_of(p: &shared::model::PoolId) -> (&str, &str, &str, &str) {
+    (
+        p.tenant_id.as_str(),
+        p.customer_id.as_str(),
+        p.resource_id.as_str(),
+        p.credit_type.as_str(),
+    )
+}
+
 /// Entry indexes of a reversal's `adjust` entries start here: the charge it gives back holds
 /// the indexes below it under the same source id (one entry per grant touched).
 const REVERSAL_IDX: i32 = 10_000;
@@ -481,12 +491,7 @@ impl Settler {
                 LedgerMsg::Reversal(v) => {
                     all_fresh = false;
                     let p = &v.pool;
-                    let pool = (
-                        p.tenant_id.as_str(),
-                        p.customer_id.as_str(),
-                        p.resource_id.as_str(),
-                        p.credit_type.as_str(),
-                    );
+                    let pool = pool_of(p);
                     let sid = v.event_uid.to_string();
                     for (i, e) in v.entries.iter().enumerate() {
                         es.push(
@@ -504,12 +509,7 @@ impl Settler {
                 LedgerMsg::GrantChange(v) => {
                     all_fresh = false;
                     let p = &v.pool;
-                    let pool = (
-                        p.tenant_id.as_str(),
-                        p.customer_id.as_str(),
-                        p.resource_id.as_str(),
-                        p.credit_type.as_str(),
-                    );
+                    let pool = pool_of(p);
                     let sid = v.grant_id.to_string();
                     // A scheduled grant activated by the first event that drew on it has the
                     // system as its actor; the sweeper's activations and expiries have the sweeper.

@@ -20,7 +20,7 @@ use shared::pricing::{price, Price};
 
 use crate::catalogue::Catalogue;
 use crate::metric as m;
-use crate::pools::{dec, ident, order_key, Op, OpResult, PoolOps, PoolStore};
+use crate::pools::{dec, ident, order_key, Op, OpResult, Part, PoolOps, PoolStore};
 use crate::settle::Settlement;
 
 /// An input message, owned, decoded once.
@@ -430,14 +430,7 @@ impl Step {
                         Outcome::Settled {
                             credit_type: p.pool.credit_type.clone(),
                             cost: dec(total, d),
-                            entries: parts
-                                .into_iter()
-                                .map(|x| Entry {
-                                    grant_id: x.grant_id,
-                                    amount: dec(x.delta, d),
-                                    end_balance: dec(x.end, d),
-                                })
-                                .collect(),
+                            entries: ledger_entries(parts, d),
                         }
                     }
                     OpResult::Denied { end, reason } => Outcome::Denied {
@@ -550,14 +543,7 @@ impl Step {
                     pool: p.pool.clone(),
                     event_uid: rv.event_uid,
                     at: Utc::now(),
-                    entries: parts
-                        .into_iter()
-                        .map(|x| Entry {
-                            grant_id: x.grant_id,
-                            amount: dec(x.delta, d),
-                            end_balance: dec(x.end, d),
-                        })
-                        .collect(),
+                    entries: ledger_entries(parts, d),
                 }))
             }
             (InputMsg::SetLimit(_), r) => {
@@ -571,6 +557,18 @@ impl Step {
             }
         }
     }
+}
+
+/// The ledger entries of a reply's parts (fixed-point to the credit type's places).
+fn ledger_entries(parts: Vec<Part>, d: u32) -> Vec<Entry> {
+    parts
+        .into_iter()
+        .map(|x| Entry {
+            grant_id: x.grant_id,
+            amount: dec(x.delta, d),
+            end_balance: dec(x.end, d),
+        })
+        .collect()
 }
 
 fn count_outcome(o: &Outcome) {
