@@ -32,6 +32,7 @@ use sqlx::PgPool;
 use uuid::Uuid;
 
 use crate::metric as m;
+use crate::webhooks::outbox::PoolMove;
 
 pub struct Settler {
     pub db: PgPool,
@@ -538,16 +539,12 @@ impl Settler {
 
         // 4. Move grant remainders and pool balances by what was inserted now.
         let mut grant_delta: HashMap<(String, Uuid), (Decimal, Option<&'static str>, bool)> = HashMap::new();
-        let mut pool_delta: HashMap<PoolKey, (Decimal, Decimal)> = HashMap::new();
-        // Each pool's new entries in ledger order, as (balance moved, funding moved): thresholds
-        // are crossed along this path, not only between the batch's ends.
-        let mut steps: HashMap<PoolKey, Vec<(Decimal, Decimal)>> = HashMap::new();
+        let mut pool_delta: HashMap<PoolKey, PoolMove> = HashMap::new();
         for (t, c, r, ct, kind, gid, amount, source_id) in new_rows {
-            let key = (t.clone(), c, r, ct);
+            let p = pool_delta.entry((t.clone(), c, r, ct)).or_default();
+            p.balance += amount;
             let funding = if kind == "grant" { amount } else { Decimal::ZERO };
-            steps.entry(key.clone()).or_default().push((amount, funding));
-            let p = pool_delta.entry(key).or_default();
-            p.0 += amount;
+            p.steps.push((amount, funding));
             match (kind.as_str(), gid) {
                 // A grant is inserted with its remaining already; its entry moves the pool only,
                 // except that activating a scheduled grant may repay overdraft from it.
@@ -569,11 +566,11 @@ impl Settler {
                     }
                 }
                 // Overdraft under a soft limit: consumption beyond every grant.
-                (_, None) => p.1 -= amount,
+                (_, None) => p.overdraft -= amount,
             }
         }
         for (k, r) in repaid {
-            pool_delta.entry(k).or_default().1 -= r;
+            pool_delta.entry(k).or_default().overdraft -= r;
         }
         if !grant_delta.is_empty() {
             let (mut t, mut ids, mut ds, mut ends, mut acts) = (vec![], vec![], vec![], vec![], vec![]);
@@ -605,7 +602,8 @@ impl Settler {
         }
         if !pool_delta.is_empty() {
             let (mut t, mut c, mut r, mut ct, mut b, mut o) = (vec![], vec![], vec![], vec![], vec![], vec![]);
-            for ((tenant, customer, resource, credit_type), (bal, od)) in &pool_delta {
+            for ((tenant, customer, resource, credit_type), mv) in &pool_delta {
+                let (bal, od) = (&mv.balance, &mv.overdraft);
                 t.push(tenant.as_str());
                 c.push(customer.as_str());
                 r.push(resource.as_str());
@@ -639,7 +637,6 @@ impl Settler {
         // Webhook messages caused by this batch, in its transaction.
         let moved = crate::webhooks::outbox::Moved {
             pools: &pool_delta,
-            steps: &steps,
             grants: &grant_delta,
             new_usage: &new_uids,
         };

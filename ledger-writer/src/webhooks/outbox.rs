@@ -149,14 +149,21 @@ enum GrantEvent {
     Changed(GrantChange, Decimal),
 }
 
+/// What one settle transaction's new ledger rows did to one pool.
+#[derive(Default)]
+pub struct PoolMove {
+    pub balance: Decimal,
+    pub overdraft: Decimal,
+    /// Its new entries in ledger order, as (balance moved, funding moved by a grant or
+    /// activation entry): thresholds are crossed along this path, not only between its ends.
+    pub steps: Vec<(Decimal, Decimal)>,
+}
+
 /// What one settle transaction moved, from the ledger rows it inserted (a redelivered fact
 /// inserts nothing and moves nothing), and the usage rows it inserted.
 pub struct Moved<'a> {
-    /// Pool -> (balance moved, overdraft moved).
-    pub pools: &'a HashMap<PoolKey, (Decimal, Decimal)>,
-    /// Pool -> its new ledger entries in order, as (balance moved, funding moved by a grant or
-    /// activation entry).
-    pub steps: &'a HashMap<PoolKey, Vec<(Decimal, Decimal)>>,
+    /// Pool -> what its new ledger rows moved.
+    pub pools: &'a HashMap<PoolKey, PoolMove>,
     /// (tenant, grant) -> (remaining moved, ...): as the settle path applies it.
     pub grants: &'a HashMap<(String, Uuid), (Decimal, Option<&'static str>, bool)>,
     pub new_usage: &'a HashSet<Uuid>,
@@ -273,8 +280,8 @@ pub async fn record(tx: &mut PgConnection, facts: &[&LedgerMsg], moved: &Moved<'
     // Thresholds see only what this transaction moved, exactly; pools and grants it did not move
     // (a redelivery) were evaluated by the transaction that did.
     pools.retain(|k, p| match moved.pools.get(k) {
-        Some((m, _)) => {
-            p.moved = *m;
+        Some(m) => {
+            p.moved = m.balance;
             true
         }
         None => p.grant_facts,
@@ -290,7 +297,7 @@ pub async fn record(tx: &mut PgConnection, facts: &[&LedgerMsg], moved: &Moved<'
 
     let mut msgs: Vec<NewMessage> = Vec::new();
     let now = Utc::now();
-    let balances = pool_thresholds(tx, &pools, moved.steps, now, &mut msgs).await?;
+    let balances = pool_thresholds(tx, &pools, moved.pools, now, &mut msgs).await?;
     grant_thresholds(tx, &consumed, &balances, now, &mut msgs).await?;
     grant_messages(tx, &grant_events, &balances, &mut msgs).await?;
     count_rejections(tx, &rejected).await?;
@@ -372,7 +379,7 @@ type PoolRow = (
 async fn pool_thresholds(
     tx: &mut PgConnection,
     pools: &BTreeMap<PoolKey, PoolBatch>,
-    steps: &HashMap<PoolKey, Vec<(Decimal, Decimal)>>,
+    moved: &HashMap<PoolKey, PoolMove>,
     now: DateTime<Utc>,
     msgs: &mut Vec<NewMessage>,
 ) -> anyhow::Result<HashMap<PoolKey, Decimal>> {
@@ -430,7 +437,7 @@ async fn pool_thresholds(
         // and the usage that drains it in one batch still cross every threshold between).
         let mut path = Vec::new();
         let mut l = before;
-        for (b, g) in steps.get(&pk).map(Vec::as_slice).unwrap_or_default() {
+        for (b, g) in moved.get(&pk).map(|m| m.steps.as_slice()).unwrap_or_default() {
             l.balance += b;
             l.granted += g;
             path.push(l);
