@@ -579,7 +579,8 @@ pub struct LimitBody {
 }
 
 /// Override the credit type's limit for one pool. The override travels through the input
-/// topic, so every event accepted after this answer is decided under it.
+/// topic, so every event accepted after this answer is decided under it, and every event
+/// accepted before it under the limit it replaced.
 pub async fn set_limit(t: Tenant, State(s): State<Arc<AppState>>, Body(b): Body<LimitBody>) -> ApiResult<Json<Value>> {
     validate::id("customer_id", &b.customer_id)?;
     let resource = b.resource_id.clone().unwrap_or_default();
@@ -599,36 +600,8 @@ pub async fn set_limit(t: Tenant, State(s): State<Arc<AppState>>, Body(b): Body<
             ))
         }
     };
-    // Postgres first: a pool rebuilt from Postgres after this point carries the override.
-    match kind {
-        Some(k) => {
-            sqlx::query(
-                "INSERT INTO pool_limits (tenant_id, customer_id, resource_id, credit_type, limit_kind)
-                 VALUES ($1, $2, $3, $4, $5)
-                 ON CONFLICT (tenant_id, customer_id, credit_type, resource_id)
-                 DO UPDATE SET limit_kind = EXCLUDED.limit_kind, updated_at = now()",
-            )
-            .bind(&t.id)
-            .bind(&b.customer_id)
-            .bind(&resource)
-            .bind(&b.credit_type)
-            .bind(k.as_str())
-            .execute(&s.db)
-            .await?;
-        }
-        None => {
-            sqlx::query(
-                "DELETE FROM pool_limits WHERE tenant_id = $1 AND customer_id = $2 AND credit_type = $3
-                    AND resource_id = $4",
-            )
-            .bind(&t.id)
-            .bind(&b.customer_id)
-            .bind(&b.credit_type)
-            .bind(&resource)
-            .execute(&s.db)
-            .await?;
-        }
-    }
+    // The rater applies it in order with the pool's usage and the ledger-writer stores it when
+    // that settles: Postgres never holds a limit ahead of the events accepted before it.
     let cmd = LimitCmd {
         tenant_id: t.id.clone(),
         customer_id: b.customer_id.clone(),

@@ -317,16 +317,12 @@ pub async fn get_event(
         }
         // With the customer we can tell whether the rater has seen it.
         if let Some(c) = q.customer_id.filter(|c| validate::id_ok(c)) {
-            // The mark sits in the bucket of the event's timestamp, which we do not know: ask
-            // every bucket an accepted event could be in (one pipelined round trip).
-            let prefix = s.keys.dedupe_prefix(&t.id, &c);
+            // Ask every set a mark made within the window may be in (one pipelined round trip).
             let member = shared::keys::dedupe_member(&key);
             let now = Utc::now().timestamp_millis();
-            let first = shared::keys::dedupe_bucket(now - s.config.dedupe_window_s as i64 * 1000);
-            let last = shared::keys::dedupe_bucket(now + 5 * 60 * 1000);
             let mut pipe = redis::pipe();
-            for b in first..=last {
-                pipe.cmd("SISMEMBER").arg(format!("{prefix}{b}")).arg(&member[..]);
+            for set in s.keys.dedupe_sets(&t.id, &c, now, s.config.dedupe_window_s) {
+                pipe.cmd("SISMEMBER").arg(set).arg(&member[..]);
             }
             let mut con = s.redis.clone();
             let found: Vec<bool> = pipe.query_async(&mut con).await?;

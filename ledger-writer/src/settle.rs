@@ -27,7 +27,9 @@ use std::time::{Duration, Instant};
 use chrono::{DateTime, Utc};
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use rust_decimal::Decimal;
-use shared::model::{partition_key, Entry, GrantChange, InputMsg, LedgerMsg, Outcome, Release, ReverseCmd, UsageFact};
+use shared::model::{
+    partition_key, Entry, GrantChange, InputMsg, LedgerMsg, LimitFact, Outcome, Release, ReverseCmd, UsageFact,
+};
 use sqlx::PgPool;
 use uuid::Uuid;
 
@@ -372,6 +374,7 @@ impl Settler {
         let mut all_fresh = !checked;
         let mut activations: HashMap<(String, String), (Uuid, Decimal, PoolKey)> = HashMap::new();
         let mut e2e: Vec<f64> = Vec::new();
+        let mut limits: Vec<&LimitFact> = Vec::new();
         let now = Utc::now();
         let slipped_uids: HashSet<Uuid> = slipped.iter().map(|u| u.event.event_uid).collect();
         // Redelivered event uid -> its second charge in a rebuilt hot pool (with a uid of its own).
@@ -507,6 +510,7 @@ impl Settler {
                         );
                     }
                 }
+                LedgerMsg::Limit(l) => limits.push(l),
                 LedgerMsg::GrantChange(v) => {
                     all_fresh = false;
                     let p = &v.pool;
@@ -535,6 +539,7 @@ impl Settler {
             }
         }
         let new_rows = es.insert(&mut tx, !all_fresh).await?;
+        store_limits(&mut tx, &limits).await?;
         metrics::counter!(m::ROWS, "table" => "ledger_entries").increment(new_rows.len() as u64);
 
         // 4. Move grant remainders and pool balances by what was inserted now.
@@ -799,4 +804,42 @@ impl UsageCols {
         self.cost.push(cost);
         self.dims.push(serde_json::Value::Object(e.dimensions.clone()));
     }
+}
+
+/// Store per-pool limit overrides in fact order (the last one of a pool wins); None deletes.
+async fn store_limits(tx: &mut sqlx::PgConnection, limits: &[&LimitFact]) -> Result<(), sqlx::Error> {
+    for l in limits {
+        let (t, c, r, ct) = pool_of(&l.pool);
+        match l.limit {
+            Some(k) => {
+                sqlx::query(
+                    "INSERT INTO pool_limits (tenant_id, customer_id, resource_id, credit_type, limit_kind)
+                     VALUES ($1, $2, $3, $4, $5)
+                     ON CONFLICT (tenant_id, customer_id, credit_type, resource_id)
+                     DO UPDATE SET limit_kind = EXCLUDED.limit_kind, updated_at = now()",
+                )
+                .bind(t)
+                .bind(c)
+                .bind(r)
+                .bind(ct)
+                .bind(k.as_str())
+                .execute(&mut *tx)
+                .await?;
+            }
+            None => {
+                sqlx::query(
+                    "DELETE FROM pool_limits WHERE tenant_id = $1 AND customer_id = $2 AND resource_id = $3
+                        AND credit_type = $4",
+                )
+                .bind(t)
+                .bind(c)
+                .bind(r)
+                .bind(ct)
+                .execute(&mut *tx)
+                .await?;
+            }
+        }
+        metrics::counter!(m::ROWS, "table" => "pool_limits").increment(1);
+    }
+    Ok(())
 }

@@ -257,6 +257,7 @@ impl PoolStore {
         committed: &HashMap<i32, i64>,
     ) -> Result<Vec<Option<Vec<String>>>, PoolError> {
         let mut pipe = redis::pipe();
+        let now_ms = chrono::Utc::now().timestamp_millis();
         for b in batches {
             let pool_key = self.keys.pool(
                 &b.pool.tenant_id,
@@ -266,6 +267,12 @@ impl PoolStore {
             );
             let mut inv = APPLY.prepare_invoke();
             inv.key(&pool_key).key(self.keys.journal(&pool_key));
+            for k in self
+                .keys
+                .dedupe_sets(&b.pool.tenant_id, &b.pool.customer_id, now_ms, self.dedupe_window_s)
+            {
+                inv.key(k);
+            }
             inv.arg(self.keys.dedupe_prefix(&b.pool.tenant_id, &b.pool.customer_id))
                 .arg(self.dedupe_window_s)
                 .arg(committed.get(&b.partition).copied().unwrap_or(0))
@@ -279,16 +286,11 @@ impl PoolStore {
                     inv.arg(&op.a);
                 }
                 inv.arg(&op.b);
-                match op.c.split_once(':') {
-                    // A reverse that releases a dedupe mark: "<bucket>:<idempotency key>".
-                    Some((bucket, key)) if op.kind == "r" => {
-                        let mut c = format!("{bucket}:").into_bytes();
-                        c.extend_from_slice(&shared::keys::dedupe_member(key)[..]);
-                        inv.arg(c);
-                    }
-                    _ => {
-                        inv.arg(&op.c);
-                    }
+                if op.kind == "r" && !op.c.is_empty() {
+                    // A reverse that releases the dedupe mark of this idempotency key.
+                    inv.arg(&shared::keys::dedupe_member(&op.c)[..]);
+                } else {
+                    inv.arg(&op.c);
                 }
                 inv.arg(op.ts_ms).arg(&op.id);
             }

@@ -13,8 +13,8 @@ use rust_decimal::Decimal;
 use shared::amount::to_fixed;
 use shared::config::KafkaArgs;
 use shared::model::{
-    partition_key, Entry, GrantChange, GrantChangeFact, GrantFact, InputMsg, LedgerMsg, Outcome, PoolId, ReversalFact,
-    UsageFact,
+    partition_key, Entry, GrantChange, GrantChangeFact, GrantFact, InputMsg, LedgerMsg, LimitFact, Outcome, PoolId,
+    ReversalFact, UsageFact,
 };
 use shared::pricing::{price, Price};
 
@@ -251,10 +251,9 @@ impl Step {
                         kind: "r",
                         a: r.event_uid.to_string(),
                         b: parts.join(","),
-                        c: r.release.as_ref().map_or_else(String::new, |x| {
-                            let bucket = shared::keys::dedupe_bucket(x.timestamp.timestamp_millis());
-                            format!("{bucket}:{}", x.idempotency_key)
-                        }),
+                        c: r.release
+                            .as_ref()
+                            .map_or_else(String::new, |x| x.idempotency_key.clone()),
                         ts_ms: Utc::now().timestamp_millis(),
                         id: ident(&r.event_uid),
                     };
@@ -546,14 +545,18 @@ impl Step {
                     entries: ledger_entries(parts, d),
                 }))
             }
-            (InputMsg::SetLimit(_), r) => {
-                let result = if r == OpResult::LimitSet {
-                    "applied"
-                } else {
-                    "not_applied"
-                };
-                metrics::counter!(m::COMMANDS, "kind" => "limit", "result" => result).increment(1);
-                Fate::Nothing
+            (InputMsg::SetLimit(l), r) => {
+                if r != OpResult::LimitSet {
+                    metrics::counter!(m::COMMANDS, "kind" => "limit", "result" => "not_applied").increment(1);
+                    return Fate::Nothing;
+                }
+                metrics::counter!(m::COMMANDS, "kind" => "limit", "result" => "applied").increment(1);
+                // Postgres learns the override in order with the pool's usage.
+                Fate::Fact(LedgerMsg::Limit(LimitFact {
+                    pool: p.pool.clone(),
+                    limit: l.limit,
+                    at: l.at,
+                }))
             }
         }
     }
@@ -581,6 +584,7 @@ fn fact_owner(f: &LedgerMsg) -> (&str, &str) {
         LedgerMsg::Grant(g) => (&g.tenant_id, &g.grant.customer_id),
         LedgerMsg::GrantChange(v) => (&v.pool.tenant_id, &v.pool.customer_id),
         LedgerMsg::Reversal(v) => (&v.pool.tenant_id, &v.pool.customer_id),
+        LedgerMsg::Limit(v) => (&v.pool.tenant_id, &v.pool.customer_id),
     }
 }
 

@@ -27,27 +27,43 @@ impl Keys {
         format!("{pool_key}:j")
     }
 
-    /// The prefix of the customer's dedupe sets; the Lua script appends the bucket number
-    /// ([`dedupe_bucket`] of the event's timestamp).
+    /// The prefix of the customer's dedupe sets (and of its reverse marks); a set's name is the
+    /// prefix and the start of its period in seconds since the epoch.
     pub fn dedupe_prefix(&self, tenant: &str, customer: &str) -> String {
         format!("{}:{{{tenant}:{customer}}}:d:", self.prefix)
     }
+
+    /// The customer's dedupe sets at `now_ms`, as apply.lua takes them: the current period's
+    /// first (new marks go there), then each earlier period a mark made within the last
+    /// `window_s` may be in, then the next period (a rater whose clock runs ahead may have
+    /// marked there). A repeat of an idempotency key is found whatever timestamp it carries.
+    pub fn dedupe_sets(&self, tenant: &str, customer: &str, now_ms: i64, window_s: u64) -> Vec<String> {
+        let prefix = self.dedupe_prefix(tenant, customer);
+        let len = dedupe_period_s(window_s);
+        let p = now_ms.div_euclid(len * 1000);
+        std::iter::once(p)
+            .chain((1..=DEDUPE_PERIODS_PER_WINDOW).map(|i| p - i))
+            .chain(std::iter::once(p + 1))
+            .map(|q| format!("{prefix}{}", q * len))
+            .collect()
+    }
 }
 
-/// Width of one dedupe bucket: the marks of events whose timestamps fall in the same hour
-/// share one Redis set, which expires as a whole one dedupe window after the hour ends (ingest
-/// refuses events older than the window, so no later duplicate can need it). One set member
-/// costs about 50 bytes, against about 140 for a key of its own with a TTL.
-pub const DEDUPE_BUCKET_MS: i64 = 3_600_000;
+/// A customer's dedupe marks go into one set per period of a quarter of the dedupe window, by
+/// the time the rater sees the event (not the event's timestamp, which a repeat may change); a
+/// set expires one window after the last mark added to it, so a mark lives between one window
+/// and a window and a quarter. A repeat arriving within the window of the first copy is in the
+/// current period's set or one of the four before it.
+pub const DEDUPE_PERIODS_PER_WINDOW: i64 = 4;
 
-/// The dedupe bucket of an event timestamp (milliseconds since the epoch).
-pub fn dedupe_bucket(ts_ms: i64) -> i64 {
-    ts_ms.div_euclid(DEDUPE_BUCKET_MS)
+/// The length of one dedupe period, seconds (at least 1).
+pub fn dedupe_period_s(window_s: u64) -> i64 {
+    (window_s as i64 / DEDUPE_PERIODS_PER_WINDOW).max(1)
 }
 
 /// The set member that marks an idempotency key as seen: the first 96 bits of its SHA-256.
 /// Keys are up to 128 characters; a fixed 12-byte member keeps every mark the same small size.
-/// Two distinct keys of one customer and hour collide with probability about n^2 / 2^97
+/// Two distinct keys of one customer and period collide with probability about n^2 / 2^97
 /// (n = 10^9 keys in one hour: 6e-12).
 pub fn dedupe_member(idempotency_key: &str) -> [u8; 12] {
     use sha2::Digest as _;
@@ -71,11 +87,24 @@ mod tests {
     }
 
     #[test]
-    fn dedupe_buckets_are_hours_and_members_fixed_size() {
-        assert_eq!(dedupe_bucket(0), 0);
-        assert_eq!(dedupe_bucket(3_599_999), 0);
-        assert_eq!(dedupe_bucket(3_600_000), 1);
-        assert_eq!(dedupe_bucket(-1), -1);
+    fn dedupe_sets_cover_the_window_and_members_are_fixed_size() {
+        let k = Keys::new("cr");
+        let day = 86_400;
+        // Periods of 6 hours: the current one, four before it, the next one.
+        let sets = k.dedupe_sets("t1", "c1", 6 * 3_600_000 + 5, day);
+        assert_eq!(sets[0], "cr:{t1:c1}:d:21600");
+        assert_eq!(sets[1], "cr:{t1:c1}:d:0");
+        assert_eq!(sets[2], "cr:{t1:c1}:d:-21600");
+        assert_eq!(sets[5], "cr:{t1:c1}:d:43200");
+        assert_eq!(sets.len(), 6);
+        // A mark made at any instant is among the sets looked in up to one window later.
+        for made in [0i64, 1, 21_599_999, 21_600_000, 40_000_000] {
+            let at = k.dedupe_sets("t1", "c1", made, day)[0].clone();
+            for later in [made, made + 1, made + day as i64 * 1000 - 1, made + day as i64 * 1000] {
+                assert!(k.dedupe_sets("t1", "c1", later, day).contains(&at), "{made} {later}");
+            }
+        }
+        assert_eq!(dedupe_period_s(2), 1);
         assert_eq!(dedupe_member("a"), dedupe_member("a"));
         assert_ne!(dedupe_member("a"), dedupe_member("b"));
         assert_eq!(dedupe_member(&"x".repeat(128)).len(), 12);

@@ -140,7 +140,8 @@ pub struct ReverseCmd {
     pub release: Option<Release>,
 }
 
-/// The dedupe mark of one event: its idempotency key and timestamp (the mark's hour bucket).
+/// The dedupe mark of one event: its idempotency key (the timestamp is informational: marks are
+/// kept by the time the rater saw the event, and released from every set they may be in).
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct Release {
     pub idempotency_key: String,
@@ -212,6 +213,18 @@ pub struct ReversalFact {
     pub entries: Vec<Entry>,
 }
 
+/// A per-pool limit override as the rater applied it, in order with the pool's usage: the
+/// ledger-writer stores it when it settles, so a pool built from Postgres (its first event, or a
+/// rebuild after a Redis loss, which waits for settlement) never sees a limit that events
+/// accepted before it were not decided under.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct LimitFact {
+    pub pool: PoolId,
+    /// None: the credit type's limit again.
+    pub limit: Option<LimitKind>,
+    pub at: DateTime<Utc>,
+}
+
 /// A message on the ledger topic.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(tag = "kind", rename_all = "snake_case")]
@@ -220,6 +233,7 @@ pub enum LedgerMsg {
     Grant(GrantFact),
     GrantChange(GrantChangeFact),
     Reversal(ReversalFact),
+    Limit(LimitFact),
 }
 
 impl LedgerMsg {

@@ -371,3 +371,94 @@ async fn a_price_in_force_cannot_be_back_dated() {
     assert_eq!((code, diffs.len()), (0, 0), "{diffs:?}");
     s.cleanup().await;
 }
+
+async fn set_limit(s: &Stack, key: &str, limit: Value) {
+    let (st, b) = s
+        .call(
+            Method::PUT,
+            "/v1/credits/limits",
+            key,
+            Some(json!({"customer_id": "c-l", "credit_type": "ai", "limit": limit})),
+        )
+        .await;
+    assert_eq!(st, 200, "{b}");
+}
+
+/// Case 7 (a known gap): a per-pool limit change never decides events accepted before it, even
+/// when the change reaches a pool that is being built (its first event). On main, ingest stored
+/// the override in Postgres before producing it, so a pool first built after the change carried
+/// it: the two events accepted under the hard limit settled (balance -3, not -1). Now the
+/// ledger-writer stores it when it settles, in order with the pool's usage.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_limit_change_never_decides_events_accepted_before_it() {
+    let mut s = Stack::start("limitorder", 1).await;
+    let key = s.tenant("hard").await;
+    let ev = |k: &str| json!({"customer_id": "c-l", "event_name": "llm", "idempotency_key": k, "dimensions": {"tokens": 100}});
+    // Nothing rates until all of it is in the topic: the pool is built at its first event,
+    // after the change was accepted.
+    s.stop(crate::harness::Svc::Rater).await;
+    send(&s, &key, vec![ev("before-1"), ev("before-2")]).await;
+    set_limit(&s, &key, json!("soft")).await;
+    send(&s, &key, vec![ev("after-1")]).await;
+    s.spawn(crate::harness::Svc::Rater).await;
+    s.wait_settled(3, 0, Duration::from_secs(60)).await;
+    let mut got = Vec::new();
+    for k in ["before-1", "before-2", "after-1"] {
+        got.push(s.call(Method::GET, &format!("/v1/events/{k}"), &key, None).await.1["status"].clone());
+    }
+    assert_eq!(got, [json!("denied"), json!("denied"), json!("settled")]);
+    assert_eq!(s.balance(&key, "c-l").await, d("-1"));
+    // Postgres learned the override when it settled, so a rebuild after a Redis loss keeps it;
+    // and back to the credit type's limit removes it.
+    let stored = || async {
+        sqlx::query_scalar::<_, String>("SELECT limit_kind FROM pool_limits WHERE customer_id = 'c-l'")
+            .fetch_optional(&s.db)
+            .await
+            .unwrap()
+    };
+    assert_eq!(stored().await.as_deref(), Some("soft"));
+    set_limit(&s, &key, Value::Null).await;
+    let started = Instant::now();
+    while stored().await.is_some() {
+        assert!(
+            started.elapsed() < Duration::from_secs(30),
+            "the override is still stored"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let (code, diffs) = s.reconcile_strict().await;
+    assert_eq!((code, diffs.len()), (0, 0), "{diffs:?}");
+    s.cleanup().await;
+}
+
+/// Case 7 (a known gap): a repeat of an idempotency key that carries a timestamp in another hour
+/// than the first copy is caught in Redis, as a duplicate, like any repeat. On main the marks
+/// lived in hourly sets of the event's timestamp: such a repeat was charged, caught by Postgres,
+/// and given back (a `consume` and an `adjust` entry in the ledger).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_repeat_with_a_timestamp_in_another_hour_is_a_duplicate_in_redis() {
+    let s = Stack::start("crosshour", 1).await;
+    let key = s.tenant("hard").await;
+    s.grant(&key, "c-h", "10").await;
+    let now = chrono::Utc::now();
+    let ev = |ts: chrono::DateTime<chrono::Utc>| {
+        json!({"customer_id": "c-h", "event_name": "llm", "idempotency_key": "same-key",
+               "timestamp": ts.to_rfc3339(), "dimensions": {"tokens": 100}})
+    };
+    send(&s, &key, vec![ev(now)]).await;
+    s.wait_settled(1, 0, Duration::from_secs(60)).await;
+    send(&s, &key, vec![ev(now - chrono::Duration::hours(3))]).await;
+    s.wait_settled(1, 1, Duration::from_secs(60)).await;
+    let entries = ledger(&s, &key, "customer_id=c-h&credit_type=ai").await;
+    let kinds: Vec<&str> = entries.iter().map(|e| e.0.as_str()).collect();
+    assert_eq!(kinds, ["grant", "consume"], "{entries:?}");
+    assert_eq!(s.balance(&key, "c-h").await, d("9"));
+    let caught: Vec<String> = sqlx::query_scalar("SELECT caught_by FROM duplicate_events")
+        .fetch_all(&s.db)
+        .await
+        .unwrap();
+    assert_eq!(caught, ["redis"]);
+    let (code, diffs) = s.reconcile_strict().await;
+    assert_eq!((code, diffs.len()), (0, 0), "{diffs:?}");
+    s.cleanup().await;
+}

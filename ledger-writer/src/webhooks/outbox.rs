@@ -254,6 +254,8 @@ pub async fn record(tx: &mut PgConnection, facts: &[&LedgerMsg], moved: &Moved<'
                 );
                 pools.entry(pk).or_default();
             }
+            // A limit change moves no balance.
+            LedgerMsg::Limit(_) => {}
             LedgerMsg::GrantChange(v) => {
                 let pk = (
                     v.pool.tenant_id.clone(),
@@ -311,6 +313,7 @@ fn tenant_of(f: &LedgerMsg) -> &str {
         LedgerMsg::Grant(g) => &g.tenant_id,
         LedgerMsg::GrantChange(v) => &v.pool.tenant_id,
         LedgerMsg::Reversal(v) => &v.pool.tenant_id,
+        LedgerMsg::Limit(v) => &v.pool.tenant_id,
     }
 }
 

@@ -2,9 +2,12 @@
 --
 -- KEYS[1]  pool hash    cr:{tenant:customer}:p:<credit_type>/<resource>
 -- KEYS[2]  journal list cr:{tenant:customer}:p:<credit_type>/<resource>:j
--- ARGV[1]  dedupe key prefix of the customer (cr:{tenant:customer}:d:); a usage event's mark is
---          a member of the set <prefix><hour of its timestamp> (shared::keys::dedupe_bucket),
---          which expires one dedupe window after that hour ends
+-- KEYS[3]  the customer's dedupe set of the current period (cr:{tenant:customer}:d:<start s>):
+--          a usage event's mark goes there, and the set expires one dedupe window after
+--          the last mark added
+-- KEYS[4..] the customer's other dedupe sets a mark made within the window may be in
+--          (shared::keys::dedupe_sets): a repeat is found whatever timestamp it carries
+-- ARGV[1]  the customer's key prefix for reverse marks (cr:{tenant:customer}:d:)
 -- ARGV[2]  dedupe window, seconds
 -- ARGV[3]  the partition's committed input offset: journal entries wholly below it are dropped
 -- ARGV[4]  limit kind: "hard" or "soft"
@@ -20,8 +23,8 @@
 --          kind "e" expire:  a = grant id, b = "", c = ""  (applies once ts >= its expiry)
 --          kind "a" activate: a = grant id, b = "", c = "" (a scheduled grant, once ts >= effective)
 --          kind "r" reverse: a = event uid, b = "gid:amt,gid:amt" (gid "-" = overdraft),
---                            c = "" or "<hour bucket>:<dedupe member>" (a dead-lettered event:
---                            its dedupe mark is removed too)
+--                            c = "" or the dedupe member of a dead-lettered event (its mark is
+--                            removed too, from every set of KEYS[3..])
 --          kind "l" limit:   a = "hard", "soft" or "" (back to ARGV[4]), b = "", c = ""
 --
 -- Pool hash fields: off (the highest input offset in the journal's newest entry),
@@ -76,9 +79,14 @@ local MAX = 9007199254740992
 local lim = redis.call('HGET', KEYS[1], 'lim')
 local hard = (lim or ARGV[4]) == 'hard'
 local window = tonumber(ARGV[2])
-local BUCKET_MS = 3600000
-local dated = {}
-local now_s = nil
+local dated = false
+-- Was this mark made before, in an earlier (or, by a faster clock, the next) period?
+local function marked_before(member)
+  for i = 4, #KEYS do
+    if redis.call('SISMEMBER', KEYS[i], member) == 1 then return true end
+  end
+  return false
+end
 local off = tonumber(redis.call('HGET', KEYS[1], 'off') or '-1')
 local od = tonumber(redis.call('HGET', KEYS[1], 'od') or '0')
 
@@ -173,17 +181,13 @@ for i = 0, n - 1 do
     local r
     if kind == 'u' then
       local cost = tonumber(b)
-      local bucket = math.floor(ts / BUCKET_MS)
-      local dk = ARGV[1] .. bucket
-      if redis.call('SADD', dk, a) == 0 then
+      if redis.call('SADD', KEYS[3], a) == 0 or marked_before(a) then
         r = 'P'
       else
-        if not dated[dk] then
-          -- The set goes one dedupe window after its hour ends, and never within the hour
-          -- (an old event processed late still leaves a mark for its queued repeats).
-          if now_s == nil then now_s = tonumber(redis.call('TIME')[1]) end
-          redis.call('EXPIREAT', dk, math.max((bucket + 1) * (BUCKET_MS / 1000) + window, now_s + 3600))
-          dated[dk] = true
+        if not dated then
+          -- The set goes one dedupe window after the last mark added to it.
+          redis.call('EXPIRE', KEYS[3], window)
+          dated = true
         end
         local avail = balance(ts)
         if hard and cost > avail then
@@ -308,8 +312,7 @@ for i = 0, n - 1 do
         end
         r = 'R|' .. fmt(bal) .. '|' .. table.concat(parts, ';')
         if c ~= '' then
-          local colon = string.find(c, ':', 1, true)
-          redis.call('SREM', ARGV[1] .. string.sub(c, 1, colon - 1), string.sub(c, colon + 1))
+          for i = 3, #KEYS do redis.call('SREM', KEYS[i], c) end
         end
       end
     elseif kind == 'l' then
