@@ -16,6 +16,16 @@ async fn main() -> anyhow::Result<()> {
                 std::process::exit(1)
             }
         }
+        Some(ledger_writer::Command::Sweep { at, tenant, customer }) => {
+            let scope = ledger_writer::sweep::Scope {
+                tenant_id: tenant,
+                customer_id: customer,
+            };
+            let at = at.unwrap_or_else(chrono::Utc::now);
+            let sent = ledger_writer::sweep_once(&cli.config, at, &scope).await?;
+            println!("{{\"at\":\"{}\",\"commands\":{sent}}}", at.to_rfc3339());
+            Ok(())
+        }
         None | Some(ledger_writer::Command::Run) => {
             let handle = shared::telemetry::install_metrics();
             let shutdown = shared::telemetry::shutdown_on_signal();

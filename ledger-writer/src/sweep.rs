@@ -29,14 +29,27 @@ type Due = (
     bool,
 );
 
-/// Claim up to `limit` due grants and mark them sent.
-async fn claim(db: &PgPool, limit: i64) -> Result<Vec<Due>, sqlx::Error> {
+/// Which grants a sweep looks at: all, or one tenant's, or one customer's.
+#[derive(Debug, Clone, Default)]
+pub struct Scope {
+    pub tenant_id: Option<String>,
+    pub customer_id: Option<String>,
+}
+
+/// Claim up to `limit` grants due at `now` and mark them sent. A command is sent again after
+/// 30 s (the resend guard runs on the database's clock), and an expiry is sent as soon as it is
+/// due even if the grant's activation was sent a moment before.
+async fn claim(db: &PgPool, limit: i64, now: DateTime<Utc>, scope: &Scope) -> Result<Vec<Due>, sqlx::Error> {
     sqlx::query_as(
         "WITH due AS (
             SELECT tenant_id, id FROM grants
             WHERE status = 'active'
-              AND ((expires_at IS NOT NULL AND expires_at <= now()) OR (NOT activated AND effective_at <= now()))
-              AND (sweep_sent_at IS NULL OR sweep_sent_at < now() - interval '30 seconds')
+              AND ((expires_at IS NOT NULL AND expires_at <= $2
+                    AND (sweep_sent_at IS NULL OR sweep_sent_at < expires_at OR sweep_sent_at < now() - interval '30 seconds'))
+                OR (NOT activated AND effective_at <= $2
+                    AND (sweep_sent_at IS NULL OR sweep_sent_at < now() - interval '30 seconds')))
+              AND ($3::text IS NULL OR tenant_id = $3) AND ($4::text IS NULL OR customer_id = $4)
+            ORDER BY effective_at, created_at, id
             LIMIT $1 FOR UPDATE SKIP LOCKED)
          UPDATE grants g SET sweep_sent_at = now()
          FROM due, credit_types ct
@@ -45,14 +58,26 @@ async fn claim(db: &PgPool, limit: i64) -> Result<Vec<Due>, sqlx::Error> {
                    g.expires_at, g.activated",
     )
     .bind(limit)
+    .bind(now)
+    .bind(&scope.tenant_id)
+    .bind(&scope.customer_id)
     .fetch_all(db)
     .await
 }
 
-/// One tick: returns how many commands were sent.
-pub async fn tick(db: &PgPool, producer: &FutureProducer, input_topic: &str) -> anyhow::Result<usize> {
-    let due = claim(db, 1000).await?;
-    let now = Utc::now();
+/// One tick as of `now` (the clock is injectable: `ledger-writer sweep --at` runs one for an
+/// operator or a test): returns how many commands were sent. Each command carries the grant's
+/// own effective or expiry time, which the rater applies it at.
+pub async fn tick(
+    db: &PgPool,
+    producer: &FutureProducer,
+    input_topic: &str,
+    now: DateTime<Utc>,
+    scope: &Scope,
+) -> anyhow::Result<usize> {
+    let mut due = claim(db, 1000, now, scope).await?;
+    // RETURNING keeps no order: activations go out earliest effective first.
+    due.sort_by_key(|d| (d.6, d.1));
     let mut sent = 0;
     for (tenant_id, grant_id, customer_id, resource_id, credit_type, decimals, effective_at, expires_at, activated) in
         due
@@ -104,7 +129,7 @@ pub async fn run(
             _ = shutdown.cancelled() => return,
             _ = tokio::time::sleep(interval) => {}
         }
-        match tick(&db, &producer, &input_topic).await {
+        match tick(&db, &producer, &input_topic, Utc::now(), &Scope::default()).await {
             Ok(n) if n > 0 => tracing::info!(commands = n, "grant sweep"),
             Ok(_) => {}
             Err(e) => {

@@ -328,6 +328,26 @@ impl Stack {
         self.reconcile_with(&["--strict"]).await
     }
 
+    /// `ledger-writer sweep --at`: send the expiries and activations of one customer's grants
+    /// due at `at` (the injectable sweep clock); returns once the commands are in the topic.
+    pub async fn sweep_at(&self, at: chrono::DateTime<chrono::Utc>, tenant: &str, customer: &str) {
+        let out = Command::new(bin("ledger-writer"))
+            .args([
+                "sweep",
+                "--at",
+                &at.to_rfc3339(),
+                "--tenant",
+                tenant,
+                "--customer",
+                customer,
+            ])
+            .envs(self.env.iter().cloned())
+            .output()
+            .await
+            .unwrap();
+        assert!(out.status.success(), "sweep: {}", String::from_utf8_lossy(&out.stderr));
+    }
+
     async fn reconcile_with(&self, args: &[&str]) -> (i32, Vec<String>) {
         let out = Command::new(bin("ledger-writer"))
             .arg("reconcile")
