@@ -9,7 +9,9 @@
 //!   each event priced by the version in force at its timestamp;
 //! - the sum of the pool's ledger amounts = its settled balance = its hot balance;
 //! - each entry's end balance is the running sum of the pool's entries in ledger order;
-//! - every grant's entry precedes every consumption of it (`reconcile --strict`).
+//! - every grant's entry precedes every consumption of it (`reconcile --strict`);
+//! - every threshold (below 5 credits, depleted) fires once per crossing of the pool's ledger
+//!   balance path and recovers once, whatever the batching.
 //!
 //! `PIPELINE_PROPTEST_CASES` sets the number of sequences (default 200).
 
@@ -218,27 +220,76 @@ impl Model {
     }
 }
 
+/// The threshold messages a pool's balance path (its end balances in ledger order, cents, from
+/// an empty pool) must give: below 5 credits and depleted (at or below 0) each fire when the
+/// balance crosses to their side and recover when it leaves it; one already crossed when the
+/// pool starts (empty, so both) fires only after a recovery.
+fn crossings(path: &[i64]) -> Vec<(String, bool)> {
+    let th: [(&str, fn(i64) -> bool); 2] = [("balance_below:5", |b| b < 500), ("depleted:", |b| b <= 0)];
+    let mut out = Vec::new();
+    let mut fired = [false; 2];
+    let mut prev = 0i64;
+    for &b in path {
+        for (i, (key, crossed)) in th.iter().enumerate() {
+            if fired[i] && !crossed(b) {
+                out.push((key.to_string(), false));
+                fired[i] = false;
+            } else if !fired[i] && crossed(b) && !crossed(prev) {
+                out.push((key.to_string(), true));
+                fired[i] = true;
+            }
+        }
+        prev = b;
+    }
+    out
+}
+
 fn cents(d: Decimal) -> i64 {
     (d * Decimal::ONE_HUNDRED).round().try_into().unwrap()
 }
 
-/// Wait until no activation or expiry the sweeper has yet to make is near (from 600 ms ago to
-/// 1.5 s ahead): there an operation and the sweeper's command could pass each other (an event
-/// stamped just before an expiry but rated after the command, or a grant created as another
-/// activates and repays overdraft). Then the model makes every activation and expiry due.
-async fn clear_of_sweeps(m: &mut Model) -> DateTime<Utc> {
+/// Wait until no activation or expiry the sweeper has yet to make is near (due within 1.5 s:
+/// an operation and the sweeper's command could pass each other, e.g. an event stamped just
+/// before an expiry but rated after the command, or a grant created as another activates and
+/// repays overdraft), and until every one already due has settled (so its command went into
+/// the topic ahead of what comes next). Then the model makes every activation and expiry due.
+async fn clear_of_sweeps(s: &Stack, customer: &str, m: &mut Model) -> DateTime<Utc> {
+    let started = Instant::now();
     loop {
         let now = Utc::now();
-        let near = |t: DateTime<Utc>| (-600..1500).contains(&(t - now).num_milliseconds());
-        let busy = m
-            .grants
-            .iter()
-            .filter(|g| !g.ended)
-            .any(|g| (g.sched && !g.activated && near(g.eff)) || g.exp.is_some_and(near));
-        if !busy {
+        let soon = |t: DateTime<Utc>| (-100..1500).contains(&(t - now).num_milliseconds());
+        let live = || m.grants.iter().filter(|g| !g.ended);
+        let busy = live().any(|g| (g.sched && !g.activated && soon(g.eff)) || g.exp.is_some_and(soon));
+        let due_act: Vec<&str> = live()
+            .filter(|g| g.sched && !g.activated && g.eff <= now)
+            .map(|g| g.id.as_str())
+            .collect();
+        let due_exp: Vec<&str> = live()
+            .filter(|g| g.exp.is_some_and(|e| e <= now))
+            .map(|g| g.id.as_str())
+            .collect();
+        let mut done = true;
+        if !busy && !(due_act.is_empty() && due_exp.is_empty()) {
+            let rows: Vec<(String, bool, String)> =
+                sqlx::query_as("SELECT id::text, activated, status FROM grants WHERE customer_id = $1")
+                    .bind(customer)
+                    .fetch_all(&s.db)
+                    .await
+                    .unwrap();
+            let row = |id: &str| rows.iter().find(|r| r.0 == id);
+            done = due_act.iter().all(|id| row(id).is_some_and(|r| r.1))
+                && due_exp
+                    .iter()
+                    .all(|id| row(id).is_some_and(|r| r.2 == "expired" || r.2 == "voided"));
+        }
+        if !busy && done {
             m.sweep(now);
             return now;
         }
+        assert!(
+            started.elapsed() < Duration::from_secs(60),
+            "sweeps of {customer} not settled"
+        );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
@@ -275,7 +326,7 @@ async fn run(s: &Stack, key: &str, tenant: &str, customer: &str, ops: &[Op]) -> 
     let parse = |v: &Value| v.as_str().map(|t| DateTime::parse_from_rfc3339(t).unwrap().to_utc());
     for (i, op) in ops.iter().enumerate() {
         if !matches!(op, Op::Wait { .. }) {
-            clear_of_sweeps(&mut m).await;
+            clear_of_sweeps(s, customer, &mut m).await;
         }
         match op {
             Op::Grant { cents, eff_ms, exp_ms } => {
@@ -377,7 +428,7 @@ async fn run(s: &Stack, key: &str, tenant: &str, customer: &str, ops: &[Op]) -> 
                     assert!(started.elapsed() < Duration::from_secs(30), "grants not settled");
                     tokio::time::sleep(Duration::from_millis(100)).await;
                 }
-                clear_of_sweeps(&mut m).await;
+                clear_of_sweeps(s, customer, &mut m).await;
                 let at = Utc::now() + chrono::Duration::milliseconds(*ahead_ms);
                 s.sweep_at(at, tenant, customer).await;
                 m.sweep(at);
@@ -399,6 +450,27 @@ async fn ledger_invariants_hold_for_random_sequences_through_the_pipeline() {
         .fetch_one(&s.db)
         .await
         .unwrap();
+    // Thresholds: every pool alerts below 5 credits (and when depleted, always on). An
+    // endpoint makes the ledger-writer record them (nothing listens there; delivery is not
+    // what this test checks).
+    let (st, b) = s
+        .call(
+            Method::POST,
+            "/v1/webhooks/endpoints",
+            &key,
+            Some(json!({"url": "http://127.0.0.1:9/nothing"})),
+        )
+        .await;
+    assert_eq!(st, 201, "{b}");
+    let (st, b) = s
+        .call(
+            Method::PUT,
+            "/v1/credits/alerts/defaults",
+            &key,
+            Some(json!({"credit_type": "ai", "balance_below": ["5"]})),
+        )
+        .await;
+    assert_eq!(st, 200, "{b}");
     let mut runner = TestRunner::default();
     let strategy = proptest::collection::vec(op(), 1..12);
     let seqs: Vec<Vec<Op>> = (0..cases)
@@ -477,6 +549,27 @@ async fn ledger_invariants_hold_for_random_sequences_through_the_pipeline() {
         "property: {cases} sequences, ops {kinds:?}; {events} events ({settled} settled, {} denied); {overdrawn} pools end in overdraft",
         events - settled
     );
+    // Each pool's threshold messages, in the order they were recorded: (threshold, fired?).
+    let mut alerts: HashMap<String, Vec<(String, bool)>> = HashMap::new();
+    let bodies: Vec<String> =
+        sqlx::query_scalar("SELECT body FROM webhook_messages WHERE type LIKE 'credits.balance.%' ORDER BY id")
+            .fetch_all(&s.db)
+            .await
+            .unwrap();
+    for b in bodies {
+        let m: Value = serde_json::from_str(&b).unwrap();
+        let t = &m["data"]["threshold"];
+        let key = format!("{}:{}", t["type"].as_str().unwrap(), t["value"].as_str().unwrap_or(""));
+        alerts
+            .entry(m["data"]["customer_id"].as_str().unwrap().to_owned())
+            .or_default()
+            .push((key, m["type"] != "credits.balance.recovered"));
+    }
+    eprintln!(
+        "property: {} threshold messages (fired and recovered) in {} pools",
+        alerts.values().map(Vec::len).sum::<usize>(),
+        alerts.len()
+    );
     let mut failures = Vec::new();
     for (i, ((m, outcomes), ops)) in results.iter().zip(&seqs).enumerate() {
         let c = format!("p{i}");
@@ -509,12 +602,28 @@ async fn ledger_invariants_hold_for_random_sequences_through_the_pipeline() {
             .await;
         let mut sum = 0i64;
         let mut chain_ok = true;
+        let mut path = Vec::new();
         for e in page["entries"].as_array().unwrap().iter().rev() {
             sum += cents(e["amount"].as_str().unwrap().parse().unwrap());
-            chain_ok &= cents(e["end_balance"].as_str().unwrap().parse().unwrap()) == sum;
+            let end = cents(e["end_balance"].as_str().unwrap().parse().unwrap());
+            chain_ok &= end == sum;
+            path.push(end);
         }
         if !chain_ok {
             why.push("end balances are not the running sum".into());
+        }
+        // Every threshold fires once per crossing of the ledger's balance path and recovers
+        // once, whatever the batching.
+        let want_alerts = crossings(&path);
+        let got = alerts.remove(&c).unwrap_or_default();
+        for th in ["balance_below:5", "depleted:"] {
+            let w: Vec<bool> = want_alerts.iter().filter(|(k, _)| k == th).map(|(_, f)| *f).collect();
+            let g: Vec<bool> = got.iter().filter(|(k, _)| k == th).map(|(_, f)| *f).collect();
+            if w != g {
+                why.push(format!(
+                    "{th} alerts (true = fired): got {g:?}, the balance path gives {w:?}"
+                ));
+            }
         }
         if (want, want, want) != (settled, hot, sum) {
             why.push(format!(
