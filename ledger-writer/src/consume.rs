@@ -16,7 +16,7 @@ use rdkafka::Message;
 use shared::config::KafkaArgs;
 use shared::consume::{Step, StepError};
 use shared::dead_letter::{self, Source};
-use shared::model::{partition_key, InputMsg, LedgerMsg, Outcome};
+use shared::model::{partition_key, DeadLetteredCharge, InputMsg, LedgerMsg, Outcome, PoolId};
 
 use crate::metric as m;
 use crate::settle::Settler;
@@ -150,9 +150,27 @@ impl Step for SettleStep {
                 dead_letter::record(&self.settler.db, e, "ledger-writer", reason, &source)
                     .await
                     .map_err(|e| fail(e.into()))?;
-                // What the rater deducted goes back, with the event's dedupe mark (a replay of
-                // the dead letter is then charged as a new event, once).
-                if matches!(u.outcome, Outcome::Settled { .. }) {
+                // What the rater deducted enters the ledger where this batch held it (the units
+                // before it have settled, the ones after it have not), then goes back with the
+                // event's dedupe mark (a replay of the dead letter is then charged as a new
+                // event, once); the rater writes the give-back as a reversal. The pool's end
+                // balances chain through both.
+                if let Outcome::Settled {
+                    credit_type, entries, ..
+                } = &u.outcome
+                {
+                    let charge = LedgerMsg::DeadLetteredCharge(DeadLetteredCharge {
+                        pool: PoolId {
+                            tenant_id: e.tenant_id.clone(),
+                            customer_id: e.customer_id.clone(),
+                            resource_id: e.resource_id.clone(),
+                            credit_type: credit_type.clone(),
+                        },
+                        event_uid: e.event_uid,
+                        at: e.timestamp,
+                        entries: entries.clone(),
+                    });
+                    self.settler.settle(&[&charge]).await.map_err(fail)?;
                     self.settler.reverse(&[u], true).await.map_err(fail)?;
                 }
             }

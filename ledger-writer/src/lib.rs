@@ -49,8 +49,8 @@ pub enum Command {
         /// Only this tenant's pools.
         #[arg(long)]
         tenant: Option<String>,
-        /// Fail on ledger-order differences as well (see the README's known gaps: a charge
-        /// given back in the hot pool is not written to the ledger).
+        /// Fail on ledger-order differences as well (a ledger settled by a version before
+        /// give-backs were written to it may hold some).
         #[arg(long)]
         strict: bool,
     },

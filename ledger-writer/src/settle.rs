@@ -56,6 +56,10 @@ fn pool_of(p: &shared::model::PoolId) -> (&str, &str, &str, &str) {
 /// the indexes below it under the same source id (one entry per grant touched).
 const REVERSAL_IDX: i32 = 10_000;
 
+/// Entry indexes of a dead-lettered event's charge (`adjust`, source `dead_letter`): apart from
+/// its give-back's and from any other charge under the same uid.
+const DEAD_LETTER_IDX: i32 = 20_000;
+
 /// Column vectors for one multi-row insert into ledger_entries.
 #[derive(Default)]
 struct Entries {
@@ -511,6 +515,22 @@ impl Settler {
                     }
                 }
                 LedgerMsg::Limit(l) => limits.push(l),
+                LedgerMsg::DeadLetteredCharge(v) => {
+                    all_fresh = false;
+                    let sid = v.event_uid.to_string();
+                    for (i, e) in v.entries.iter().enumerate() {
+                        es.push(
+                            pool_of(&v.pool),
+                            v.at,
+                            "adjust",
+                            "dead_letter",
+                            &sid,
+                            DEAD_LETTER_IDX + i as i32,
+                            e,
+                            "system",
+                        );
+                    }
+                }
                 LedgerMsg::GrantChange(v) => {
                     all_fresh = false;
                     let p = &v.pool;
@@ -726,7 +746,9 @@ async fn reapplied_in_redis(
     .bind(&keys)
     .fetch_all(&mut *tx)
     .await?;
-    let mut settled: HashMap<(&str, &str), Vec<(i32, Decimal, Decimal)>> = HashMap::new();
+    // (tenant, idempotency key) -> its settled entries (index, amount, end balance).
+    type Settled<'a> = HashMap<(&'a str, &'a str), Vec<(i32, Decimal, Decimal)>>;
+    let mut settled: Settled = HashMap::new();
     for (t, k, i, a, b) in &rows {
         settled.entry((t.as_str(), k.as_str())).or_default().push((*i, *a, *b));
     }

@@ -533,9 +533,8 @@ impl Step {
                 metrics::counter!(m::COMMANDS, "kind" => "reverse", "result" => "applied").increment(1);
                 // What went back enters the ledger (adjust entries), so the pool's end balances
                 // chain through the charge and its give-back; the ledger-writer wrote the charge
-                // under the same uid. A dead-lettered event's charge (`release`) never reached
-                // the ledger, so its give-back does not either.
-                if parts.is_empty() || rv.release.is_some() {
+                // under the same uid (a dead-lettered event's as a `dead_letter` adjust).
+                if parts.is_empty() {
                     return Fate::Nothing;
                 }
                 Fate::Fact(LedgerMsg::Reversal(ReversalFact {
@@ -585,6 +584,7 @@ fn fact_owner(f: &LedgerMsg) -> (&str, &str) {
         LedgerMsg::GrantChange(v) => (&v.pool.tenant_id, &v.pool.customer_id),
         LedgerMsg::Reversal(v) => (&v.pool.tenant_id, &v.pool.customer_id),
         LedgerMsg::Limit(v) => (&v.pool.tenant_id, &v.pool.customer_id),
+        LedgerMsg::DeadLetteredCharge(v) => (&v.pool.tenant_id, &v.pool.customer_id),
     }
 }
 

@@ -258,6 +258,7 @@ impl Runner {
     /// unit that is dead-lettered.
     async fn isolate<S: Step>(&self, step: &mut S, units: &[S::Unit]) -> Result<(), Stopped> {
         // Ranges still to do; the next one on top.
+        #[allow(clippy::single_range_in_vec_init)] // a stack of ranges, one to start
         let mut todo = vec![0..units.len()];
         while let Some(r) = todo.pop() {
             if r.is_empty() {

@@ -224,8 +224,10 @@ impl Model {
 /// an empty pool) must give: below 5 credits and depleted (at or below 0) each fire when the
 /// balance crosses to their side and recover when it leaves it; one already crossed when the
 /// pool starts (empty, so both) fires only after a recovery.
+type Crossed = fn(i64) -> bool;
+
 fn crossings(path: &[i64]) -> Vec<(String, bool)> {
-    let th: [(&str, fn(i64) -> bool); 2] = [("balance_below:5", |b| b < 500), ("depleted:", |b| b <= 0)];
+    let th: [(&str, Crossed); 2] = [("balance_below:5", |b| b < 500), ("depleted:", |b| b <= 0)];
     let mut out = Vec::new();
     let mut fired = [false; 2];
     let mut prev = 0i64;
@@ -269,7 +271,7 @@ async fn clear_of_sweeps(s: &Stack, customer: &str, m: &mut Model) -> DateTime<U
             .map(|g| g.id.as_str())
             .collect();
         let mut done = true;
-        if !busy && !(due_act.is_empty() && due_exp.is_empty()) {
+        if !busy && (!due_act.is_empty() || !due_exp.is_empty()) {
             let rows: Vec<(String, bool, String)> =
                 sqlx::query_as("SELECT id::text, activated, status FROM grants WHERE customer_id = $1")
                     .bind(customer)

@@ -20,7 +20,7 @@ use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use chrono::{DateTime, Utc};
 use rust_decimal::Decimal;
 use serde_json::{json, Value};
-use shared::model::{GrantChange, LedgerMsg, Outcome};
+use shared::model::{DeadLetteredCharge, GrantChange, LedgerMsg, Outcome, PoolId, ReversalFact};
 use shared::webhook::threshold::{cross, cross_path, Crossing, Level, Threshold};
 use shared::webhook::{self as wh};
 use sqlx::PgConnection;
@@ -244,25 +244,16 @@ pub async fn record(tx: &mut PgConnection, facts: &[&LedgerMsg], moved: &Moved<'
                 }
                 grant_events.push((g.tenant_id.clone(), s.id, s.created_at, GrantEvent::Granted));
             }
-            LedgerMsg::Reversal(v) => {
-                // A give-back moves the pool: its thresholds are evaluated (a recovery).
-                let pk = (
-                    v.pool.tenant_id.clone(),
-                    v.pool.customer_id.clone(),
-                    v.pool.resource_id.clone(),
-                    v.pool.credit_type.clone(),
-                );
-                pools.entry(pk).or_default();
+            // A give-back moves the pool: its thresholds are evaluated (a recovery); so does a
+            // dead-lettered event's charge (its give-back follows).
+            LedgerMsg::Reversal(ReversalFact { pool, .. })
+            | LedgerMsg::DeadLetteredCharge(DeadLetteredCharge { pool, .. }) => {
+                pools.entry(pool_key(pool)).or_default();
             }
             // A limit change moves no balance.
             LedgerMsg::Limit(_) => {}
             LedgerMsg::GrantChange(v) => {
-                let pk = (
-                    v.pool.tenant_id.clone(),
-                    v.pool.customer_id.clone(),
-                    v.pool.resource_id.clone(),
-                    v.pool.credit_type.clone(),
-                );
+                let pk = pool_key(&v.pool);
                 let moved: Decimal = v.entries.iter().map(|e| e.amount).sum();
                 let p = pools.entry(pk).or_default();
                 p.grant_facts = true;
@@ -307,6 +298,15 @@ pub async fn record(tx: &mut PgConnection, facts: &[&LedgerMsg], moved: &Moved<'
     Ok(())
 }
 
+fn pool_key(p: &PoolId) -> PoolKey {
+    (
+        p.tenant_id.clone(),
+        p.customer_id.clone(),
+        p.resource_id.clone(),
+        p.credit_type.clone(),
+    )
+}
+
 fn tenant_of(f: &LedgerMsg) -> &str {
     match f {
         LedgerMsg::Usage(u) => &u.event.tenant_id,
@@ -314,6 +314,7 @@ fn tenant_of(f: &LedgerMsg) -> &str {
         LedgerMsg::GrantChange(v) => &v.pool.tenant_id,
         LedgerMsg::Reversal(v) => &v.pool.tenant_id,
         LedgerMsg::Limit(v) => &v.pool.tenant_id,
+        LedgerMsg::DeadLetteredCharge(v) => &v.pool.tenant_id,
     }
 }
 
