@@ -4,8 +4,10 @@
 //!
 //! A dead-lettered usage fact: produced to the dead-letter topic as the input message it came
 //! from (replayable to the input topic once the cause is fixed), its status recorded as
-//! `dead_lettered`, and, if the rater charged it, its deduction and its dedupe mark given back
-//! to the hot pool through a `reverse` command.
+//! `dead_lettered`, and, if the rater charged it, its charge written to the ledger as `adjust`
+//! entries (source `dead_letter`) where the batch held it, then its deduction and its dedupe
+//! mark given back to the hot pool through a `reverse` command (whose reversal fact the rater
+//! writes), so the pool's end balances chain through both.
 
 use std::sync::Arc;
 use std::time::Duration;

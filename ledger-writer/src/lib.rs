@@ -68,6 +68,10 @@ pub enum Command {
         /// Only this customer's grants (with --tenant).
         #[arg(long, requires = "tenant")]
         customer: Option<String>,
+        /// Allow `--at` more than a second ahead of now: grants then expire and activate early
+        /// (for tests; never on a production tenant).
+        #[arg(long)]
+        allow_future: bool,
     },
 }
 

@@ -16,12 +16,20 @@ async fn main() -> anyhow::Result<()> {
                 std::process::exit(1)
             }
         }
-        Some(ledger_writer::Command::Sweep { at, tenant, customer }) => {
+        Some(ledger_writer::Command::Sweep {
+            at,
+            tenant,
+            customer,
+            allow_future,
+        }) => {
             let scope = ledger_writer::sweep::Scope {
                 tenant_id: tenant,
                 customer_id: customer,
             };
             let at = at.unwrap_or_else(chrono::Utc::now);
+            if at > chrono::Utc::now() + chrono::Duration::seconds(1) && !allow_future {
+                anyhow::bail!("--at {at} is in the future: grants would expire early (pass --allow-future to mean it)");
+            }
             let sent = ledger_writer::sweep_once(&cli.config, at, &scope).await?;
             println!("{{\"at\":\"{}\",\"commands\":{sent}}}", at.to_rfc3339());
             Ok(())

@@ -3,8 +3,8 @@
 //! Every tick it claims due grants in Postgres (FOR UPDATE SKIP LOCKED, so replicas split the
 //! work) and sends `activate` / `expire` commands through the input topic, keyed like the
 //! customer's events: the rater stays the only writer of a pool, and the command lands in order
-//! with the customer's usage. A command may be sent twice (a crash, or the 30 s resend); the
-//! rater applies each at most once.
+//! with the customer's usage. A command may be sent more than once (a crash, the 30 s resend,
+//! an expiry due just after the activation was sent); the rater applies each at most once.
 
 use std::time::Duration;
 
@@ -36,9 +36,10 @@ pub struct Scope {
     pub customer_id: Option<String>,
 }
 
-/// Claim up to `limit` grants due at `now` and mark them sent. A command is sent again after
-/// 30 s (the resend guard runs on the database's clock), and an expiry is sent as soon as it is
-/// due even if the grant's activation was sent a moment before.
+/// Claim up to `limit` grants due at `now` and mark them sent (at the later of the database's
+/// clock and the sweep's, so a sweep ahead of time does not claim them again). A command is
+/// sent again 30 s after that, and an expiry is sent as soon as it is due even if the grant's
+/// activation was sent a moment before.
 async fn claim(db: &PgPool, limit: i64, now: DateTime<Utc>, scope: &Scope) -> Result<Vec<Due>, sqlx::Error> {
     sqlx::query_as(
         "WITH due AS (
@@ -51,7 +52,7 @@ async fn claim(db: &PgPool, limit: i64, now: DateTime<Utc>, scope: &Scope) -> Re
               AND ($3::text IS NULL OR tenant_id = $3) AND ($4::text IS NULL OR customer_id = $4)
             ORDER BY effective_at, created_at, id
             LIMIT $1 FOR UPDATE SKIP LOCKED)
-         UPDATE grants g SET sweep_sent_at = now()
+         UPDATE grants g SET sweep_sent_at = GREATEST(now(), $2)
          FROM due, credit_types ct
          WHERE g.tenant_id = due.tenant_id AND g.id = due.id AND ct.tenant_id = g.tenant_id AND ct.id = g.credit_type
          RETURNING g.tenant_id, g.id, g.customer_id, g.resource_id, g.credit_type, ct.decimals, g.effective_at,

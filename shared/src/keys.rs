@@ -56,9 +56,10 @@ impl Keys {
 /// current period's set or one of the four before it.
 pub const DEDUPE_PERIODS_PER_WINDOW: i64 = 4;
 
-/// The length of one dedupe period, seconds (at least 1).
+/// The length of one dedupe period, seconds (at least 1; rounded up, so the periods looked in
+/// always cover the whole window).
 pub fn dedupe_period_s(window_s: u64) -> i64 {
-    (window_s as i64 / DEDUPE_PERIODS_PER_WINDOW).max(1)
+    ((window_s as i64 + DEDUPE_PERIODS_PER_WINDOW - 1) / DEDUPE_PERIODS_PER_WINDOW).max(1)
 }
 
 /// The set member that marks an idempotency key as seen: the first 96 bits of its SHA-256.
@@ -105,6 +106,17 @@ mod tests {
             }
         }
         assert_eq!(dedupe_period_s(2), 1);
+        // A window that is not a multiple of four is still covered to its end.
+        for window in [90u64, 7, 86_401] {
+            for made in [0i64, 1_234, 22_999] {
+                let at = k.dedupe_sets("t1", "c1", made, window)[0].clone();
+                let later = made + window as i64 * 1000;
+                assert!(
+                    k.dedupe_sets("t1", "c1", later, window).contains(&at),
+                    "{window} {made}"
+                );
+            }
+        }
         assert_eq!(dedupe_member("a"), dedupe_member("a"));
         assert_ne!(dedupe_member("a"), dedupe_member("b"));
         assert_eq!(dedupe_member(&"x".repeat(128)).len(), 12);

@@ -334,6 +334,7 @@ impl Stack {
         let out = Command::new(bin("ledger-writer"))
             .args([
                 "sweep",
+                "--allow-future",
                 "--at",
                 &at.to_rfc3339(),
                 "--tenant",

@@ -282,7 +282,8 @@ async fn clear_of_sweeps(s: &Stack, customer: &str, m: &mut Model) -> DateTime<U
             done = due_act.iter().all(|id| row(id).is_some_and(|r| r.1))
                 && due_exp
                     .iter()
-                    .all(|id| row(id).is_some_and(|r| r.2 == "expired" || r.2 == "voided"));
+                    // A grant used up before it expires stays `depleted` (nothing to expire).
+                    .all(|id| row(id).is_some_and(|r| matches!(r.2.as_str(), "expired" | "voided" | "depleted")));
         }
         if !busy && done {
             m.sweep(now);

@@ -181,14 +181,16 @@ for i = 0, n - 1 do
     local r
     if kind == 'u' then
       local cost = tonumber(b)
-      if redis.call('SADD', KEYS[3], a) == 0 or marked_before(a) then
+      local added = redis.call('SADD', KEYS[3], a) == 1
+      if added and not dated then
+        -- The set goes one dedupe window after the last mark added to it (whether or not the
+        -- mark turns out to repeat one in an earlier set: the set may have just been created).
+        redis.call('EXPIRE', KEYS[3], window)
+        dated = true
+      end
+      if not added or marked_before(a) then
         r = 'P'
       else
-        if not dated then
-          -- The set goes one dedupe window after the last mark added to it.
-          redis.call('EXPIRE', KEYS[3], window)
-          dated = true
-        end
         local avail = balance(ts)
         if hard and cost > avail then
           r = 'D|' .. fmt(ledger_balance()) .. '|insufficient_balance'
