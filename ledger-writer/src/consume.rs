@@ -18,7 +18,7 @@ use rdkafka::Message;
 use shared::config::KafkaArgs;
 use shared::consume::{Step, StepError};
 use shared::dead_letter::{self, Source};
-use shared::model::{partition_key, DeadLetteredCharge, InputMsg, LedgerMsg, Outcome, PoolId};
+use shared::model::{partition_key, InputMsg, LedgerMsg, Outcome, PoolId, ReversalFact};
 
 use crate::metric as m;
 use crate::settle::Settler;
@@ -161,7 +161,7 @@ impl Step for SettleStep {
                     credit_type, entries, ..
                 } = &u.outcome
                 {
-                    let charge = LedgerMsg::DeadLetteredCharge(DeadLetteredCharge {
+                    let charge = LedgerMsg::DeadLetteredCharge(ReversalFact {
                         pool: PoolId {
                             tenant_id: e.tenant_id.clone(),
                             customer_id: e.customer_id.clone(),

@@ -582,9 +582,8 @@ fn fact_owner(f: &LedgerMsg) -> (&str, &str) {
         LedgerMsg::Usage(u) => (&u.event.tenant_id, &u.event.customer_id),
         LedgerMsg::Grant(g) => (&g.tenant_id, &g.grant.customer_id),
         LedgerMsg::GrantChange(v) => (&v.pool.tenant_id, &v.pool.customer_id),
-        LedgerMsg::Reversal(v) => (&v.pool.tenant_id, &v.pool.customer_id),
+        LedgerMsg::Reversal(v) | LedgerMsg::DeadLetteredCharge(v) => (&v.pool.tenant_id, &v.pool.customer_id),
         LedgerMsg::Limit(v) => (&v.pool.tenant_id, &v.pool.customer_id),
-        LedgerMsg::DeadLetteredCharge(v) => (&v.pool.tenant_id, &v.pool.customer_id),
     }
 }
 

@@ -213,18 +213,6 @@ pub struct ReversalFact {
     pub entries: Vec<Entry>,
 }
 
-/// A charge the hot pool made for an event whose usage fact Postgres refused (dead-lettered):
-/// written to the ledger as `adjust` entries (source `dead_letter`) where the batch held it, so
-/// the pool's end balances keep chaining; its give-back follows as a [`ReversalFact`].
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
-pub struct DeadLetteredCharge {
-    pub pool: PoolId,
-    pub event_uid: Uuid,
-    pub at: DateTime<Utc>,
-    /// What the hot pool deducted, per grant (None = overdraft), with its balance after each.
-    pub entries: Vec<Entry>,
-}
-
 /// A per-pool limit override as the rater applied it, in order with the pool's usage: the
 /// ledger-writer stores it when it settles, so a pool built from Postgres (its first event, or a
 /// rebuild after a Redis loss, which waits for settlement) never sees a limit that events
@@ -246,7 +234,11 @@ pub enum LedgerMsg {
     GrantChange(GrantChangeFact),
     Reversal(ReversalFact),
     Limit(LimitFact),
-    DeadLetteredCharge(DeadLetteredCharge),
+    /// The charge the hot pool made for an event whose usage fact Postgres refused
+    /// (dead-lettered), in the same shape as its give-back (`entries`: what was deducted):
+    /// written as `adjust` entries (source `dead_letter`) where the batch held it, so the pool's
+    /// end balances keep chaining; the give-back follows as a `Reversal`.
+    DeadLetteredCharge(ReversalFact),
 }
 
 impl LedgerMsg {

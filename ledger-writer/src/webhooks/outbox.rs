@@ -20,7 +20,7 @@ use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use chrono::{DateTime, Utc};
 use rust_decimal::Decimal;
 use serde_json::{json, Value};
-use shared::model::{DeadLetteredCharge, GrantChange, LedgerMsg, Outcome, PoolId, ReversalFact};
+use shared::model::{GrantChange, LedgerMsg, Outcome, PoolId};
 use shared::webhook::threshold::{cross, cross_path, Crossing, Level, Threshold};
 use shared::webhook::{self as wh};
 use sqlx::PgConnection;
@@ -246,9 +246,8 @@ pub async fn record(tx: &mut PgConnection, facts: &[&LedgerMsg], moved: &Moved<'
             }
             // A give-back moves the pool: its thresholds are evaluated (a recovery); so does a
             // dead-lettered event's charge (its give-back follows).
-            LedgerMsg::Reversal(ReversalFact { pool, .. })
-            | LedgerMsg::DeadLetteredCharge(DeadLetteredCharge { pool, .. }) => {
-                pools.entry(pool_key(pool)).or_default();
+            LedgerMsg::Reversal(v) | LedgerMsg::DeadLetteredCharge(v) => {
+                pools.entry(pool_key(&v.pool)).or_default();
             }
             // A limit change moves no balance.
             LedgerMsg::Limit(_) => {}
@@ -312,9 +311,8 @@ fn tenant_of(f: &LedgerMsg) -> &str {
         LedgerMsg::Usage(u) => &u.event.tenant_id,
         LedgerMsg::Grant(g) => &g.tenant_id,
         LedgerMsg::GrantChange(v) => &v.pool.tenant_id,
-        LedgerMsg::Reversal(v) => &v.pool.tenant_id,
+        LedgerMsg::Reversal(v) | LedgerMsg::DeadLetteredCharge(v) => &v.pool.tenant_id,
         LedgerMsg::Limit(v) => &v.pool.tenant_id,
-        LedgerMsg::DeadLetteredCharge(v) => &v.pool.tenant_id,
     }
 }
 
