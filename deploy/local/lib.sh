@@ -190,6 +190,16 @@ redis_ping() {
     [[ "$(timeout 3 redis-cli -h "$REDIS_HOST" -p "$REDIS_PORT" ping 2>/dev/null)" == PONG ]]
 }
 
+# ensure_machete: make sure cargo-machete (the unused-dependency check) is installed.
+MACHETE_VERSION="${MACHETE_VERSION:-0.9.2}"
+ensure_machete() {
+    if cargo machete --version 2>/dev/null | grep -q "$MACHETE_VERSION"; then
+        return 0
+    fi
+    log "installing cargo-machete $MACHETE_VERSION (about 2 minutes)"
+    cargo install cargo-machete --version "$MACHETE_VERSION" --locked
+}
+
 # ensure_redis: make sure Redis answers on 127.0.0.1:6379.
 ensure_redis() {
     if redis_ping; then

@@ -18,7 +18,7 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context, Result};
 use chrono::Utc;
 use clap::Parser;
-use ledger_writer::settle::Settler;
+use ledger_writer::settle::{Mode, Settler};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use rust_decimal::Decimal;
@@ -274,7 +274,8 @@ async fn run(args: &Args, name: &str) -> Result<()> {
             for chunk in stream.chunks(batch) {
                 let refs: Vec<&LedgerMsg> = chunk.iter().collect();
                 let t = Instant::now();
-                settler.settle_opts(&refs, checked).await?;
+                let mode = if checked { Mode::Checked } else { Mode::Fast };
+                settler.settle_in(&refs, mode).await?;
                 txs.push(t.elapsed());
             }
             anyhow::Ok(txs)

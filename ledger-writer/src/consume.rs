@@ -21,6 +21,7 @@ use shared::dead_letter::{self, Source};
 use shared::model::{partition_key, InputMsg, LedgerMsg, Outcome, PoolId, ReversalFact};
 
 use crate::metric as m;
+use crate::settle::Mode;
 use crate::settle::Settler;
 use crate::webhooks::SettleDuty;
 
@@ -97,7 +98,11 @@ impl Step for SettleStep {
     async fn process(&mut self, units: &[FactUnit], attempt: u32) -> Result<(), StepError> {
         let facts: Vec<&LedgerMsg> = units.iter().filter_map(|u| u.fact.as_ref().ok()).collect();
         // A retry takes the checked path (every ledger entry through ON CONFLICT).
-        match self.settler.settle_opts(&facts, attempt > 0).await {
+        match self
+            .settler
+            .settle_in(&facts, if attempt > 0 { Mode::Checked } else { Mode::Fast })
+            .await
+        {
             Ok(()) => Ok(()),
             // The fast path assumes new usage rows have no entries yet; a unique violation there
             // is a broken assumption that the checked path settles, not a poison fact.

@@ -190,8 +190,8 @@ pub struct Entry {
     pub end_balance: Decimal,
 }
 
-/// The pool a fact belongs to.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq, Hash)]
+/// The pool a fact belongs to (ordered by tenant, customer, resource, credit type).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct PoolId {
     pub tenant_id: String,
     pub customer_id: String,
@@ -263,12 +263,58 @@ pub enum GrantChange {
 
 impl GrantChange {
     /// The ledger entry type it writes.
-    pub fn entry_type(self) -> &'static str {
+    pub fn entry_kind(self) -> EntryKind {
         match self {
-            GrantChange::Void => "void",
-            GrantChange::Expire => "expire",
-            GrantChange::Activate => "grant",
+            GrantChange::Void => EntryKind::Void,
+            GrantChange::Expire => EntryKind::Expire,
+            GrantChange::Activate => EntryKind::Grant,
         }
+    }
+}
+
+/// A ledger entry's `type` (the column's CHECK constraint lists the same six).
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, Hash)]
+#[serde(rename_all = "snake_case")]
+pub enum EntryKind {
+    /// A grant's amount entering its pool (or a scheduled grant's activation).
+    Grant,
+    /// A settled event's charge, one entry per grant touched.
+    Consume,
+    /// A grant's remaining taken out at its expiry.
+    Expire,
+    /// A grant's remaining taken out when it is voided.
+    Void,
+    /// A charge the hot pool made and gave back (slipped duplicate, re-application, dead letter).
+    Adjust,
+    /// An event refused by a hard limit: amount 0, the balance it was refused at.
+    Deny,
+}
+
+impl EntryKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            EntryKind::Grant => "grant",
+            EntryKind::Consume => "consume",
+            EntryKind::Expire => "expire",
+            EntryKind::Void => "void",
+            EntryKind::Adjust => "adjust",
+            EntryKind::Deny => "deny",
+        }
+    }
+}
+
+impl TryFrom<String> for EntryKind {
+    type Error = String;
+    fn try_from(s: String) -> Result<Self, Self::Error> {
+        Ok(match s.as_str() {
+            "grant" => EntryKind::Grant,
+            "consume" => EntryKind::Consume,
+            "expire" => EntryKind::Expire,
+            "void" => EntryKind::Void,
+            "adjust" => EntryKind::Adjust,
+            "deny" => EntryKind::Deny,
+            _ => return Err(format!("unknown ledger entry type {s:?}")),
+        })
     }
 }
 

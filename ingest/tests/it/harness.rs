@@ -33,16 +33,43 @@ fn free_port() -> u16 {
         .port()
 }
 
+/// A workspace binary. `CREDITS_BIN_DIR` names a directory that holds the built binaries
+/// (deploy/local/test sets it after its `cargo build --release --workspace --bins --tests`);
+/// without it, Cargo builds them (escargot runs that same build for this test's profile, a
+/// no-op when nothing changed, once per test process), so `cargo test -p ingest` alone builds
+/// what the pipeline tests start.
 fn bin(name: &str) -> PathBuf {
-    // target/<profile>/deps/it-<hash> -> target/<profile>/<name>
-    let exe = std::env::current_exe().unwrap();
-    let p = exe.parent().unwrap().parent().unwrap().join(name);
-    assert!(
-        p.exists(),
-        "{} missing: build the workspace binaries first (deploy/local/test does)",
-        p.display()
-    );
-    p
+    static BUILT: std::sync::OnceLock<HashMap<String, PathBuf>> = std::sync::OnceLock::new();
+    if let Some(dir) = std::env::var_os("CREDITS_BIN_DIR") {
+        return PathBuf::from(dir).join(name);
+    }
+    let built = BUILT.get_or_init(build_binaries);
+    match built.get(name) {
+        Some(p) => p.clone(),
+        None => panic!("cargo built no binary named {name} (built: {:?})", built.keys()),
+    }
+}
+
+/// `cargo build --workspace --bins --tests` (the selection deploy/local/test builds, so features
+/// unify the same way and nothing is rebuilt twice): binary name -> its path.
+fn build_binaries() -> HashMap<String, PathBuf> {
+    let msgs = escargot::CargoBuild::new()
+        .current_release()
+        .args(["--workspace", "--bins", "--tests"])
+        .exec()
+        .expect("starting cargo build for the pipeline tests' binaries");
+    let mut out = HashMap::new();
+    for m in msgs {
+        let m = m.expect("cargo build of the pipeline tests' binaries failed");
+        if let Ok(escargot::format::Message::CompilerArtifact(a)) = m.decode() {
+            // A bin target's own unit-test harness is an executable too: not the binary.
+            let binary = a.target.kind.iter().any(|k| k == "bin") && !a.profile.test;
+            if let (true, Some(exe)) = (binary, a.executable) {
+                out.insert(a.target.name.to_string(), exe.to_path_buf());
+            }
+        }
+    }
+    out
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]

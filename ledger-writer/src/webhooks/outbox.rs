@@ -27,12 +27,13 @@ use sqlx::PgConnection;
 use uuid::Uuid;
 
 use crate::metric as m;
+use crate::settle::GrantMove;
 
 /// Namespace of message ids derived from what caused them.
 const MSG_NS: Uuid = Uuid::from_u128(0x1b7e_52c4_0f3a_4e19_9c6d_2a85_e4f1_7b30);
 
-/// (tenant, customer, resource, credit type)
-type PoolKey = (String, String, String, String);
+/// The pools the outbox works on, in (tenant, customer, resource, credit type) order.
+type PoolKey = PoolId;
 
 pub struct NewMessage {
     pub id: Uuid,
@@ -63,11 +64,15 @@ fn dec(d: Decimal) -> String {
 
 fn pool_json(p: &PoolKey, balance: Option<Decimal>) -> serde_json::Map<String, Value> {
     let mut m = serde_json::Map::new();
-    m.insert("customer_id".into(), json!(p.1));
-    m.insert("credit_type".into(), json!(p.3));
+    m.insert("customer_id".into(), json!(p.customer_id));
+    m.insert("credit_type".into(), json!(p.credit_type));
     m.insert(
         "resource_id".into(),
-        if p.2.is_empty() { Value::Null } else { json!(p.2) },
+        if p.resource_id.is_empty() {
+            Value::Null
+        } else {
+            json!(p.resource_id)
+        },
     );
     m.insert("balance".into(), json!(balance.map(dec)));
     m
@@ -164,8 +169,8 @@ pub struct PoolMove {
 pub struct Moved<'a> {
     /// Pool -> what its new ledger rows moved.
     pub pools: &'a HashMap<PoolKey, PoolMove>,
-    /// (tenant, grant) -> (remaining moved, ...): as the settle path applies it.
-    pub grants: &'a HashMap<(String, Uuid), (Decimal, Option<&'static str>, bool)>,
+    /// (tenant, grant) -> its move, as the settle path applies it.
+    pub grants: &'a HashMap<(String, Uuid), GrantMove>,
     pub new_usage: &'a HashSet<Uuid>,
 }
 
@@ -196,13 +201,11 @@ pub async fn record(tx: &mut PgConnection, facts: &[&LedgerMsg], moved: &Moved<'
         match f {
             LedgerMsg::Usage(u) => {
                 let ev = &u.event;
-                let key = |ct: &str| {
-                    (
-                        ev.tenant_id.clone(),
-                        ev.customer_id.clone(),
-                        ev.resource_id.clone(),
-                        ct.to_owned(),
-                    )
+                let key = |ct: &str| PoolId {
+                    tenant_id: ev.tenant_id.clone(),
+                    customer_id: ev.customer_id.clone(),
+                    resource_id: ev.resource_id.clone(),
+                    credit_type: ct.to_owned(),
                 };
                 match &u.outcome {
                     Outcome::Settled {
@@ -231,12 +234,12 @@ pub async fn record(tx: &mut PgConnection, facts: &[&LedgerMsg], moved: &Moved<'
             }
             LedgerMsg::Grant(g) => {
                 let s = &g.grant;
-                let pk = (
-                    g.tenant_id.clone(),
-                    s.customer_id.clone(),
-                    s.resource_id.clone(),
-                    s.credit_type.clone(),
-                );
+                let pk = PoolId {
+                    tenant_id: g.tenant_id.clone(),
+                    customer_id: s.customer_id.clone(),
+                    resource_id: s.resource_id.clone(),
+                    credit_type: s.credit_type.clone(),
+                };
                 let p = pools.entry(pk).or_default();
                 p.grant_facts = true;
                 if !s.scheduled() {
@@ -247,12 +250,12 @@ pub async fn record(tx: &mut PgConnection, facts: &[&LedgerMsg], moved: &Moved<'
             // A give-back moves the pool: its thresholds are evaluated (a recovery); so does a
             // dead-lettered event's charge (its give-back follows).
             LedgerMsg::Reversal(v) | LedgerMsg::DeadLetteredCharge(v) => {
-                pools.entry(pool_key(&v.pool)).or_default();
+                pools.entry(v.pool.clone()).or_default();
             }
             // A limit change moves no balance.
             LedgerMsg::Limit(_) => {}
             LedgerMsg::GrantChange(v) => {
-                let pk = pool_key(&v.pool);
+                let pk = v.pool.clone();
                 let moved: Decimal = v.entries.iter().map(|e| e.amount).sum();
                 let p = pools.entry(pk).or_default();
                 p.grant_facts = true;
@@ -279,8 +282,8 @@ pub async fn record(tx: &mut PgConnection, facts: &[&LedgerMsg], moved: &Moved<'
         None => p.grant_facts,
     });
     consumed.retain(|k, (_, m)| match moved.grants.get(k) {
-        Some((d, _, _)) => {
-            *m = *d;
+        Some(g) => {
+            *m = g.delta;
             true
         }
         None => false,
@@ -295,15 +298,6 @@ pub async fn record(tx: &mut PgConnection, facts: &[&LedgerMsg], moved: &Moved<'
     count_rejections(tx, &rejected).await?;
     insert(tx, &msgs).await?;
     Ok(())
-}
-
-fn pool_key(p: &PoolId) -> PoolKey {
-    (
-        p.tenant_id.clone(),
-        p.customer_id.clone(),
-        p.resource_id.clone(),
-        p.credit_type.clone(),
-    )
 }
 
 fn tenant_of(f: &LedgerMsg) -> &str {
@@ -326,11 +320,11 @@ async fn save_state(tx: &mut PgConnection, rows: &[(&PoolKey, Uuid, Level, BTree
     }
     let (mut t, mut c, mut r, mut ct, mut g, mut b, mut gr, mut f) =
         (vec![], vec![], vec![], vec![], vec![], vec![], vec![], vec![]);
-    for ((tt, cc, rr, cct), gid, l, fired) in rows {
-        t.push(tt.as_str());
-        c.push(cc.as_str());
-        r.push(rr.as_str());
-        ct.push(cct.as_str());
+    for (pk, gid, l, fired) in rows {
+        t.push(pk.tenant_id.as_str());
+        c.push(pk.customer_id.as_str());
+        r.push(pk.resource_id.as_str());
+        ct.push(pk.credit_type.as_str());
         g.push(*gid);
         b.push(l.balance);
         gr.push(l.granted);
@@ -389,11 +383,11 @@ async fn pool_thresholds(
         return Ok(HashMap::new());
     }
     let (mut t, mut c, mut r, mut ct) = (vec![], vec![], vec![], vec![]);
-    for (tt, cc, rr, cct) in pools.keys() {
-        t.push(tt.as_str());
-        c.push(cc.as_str());
-        r.push(rr.as_str());
-        ct.push(cct.as_str());
+    for pk in pools.keys() {
+        t.push(pk.tenant_id.as_str());
+        c.push(pk.customer_id.as_str());
+        r.push(pk.resource_id.as_str());
+        ct.push(pk.credit_type.as_str());
     }
     let rows: Vec<PoolRow> = sqlx::query_as(
         "SELECT k.t, k.c, k.r, k.ct, s.granted, s.fired,
@@ -423,7 +417,12 @@ async fn pool_thresholds(
     let mut states = Vec::new();
     let mut emitted = Vec::new();
     for (t, c, r, ct, stored_granted, fired, balance, granted, usage, below) in rows {
-        let pk = (t, c, r, ct);
+        let pk = PoolId {
+            tenant_id: t,
+            customer_id: c,
+            resource_id: r,
+            credit_type: ct,
+        };
         let after = Level { balance, granted };
         let batch = &pools[&pk];
         let before = Level {
@@ -458,7 +457,7 @@ async fn pool_thresholds(
             let mut data = pool_json(&pk, Some(balance));
             data.insert("granted".into(), json!(dec(granted)));
             data.insert("threshold".into(), threshold_json(t));
-            emitted.push(message(Uuid::now_v7(), &pk.0, kind, now, Value::Object(data)));
+            emitted.push(message(Uuid::now_v7(), &pk.tenant_id, kind, now, Value::Object(data)));
         }
         balances.insert(pk.clone(), balance);
         if next != fired || stored_granted != Some(granted) {
@@ -601,12 +600,12 @@ async fn grant_messages(
         let Some(r) = by_id.get(&(tenant.clone(), *gid)) else {
             continue;
         };
-        let pk = (
-            r.tenant_id.clone(),
-            r.customer_id.clone(),
-            r.resource_id.clone(),
-            r.credit_type.clone(),
-        );
+        let pk = PoolId {
+            tenant_id: r.tenant_id.clone(),
+            customer_id: r.customer_id.clone(),
+            resource_id: r.resource_id.clone(),
+            credit_type: r.credit_type.clone(),
+        };
         let status = if r.status == "active" && r.effective_at > Utc::now() {
             "scheduled"
         } else {
@@ -675,11 +674,11 @@ async fn count_rejections(tx: &mut PgConnection, rejected: &[(PoolKey, &str, Uui
         return Ok(());
     }
     let (mut t, mut c, mut r, mut ct, mut d, mut un, mut s) = (vec![], vec![], vec![], vec![], vec![], vec![], vec![]);
-    for ((tt, cc, rr, cct), (dn, up, samples)) in per {
-        t.push(tt.as_str());
-        c.push(cc.as_str());
-        r.push(rr.as_str());
-        ct.push(cct.as_str());
+    for (pk, (dn, up, samples)) in per {
+        t.push(pk.tenant_id.as_str());
+        c.push(pk.customer_id.as_str());
+        r.push(pk.resource_id.as_str());
+        ct.push(pk.credit_type.as_str());
         d.push(dn);
         un.push(up);
         s.push(samples.join(","));

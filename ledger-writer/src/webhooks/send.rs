@@ -13,12 +13,11 @@
 //! nothing; while settlement is busy the sender also holds back to a low rate.
 
 use std::collections::HashMap;
-use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use chrono::{DateTime, Utc};
-use shared::webhook::address::{check_url, forbidden};
+use shared::webhook::address::{check_url, RefusedAddress, SafeResolver};
 use shared::webhook::sign::signature_header;
 use sqlx::PgPool;
 use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};
@@ -126,28 +125,6 @@ struct Attempt {
 impl Attempt {
     fn ok(&self) -> bool {
         self.outcome == "success"
-    }
-}
-
-/// A name that resolved to an address webhooks may not reach.
-#[derive(Debug, thiserror::Error)]
-#[error("{0} resolves to {1}, a private, loopback or link-local address")]
-struct RefusedAddress(String, IpAddr);
-
-/// Resolves like the system does, then refuses names with any forbidden address, so a DNS
-/// answer cannot point a webhook into our network.
-struct SafeResolver;
-
-impl reqwest::dns::Resolve for SafeResolver {
-    fn resolve(&self, name: reqwest::dns::Name) -> reqwest::dns::Resolving {
-        Box::pin(async move {
-            let host = name.as_str().to_owned();
-            let addrs: Vec<SocketAddr> = tokio::net::lookup_host((host.as_str(), 0)).await?.collect();
-            if let Some(a) = addrs.iter().find(|a| forbidden(a.ip())) {
-                return Err(Box::new(RefusedAddress(host, a.ip())) as Box<dyn std::error::Error + Send + Sync>);
-            }
-            Ok(Box::new(addrs.into_iter()) as reqwest::dns::Addrs)
-        })
     }
 }
 

@@ -8,14 +8,13 @@
 //! `Unknown`: the money may or may not have moved, so the caller retries with the same
 //! `charge_id` and never with a new one. Other 4xx answers are a refusal (`Failed`).
 
-use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
 use rust_decimal::Decimal;
 use serde::Serialize;
 
-use crate::webhook::address::{check_url, forbidden};
+use crate::webhook::address::{check_url, SafeResolver};
 use crate::webhook::sign::sign;
 
 #[derive(Debug, Clone, Serialize)]
@@ -40,27 +39,6 @@ pub enum ChargeOutcome {
     Failed(String),
     /// No answer we can trust: retry with the same charge id.
     Unknown(String),
-}
-
-/// A name that resolved to an address charges may not reach.
-#[derive(Debug, thiserror::Error)]
-#[error("{0} resolves to {1}, a private, loopback or link-local address")]
-struct RefusedAddress(String, std::net::IpAddr);
-
-/// Refuses names with any forbidden address (the webhooks sender's rule).
-struct SafeResolver;
-
-impl reqwest::dns::Resolve for SafeResolver {
-    fn resolve(&self, name: reqwest::dns::Name) -> reqwest::dns::Resolving {
-        Box::pin(async move {
-            let host = name.as_str().to_owned();
-            let addrs: Vec<SocketAddr> = tokio::net::lookup_host((host.as_str(), 0)).await?.collect();
-            if let Some(a) = addrs.iter().find(|a| forbidden(a.ip())) {
-                return Err(Box::new(RefusedAddress(host, a.ip())) as Box<dyn std::error::Error + Send + Sync>);
-            }
-            Ok(Box::new(addrs.into_iter()) as reqwest::dns::Addrs)
-        })
-    }
 }
 
 #[derive(Clone)]

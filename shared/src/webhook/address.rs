@@ -176,3 +176,26 @@ mod tests {
         assert!(!forbidden("2a00:1450::1".parse().unwrap()));
     }
 }
+
+/// A name that resolved to an address outbound calls may not reach.
+#[derive(Debug, thiserror::Error)]
+#[error("{0} resolves to {1}, a private, loopback or link-local address")]
+pub struct RefusedAddress(pub String, pub IpAddr);
+
+/// Resolves like the system does, then refuses names with any forbidden address, so a DNS
+/// answer cannot point a webhook or a charge into our network. The one resolver of every
+/// outbound client (webhooks, payment endpoints): pass it to `reqwest::ClientBuilder::dns_resolver`.
+pub struct SafeResolver;
+
+impl reqwest::dns::Resolve for SafeResolver {
+    fn resolve(&self, name: reqwest::dns::Name) -> reqwest::dns::Resolving {
+        Box::pin(async move {
+            let host = name.as_str().to_owned();
+            let addrs: Vec<std::net::SocketAddr> = tokio::net::lookup_host((host.as_str(), 0)).await?.collect();
+            if let Some(a) = addrs.iter().find(|a| forbidden(a.ip())) {
+                return Err(Box::new(RefusedAddress(host, a.ip())) as Box<dyn std::error::Error + Send + Sync>);
+            }
+            Ok(Box::new(addrs.into_iter()) as reqwest::dns::Addrs)
+        })
+    }
+}
