@@ -12,22 +12,20 @@
 //! grant's remaining moved by each charge once, end balances chaining in ledger order,
 //! `reconcile --strict` clean, and the group's committed offsets at the end of every partition.
 
-use std::io::{Read as _, Write as _};
 use std::panic::AssertUnwindSafe;
 use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use chrono::Utc;
 use futures::FutureExt as _;
-use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
-use rdkafka::client::DefaultClientContext;
 use rdkafka::config::ClientConfig;
-use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::producer::{FutureProducer, FutureRecord};
-use rdkafka::{Offset, TopicPartitionList};
 use rust_decimal::Decimal;
 use shared::model::{partition_key, Dimensions, Entry, LedgerMsg, Outcome, UsageEvent, UsageFact};
-use sqlx::postgres::PgPoolOptions;
+use shared::testkit::{
+    brokers, create_db, create_topics, delete_topics_and_groups, drop_db, free_port, kill, offsets, ready, redis_url,
+    stop,
+};
 use sqlx::PgPool;
 use tokio::process::{Child, Command};
 use uuid::Uuid;
@@ -39,38 +37,6 @@ const PER_CUSTOMER: usize = 450;
 const RUN: usize = 5;
 /// What each customer's grant holds (credit type "ai", 2 places).
 const GRANT: i64 = 10_000;
-
-fn brokers() -> String {
-    std::env::var("KAFKA_BROKERS").unwrap_or_else(|_| "127.0.0.1:9092".into())
-}
-fn db_base() -> String {
-    std::env::var("DATABASE_URL_BASE").unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432".into())
-}
-fn redis_url() -> String {
-    std::env::var("REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".into())
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-/// Whether `GET http://addr/readyz` answers 200 (no HTTP client needed for one line).
-fn ready(addr: &str) -> bool {
-    let Ok(mut s) = std::net::TcpStream::connect(addr) else {
-        return false;
-    };
-    let _ = s.set_read_timeout(Some(Duration::from_secs(2)));
-    if s.write_all(b"GET /readyz HTTP/1.0\r\nHost: x\r\n\r\n").is_err() {
-        return false;
-    }
-    let mut buf = String::new();
-    let _ = s.read_to_string(&mut buf);
-    buf.starts_with("HTTP/1.1 200") || buf.starts_with("HTTP/1.0 200")
-}
 
 /// Cost of customer `c`'s `j`th event, in hundredths.
 fn cost(c: usize, j: usize) -> i64 {
@@ -242,72 +208,9 @@ async fn produce(ctx: &Ctx, producer: &FutureProducer, from: usize, to: usize, p
     }
 }
 
-async fn kill(mut child: Child) {
-    child.start_kill().unwrap();
-    child.wait().await.unwrap();
-}
-
-/// SIGTERM, and the exit status once it has drained.
-async fn stop(mut child: Child) -> std::process::ExitStatus {
-    let pid = child.id().unwrap();
-    let st = std::process::Command::new("kill")
-        .args(["-TERM", &pid.to_string()])
-        .status()
-        .unwrap();
-    assert!(st.success());
-    tokio::time::timeout(Duration::from_secs(60), child.wait())
-        .await
-        .expect("ledger-writer did not stop within 60 s of SIGTERM")
-        .unwrap()
-}
-
-fn admin() -> AdminClient<DefaultClientContext> {
-    ClientConfig::new()
-        .set("bootstrap.servers", brokers())
-        .create()
-        .unwrap()
-}
-
-/// (low, high, committed by the group) per partition of `topic`.
-fn offsets(topic: &str, group: &str) -> Vec<(i64, i64, Option<i64>)> {
-    let c: BaseConsumer = ClientConfig::new()
-        .set("bootstrap.servers", brokers())
-        .set("group.id", group)
-        .set("enable.auto.commit", "false")
-        .create()
-        .unwrap();
-    let mut tpl = TopicPartitionList::new();
-    for p in 0..PARTITIONS {
-        tpl.add_partition(topic, p);
-    }
-    let committed = c.committed_offsets(tpl, Duration::from_secs(10)).unwrap();
-    (0..PARTITIONS)
-        .map(|p| {
-            let (low, high) = c.fetch_watermarks(topic, p, Duration::from_secs(10)).unwrap();
-            let done = match committed.find_partition(topic, p).map(|e| e.offset()) {
-                Some(Offset::Offset(o)) => Some(o),
-                _ => None,
-            };
-            (low, high, done)
-        })
-        .collect()
-}
-
 async fn setup() -> Ctx {
     let name = format!("lw_restart_{}", &Uuid::new_v4().simple().to_string()[..10]);
-    let server = PgPoolOptions::new()
-        .max_connections(1)
-        .connect(&format!("{}/postgres", db_base()))
-        .await
-        .unwrap();
-    sqlx::query(&format!("CREATE DATABASE \"{name}\""))
-        .execute(&server)
-        .await
-        .unwrap();
-    server.close().await;
-    let db_url = format!("{}/{name}", db_base());
-    let db = PgPoolOptions::new().max_connections(4).connect(&db_url).await.unwrap();
-    shared::db::MIGRATOR.run(&db).await.unwrap();
+    let (db_url, db) = create_db(&name, 4).await;
     let topic = |t: &str| format!("it.{name}.{t}");
     let log = std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!("{name}.log"));
     let mut ctx = Ctx {
@@ -326,20 +229,7 @@ async fn setup() -> Ctx {
         name,
     };
     eprintln!("{}: ledger-writer log in {}", ctx.name, ctx.log.display());
-    let topics: Vec<NewTopic> = [&ctx.ledger_topic, &ctx.input_topic, &ctx.dlq_topic]
-        .into_iter()
-        .map(|t| NewTopic::new(t, PARTITIONS, TopicReplication::Fixed(1)))
-        .collect();
-    for r in admin()
-        .create_topics(
-            &topics,
-            &AdminOptions::new().operation_timeout(Some(Duration::from_secs(10))),
-        )
-        .await
-        .unwrap()
-    {
-        r.map_err(|(t, e)| format!("create topic {t}: {e}")).unwrap();
-    }
+    create_topics(&[&ctx.ledger_topic, &ctx.input_topic, &ctx.dlq_topic], PARTITIONS).await;
     // The tenant and its credit type (reconcile reads the places), and per customer a grant, its
     // pool and the grant's own ledger entry, as ledger-writer settles a grant fact.
     sqlx::query("INSERT INTO tenants (id, name) VALUES ($1, 'it')")
@@ -398,24 +288,8 @@ async fn setup() -> Ctx {
 }
 
 async fn teardown(ctx: Ctx) {
-    ctx.db.close().await;
-    if let Ok(server) = PgPoolOptions::new()
-        .max_connections(1)
-        .connect(&format!("{}/postgres", db_base()))
-        .await
-    {
-        let _ = sqlx::query(&format!("DROP DATABASE IF EXISTS \"{}\" WITH (FORCE)", ctx.db_name))
-            .execute(&server)
-            .await;
-    }
-    let admin = admin();
-    let _ = admin
-        .delete_topics(
-            &[&ctx.ledger_topic, &ctx.input_topic, &ctx.dlq_topic],
-            &AdminOptions::new(),
-        )
-        .await;
-    let _ = admin.delete_groups(&[&ctx.group], &AdminOptions::new()).await;
+    drop_db(ctx.db, &ctx.db_name).await;
+    delete_topics_and_groups(&[&ctx.ledger_topic, &ctx.input_topic, &ctx.dlq_topic], &[&ctx.group]).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -455,7 +329,7 @@ async fn scenario(ctx: &Ctx) {
         // Run 2: redelivered from offset 0, plus what is produced meanwhile; SIGTERM part way.
         let lw = ctx.start(500).await;
         ctx.wait_settled(total * 3 / 5, Duration::from_secs(300)).await;
-        let status = stop(lw).await;
+        let status = stop(lw, "ledger-writer").await;
         assert!(status.success(), "ledger-writer exited {status} after SIGTERM");
         eprintln!("stopped gracefully with {} of {total} settled", ctx.settled().await);
     };
@@ -465,7 +339,7 @@ async fn scenario(ctx: &Ctx) {
     ctx.wait_settled(total, Duration::from_secs(300)).await;
     // Anything more (a second row for a fact) would show up as more rows: give it a moment.
     tokio::time::sleep(Duration::from_secs(2)).await;
-    let status = stop(lw).await;
+    let status = stop(lw, "ledger-writer").await;
     assert!(status.success(), "ledger-writer exited {status} after SIGTERM");
     eprintln!("all {total} settled after {:?}", started.elapsed());
 
@@ -564,7 +438,7 @@ async fn check(ctx: &Ctx, total: i64) {
         String::from_utf8_lossy(&out.stderr)
     );
     // The group's committed offsets reach the end of every partition; more than one was used.
-    let offs = offsets(&ctx.ledger_topic, &ctx.group);
+    let offs = offsets(&ctx.ledger_topic, &ctx.group, PARTITIONS);
     let used = offs.iter().filter(|(low, high, _)| high > low).count();
     assert!(used >= 2, "customers on one partition only: {offs:?}");
     for (p, (low, high, committed)) in offs.iter().enumerate() {

@@ -15,7 +15,6 @@
 //! nothing denied or dead-lettered; the group's committed offsets at the end of the input.
 
 use std::collections::HashMap;
-use std::io::{Read as _, Write as _};
 use std::panic::AssertUnwindSafe;
 use std::process::Stdio;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -24,10 +23,8 @@ use std::time::{Duration, Instant};
 
 use chrono::Utc;
 use futures::FutureExt as _;
-use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
-use rdkafka::client::DefaultClientContext;
 use rdkafka::config::ClientConfig;
-use rdkafka::consumer::{BaseConsumer, Consumer, StreamConsumer};
+use rdkafka::consumer::{Consumer, StreamConsumer};
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use rdkafka::{Message as _, Offset, TopicPartitionList};
 use rust_decimal::Decimal;
@@ -35,7 +32,10 @@ use shared::model::{
     partition_key, Category, Dimensions, GrantCmd, GrantFact, GrantSpec, InputMsg, LedgerMsg, Outcome, UsageEvent,
     UsageFact,
 };
-use sqlx::postgres::PgPoolOptions;
+use shared::testkit::{
+    brokers, create_db, create_topics, delete_redis_prefix, delete_topics_and_groups, drop_db, free_port, kill,
+    offsets, ready, redis_url, stop,
+};
 use sqlx::PgPool;
 use tokio::process::{Child, Command};
 use uuid::Uuid;
@@ -47,38 +47,6 @@ const PER_CUSTOMER: usize = 450;
 const ROUND: usize = 5;
 /// What each customer's grant holds (credit type "ai", 2 places).
 const GRANT: i64 = 10_000;
-
-fn brokers() -> String {
-    std::env::var("KAFKA_BROKERS").unwrap_or_else(|_| "127.0.0.1:9092".into())
-}
-fn db_base() -> String {
-    std::env::var("DATABASE_URL_BASE").unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432".into())
-}
-fn redis_url() -> String {
-    std::env::var("REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".into())
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-/// Whether `GET http://addr/readyz` answers 200 (no HTTP client needed for one line).
-fn ready(addr: &str) -> bool {
-    let Ok(mut s) = std::net::TcpStream::connect(addr) else {
-        return false;
-    };
-    let _ = s.set_read_timeout(Some(Duration::from_secs(2)));
-    if s.write_all(b"GET /readyz HTTP/1.0\r\nHost: x\r\n\r\n").is_err() {
-        return false;
-    }
-    let mut buf = String::new();
-    let _ = s.read_to_string(&mut buf);
-    buf.starts_with("HTTP/1.1 200") || buf.starts_with("HTTP/1.0 200")
-}
 
 /// Tokens of customer `c`'s `j`th event; at 0.01 credits per token it costs this many hundredths.
 fn tokens(c: usize, j: usize) -> i64 {
@@ -338,72 +306,9 @@ fn spawn_reader(ctx: &Ctx, stop: Arc<AtomicBool>) -> tokio::task::JoinHandle<()>
     })
 }
 
-async fn kill(mut child: Child) {
-    child.start_kill().unwrap();
-    child.wait().await.unwrap();
-}
-
-/// SIGTERM, and the exit status once it has drained.
-async fn stop(mut child: Child) -> std::process::ExitStatus {
-    let pid = child.id().unwrap();
-    let st = std::process::Command::new("kill")
-        .args(["-TERM", &pid.to_string()])
-        .status()
-        .unwrap();
-    assert!(st.success());
-    tokio::time::timeout(Duration::from_secs(60), child.wait())
-        .await
-        .expect("rater did not stop within 60 s of SIGTERM")
-        .unwrap()
-}
-
-fn admin() -> AdminClient<DefaultClientContext> {
-    ClientConfig::new()
-        .set("bootstrap.servers", brokers())
-        .create()
-        .unwrap()
-}
-
-/// (low, high, committed by `group`) per partition of `topic`.
-fn offsets(topic: &str, group: &str) -> Vec<(i64, i64, Option<i64>)> {
-    let c: BaseConsumer = ClientConfig::new()
-        .set("bootstrap.servers", brokers())
-        .set("group.id", group)
-        .set("enable.auto.commit", "false")
-        .create()
-        .unwrap();
-    let mut tpl = TopicPartitionList::new();
-    for p in 0..PARTITIONS {
-        tpl.add_partition(topic, p);
-    }
-    let committed = c.committed_offsets(tpl, Duration::from_secs(10)).unwrap();
-    (0..PARTITIONS)
-        .map(|p| {
-            let (low, high) = c.fetch_watermarks(topic, p, Duration::from_secs(10)).unwrap();
-            let done = match committed.find_partition(topic, p).map(|e| e.offset()) {
-                Some(Offset::Offset(o)) => Some(o),
-                _ => None,
-            };
-            (low, high, done)
-        })
-        .collect()
-}
-
 async fn setup() -> Ctx {
     let name = format!("rater_restart_{}", &Uuid::new_v4().simple().to_string()[..10]);
-    let server = PgPoolOptions::new()
-        .max_connections(1)
-        .connect(&format!("{}/postgres", db_base()))
-        .await
-        .unwrap();
-    sqlx::query(&format!("CREATE DATABASE \"{name}\""))
-        .execute(&server)
-        .await
-        .unwrap();
-    server.close().await;
-    let db_url = format!("{}/{name}", db_base());
-    let db = PgPoolOptions::new().max_connections(2).connect(&db_url).await.unwrap();
-    shared::db::MIGRATOR.run(&db).await.unwrap();
+    let (db_url, db) = create_db(&name, 2).await;
     let topic = |t: &str| format!("it.{name}.{t}");
     let log = std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!("{name}.log"));
     let ctx = Ctx {
@@ -424,20 +329,7 @@ async fn setup() -> Ctx {
         name,
     };
     eprintln!("{}: rater log in {}", ctx.name, ctx.log.display());
-    let topics: Vec<NewTopic> = [&ctx.input_topic, &ctx.ledger_topic, &ctx.dlq_topic]
-        .into_iter()
-        .map(|t| NewTopic::new(t, PARTITIONS, TopicReplication::Fixed(1)))
-        .collect();
-    for r in admin()
-        .create_topics(
-            &topics,
-            &AdminOptions::new().operation_timeout(Some(Duration::from_secs(10))),
-        )
-        .await
-        .unwrap()
-    {
-        r.map_err(|(t, e)| format!("create topic {t}: {e}")).unwrap();
-    }
+    create_topics(&[&ctx.input_topic, &ctx.ledger_topic, &ctx.dlq_topic], PARTITIONS).await;
     // The catalogue the rater prices with: a hard-limited credit type with 2 places and the
     // feature "llm" at 0.01 per token.
     sqlx::query("INSERT INTO tenants (id, name) VALUES ($1, 'it')")
@@ -466,38 +358,14 @@ async fn setup() -> Ctx {
 }
 
 async fn teardown(ctx: Ctx) {
-    ctx.db.close().await;
-    if let Ok(server) = PgPoolOptions::new()
-        .max_connections(1)
-        .connect(&format!("{}/postgres", db_base()))
-        .await
-    {
-        let _ = sqlx::query(&format!("DROP DATABASE IF EXISTS \"{}\" WITH (FORCE)", ctx.db_name))
-            .execute(&server)
-            .await;
-    }
-    if let Ok(client) = redis::Client::open(redis_url()) {
-        if let Ok(mut con) = client.get_multiplexed_async_connection().await {
-            let keys: Vec<String> = redis::cmd("KEYS")
-                .arg(format!("{}:*", ctx.redis_prefix))
-                .query_async(&mut con)
-                .await
-                .unwrap_or_default();
-            for chunk in keys.chunks(500) {
-                let _: Result<(), _> = redis::cmd("DEL").arg(chunk).query_async(&mut con).await;
-            }
-        }
-    }
-    let admin = admin();
-    let _ = admin
-        .delete_topics(
-            &[&ctx.input_topic, &ctx.ledger_topic, &ctx.dlq_topic],
-            &AdminOptions::new(),
-        )
-        .await;
-    let _ = admin
-        .delete_groups(&[&ctx.group, &format!("{}-reader", ctx.group)], &AdminOptions::new())
-        .await;
+    drop_db(ctx.db, &ctx.db_name).await;
+    delete_redis_prefix(&ctx.redis_prefix).await;
+    let reader = format!("{}-reader", ctx.group);
+    delete_topics_and_groups(
+        &[&ctx.input_topic, &ctx.ledger_topic, &ctx.dlq_topic],
+        &[&ctx.group, &reader],
+    )
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -547,7 +415,7 @@ async fn scenario(ctx: &Ctx) {
         // Run 2: redelivered from offset 0, plus what is produced meanwhile; SIGTERM part way.
         let rater = ctx.start(500).await;
         ctx.wait_decided(total * 3 / 5, Duration::from_secs(300)).await;
-        let status = stop(rater).await;
+        let status = stop(rater, "rater").await;
         assert!(status.success(), "rater exited {status} after SIGTERM");
         eprintln!("stopped gracefully with {} of {total} decided", ctx.decided());
         at_kill
@@ -558,10 +426,10 @@ async fn scenario(ctx: &Ctx) {
     ctx.wait_decided(total, Duration::from_secs(300)).await;
     // Anything more (a second decision for an event) would come now: give it a moment.
     tokio::time::sleep(Duration::from_secs(2)).await;
-    let status = stop(rater).await;
+    let status = stop(rater, "rater").await;
     assert!(status.success(), "rater exited {status} after SIGTERM");
     // Read the ledger topic to its end.
-    let ends = offsets(&ctx.ledger_topic, &ctx.group);
+    let ends = offsets(&ctx.ledger_topic, &ctx.group, PARTITIONS);
     let read_from = Instant::now();
     loop {
         let caught_up = {
@@ -692,9 +560,9 @@ async fn check_redis_and_offsets(ctx: &Ctx) {
         assert_eq!(hot, expected, "customer {c}: hot balance (hundredths)");
     }
     // Nothing dead-lettered; the group's committed offsets at the end of the input.
-    let dlq = offsets(&ctx.dlq_topic, &ctx.group);
+    let dlq = offsets(&ctx.dlq_topic, &ctx.group, PARTITIONS);
     assert!(dlq.iter().all(|(low, high, _)| high == low), "dead letters: {dlq:?}");
-    let input = offsets(&ctx.input_topic, &ctx.group);
+    let input = offsets(&ctx.input_topic, &ctx.group, PARTITIONS);
     let used = input.iter().filter(|(low, high, _)| high > low).count();
     assert!(used >= 2, "customers on one partition only: {input:?}");
     for (p, (low, high, committed)) in input.iter().enumerate() {

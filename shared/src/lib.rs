@@ -12,4 +12,6 @@ pub mod keys;
 pub mod model;
 pub mod pricing;
 pub mod telemetry;
+#[cfg(feature = "testkit")]
+pub mod testkit;
 pub mod webhook;

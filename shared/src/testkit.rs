@@ -1,0 +1,173 @@
+//! What the services' own integration tests share (feature `testkit`, dev-dependencies only):
+//! where the local Kafka, Postgres and Redis are, a database and topics of a test's own, a
+//! service started and stopped the way an operator would, and a consumer group's progress.
+
+use std::io::{Read as _, Write as _};
+use std::time::Duration;
+
+use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+use rdkafka::client::DefaultClientContext;
+use rdkafka::config::ClientConfig;
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::{Offset, TopicPartitionList};
+use sqlx::postgres::PgPoolOptions;
+use sqlx::PgPool;
+use tokio::process::Child;
+
+pub fn brokers() -> String {
+    std::env::var("KAFKA_BROKERS").unwrap_or_else(|_| "127.0.0.1:9092".into())
+}
+
+pub fn db_base() -> String {
+    std::env::var("DATABASE_URL_BASE").unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432".into())
+}
+
+pub fn redis_url() -> String {
+    std::env::var("REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".into())
+}
+
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// Whether `GET http://addr/readyz` answers 200 (no HTTP client needed for one line).
+pub fn ready(addr: &str) -> bool {
+    let Ok(mut s) = std::net::TcpStream::connect(addr) else {
+        return false;
+    };
+    let _ = s.set_read_timeout(Some(Duration::from_secs(2)));
+    if s.write_all(b"GET /readyz HTTP/1.0\r\nHost: x\r\n\r\n").is_err() {
+        return false;
+    }
+    let mut buf = String::new();
+    let _ = s.read_to_string(&mut buf);
+    buf.starts_with("HTTP/1.1 200") || buf.starts_with("HTTP/1.0 200")
+}
+
+/// A database of the test's own, migrated; `(url, pool)`.
+pub async fn create_db(name: &str, connections: u32) -> (String, PgPool) {
+    let server = PgPoolOptions::new()
+        .max_connections(1)
+        .connect(&format!("{}/postgres", db_base()))
+        .await
+        .unwrap();
+    sqlx::query(&format!("CREATE DATABASE \"{name}\""))
+        .execute(&server)
+        .await
+        .unwrap();
+    server.close().await;
+    let url = format!("{}/{name}", db_base());
+    let db = PgPoolOptions::new()
+        .max_connections(connections)
+        .connect(&url)
+        .await
+        .unwrap();
+    crate::db::MIGRATOR.run(&db).await.unwrap();
+    (url, db)
+}
+
+/// Drop a test's database (whoever is still connected).
+pub async fn drop_db(db: PgPool, name: &str) {
+    db.close().await;
+    if let Ok(server) = PgPoolOptions::new()
+        .max_connections(1)
+        .connect(&format!("{}/postgres", db_base()))
+        .await
+    {
+        let _ = sqlx::query(&format!("DROP DATABASE IF EXISTS \"{name}\" WITH (FORCE)"))
+            .execute(&server)
+            .await;
+    }
+}
+
+pub fn admin() -> AdminClient<DefaultClientContext> {
+    ClientConfig::new()
+        .set("bootstrap.servers", brokers())
+        .create()
+        .unwrap()
+}
+
+pub async fn create_topics(topics: &[&str], partitions: i32) {
+    let new: Vec<NewTopic> = topics
+        .iter()
+        .map(|t| NewTopic::new(t, partitions, TopicReplication::Fixed(1)))
+        .collect();
+    let opts = AdminOptions::new().operation_timeout(Some(Duration::from_secs(10)));
+    for r in admin().create_topics(&new, &opts).await.unwrap() {
+        r.map_err(|(t, e)| format!("create topic {t}: {e}")).unwrap();
+    }
+}
+
+/// Delete a test's topics and consumer groups (best effort: cleanup never fails a test).
+pub async fn delete_topics_and_groups(topics: &[&str], groups: &[&str]) {
+    let admin = admin();
+    let _ = admin.delete_topics(topics, &AdminOptions::new()).await;
+    let _ = admin.delete_groups(groups, &AdminOptions::new()).await;
+}
+
+/// Delete every Redis key under `prefix:` (best effort).
+pub async fn delete_redis_prefix(prefix: &str) {
+    let Ok(client) = redis::Client::open(redis_url()) else {
+        return;
+    };
+    let Ok(mut con) = client.get_multiplexed_async_connection().await else {
+        return;
+    };
+    let keys: Vec<String> = redis::cmd("KEYS")
+        .arg(format!("{prefix}:*"))
+        .query_async(&mut con)
+        .await
+        .unwrap_or_default();
+    for chunk in keys.chunks(500) {
+        let _: Result<(), _> = redis::cmd("DEL").arg(chunk).query_async(&mut con).await;
+    }
+}
+
+/// SIGKILL, and wait for it to be gone.
+pub async fn kill(mut child: Child) {
+    child.start_kill().unwrap();
+    child.wait().await.unwrap();
+}
+
+/// SIGTERM, and the exit status once it has drained (at most 60 s).
+pub async fn stop(mut child: Child, what: &str) -> std::process::ExitStatus {
+    let pid = child.id().unwrap();
+    let st = std::process::Command::new("kill")
+        .args(["-TERM", &pid.to_string()])
+        .status()
+        .unwrap();
+    assert!(st.success());
+    tokio::time::timeout(Duration::from_secs(60), child.wait())
+        .await
+        .unwrap_or_else(|_| panic!("{what} did not stop within 60 s of SIGTERM"))
+        .unwrap()
+}
+
+/// (low, high, committed by the group) per partition of `topic`.
+pub fn offsets(topic: &str, group: &str, partitions: i32) -> Vec<(i64, i64, Option<i64>)> {
+    let c: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", brokers())
+        .set("group.id", group)
+        .set("enable.auto.commit", "false")
+        .create()
+        .unwrap();
+    let mut tpl = TopicPartitionList::new();
+    for p in 0..partitions {
+        tpl.add_partition(topic, p);
+    }
+    let committed = c.committed_offsets(tpl, Duration::from_secs(10)).unwrap();
+    (0..partitions)
+        .map(|p| {
+            let (low, high) = c.fetch_watermarks(topic, p, Duration::from_secs(10)).unwrap();
+            let done = match committed.find_partition(topic, p).map(|e| e.offset()) {
+                Some(Offset::Offset(o)) => Some(o),
+                _ => None,
+            };
+            (low, high, done)
+        })
+        .collect()
+}
