@@ -125,11 +125,9 @@ mod tests {
                     }
                 }
                 "items" => untyped(doc, v, format!("{at}[]"), seen, out),
-                "additionalProperties" if v.is_object() => {
-                    // `{}`: any value under any key (a free-form map): typed as such.
-                    if v.as_object().is_some_and(|m| !m.is_empty()) {
-                        untyped(doc, v, format!("{at}{{}}"), seen, out);
-                    }
+                // `{}` is any value under any key (a free-form map): typed as such.
+                "additionalProperties" if v.as_object().is_some_and(|m| !m.is_empty()) => {
+                    untyped(doc, v, format!("{at}{{}}"), seen, out);
                 }
                 k if composed.contains(&k) => {
                     for (i, p) in v.as_array().into_iter().flatten().enumerate() {
