@@ -129,7 +129,7 @@ pub fn router(state: Arc<AppState>) -> Router {
     api.route("/healthz", get(|| async { "ok" }))
         .route("/readyz", get(|| async { "ready" }))
         .route("/openapi.json", get(openapi::serve))
-        .merge(openapi::docs(doc))
+        .merge(openapi::docs::<Arc<AppState>>(doc))
         .layer(axum::middleware::from_fn(track))
         .layer(axum::extract::DefaultBodyLimit::max(5 * 1024 * 1024))
         .fallback(|| async { error::ApiError::not_found("route") })

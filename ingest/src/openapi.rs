@@ -5,13 +5,9 @@
 //! committed (a test keeps it current); a schemathesis run against the live stack
 //! (deploy/local/api-check, run by .ci/run) checks that the server does what it says.
 
-use std::sync::Arc;
-
 use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
 use utoipa::{Modify, OpenApi};
 use utoipa_scalar::{Scalar, Servable};
-
-use crate::AppState;
 
 struct Security;
 
@@ -52,7 +48,7 @@ pub async fn serve() -> impl axum::response::IntoResponse {
 }
 
 /// `GET /docs`: the document rendered by Scalar.
-pub fn docs(doc: utoipa::openapi::OpenApi) -> axum::Router<Arc<AppState>> {
+pub fn docs<S: Clone + Send + Sync + 'static>(doc: utoipa::openapi::OpenApi) -> axum::Router<S> {
     Scalar::with_url("/docs", doc).into()
 }
 
@@ -204,6 +200,23 @@ mod tests {
                 assert!(op["security"].is_array(), "{method} {path} has no security");
             }
         }
+    }
+
+    /// `/docs` is an HTML page that carries the document.
+    #[tokio::test]
+    async fn the_docs_page_serves_the_document() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(std::future::IntoFuture::into_future(axum::serve(
+            listener,
+            docs::<()>(document()),
+        )));
+        let r = reqwest::get(format!("http://{addr}/docs")).await.unwrap();
+        assert_eq!(r.status().as_u16(), 200);
+        let ct = r.headers()["content-type"].to_str().unwrap().to_owned();
+        let html = r.text().await.unwrap();
+        assert!(ct.starts_with("text/html"), "{ct}");
+        assert!(html.contains("Credits pipeline API") && html.contains("/v1/credits/grants"));
     }
 
     /// The checker finds what it is for.
