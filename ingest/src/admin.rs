@@ -5,24 +5,52 @@ use std::sync::Arc;
 use axum::extract::{Path, State};
 use axum::http::StatusCode;
 use axum::Json;
-use serde::Deserialize;
-use serde_json::{json, Value};
+use serde::{Deserialize, Serialize};
+use utoipa::ToSchema;
 
 use crate::auth::{forget, hash, new_key, Operator};
-use crate::error::{ApiError, ApiResult, Body};
+use crate::error::{ApiError, ApiResult, Body, ErrorReply};
 use crate::AppState;
 
-#[derive(Deserialize)]
+#[derive(Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct NewTenant {
+    /// 1-200 characters.
     name: String,
 }
 
+#[derive(Serialize, ToSchema)]
+pub struct TenantCreated {
+    tenant_id: String,
+    name: String,
+    /// Shown once; stored hashed.
+    api_key: String,
+}
+
+#[derive(Serialize, ToSchema)]
+pub struct ApiKeyCreated {
+    /// Shown once; stored hashed.
+    api_key: String,
+    /// The key's prefix (what `DELETE /v1/admin/api-keys/{prefix}` takes).
+    prefix: String,
+}
+
+#[derive(Serialize, ToSchema)]
+pub struct TenantLimits {
+    tenant_id: String,
+    events_per_second: i64,
+}
+
+#[utoipa::path(post, path = "/v1/admin/tenants", tag = "operator",
+    security(("operator" = [])),
+    request_body(content = NewTenant, content_type = "application/json"),
+    responses((status = 201, description = "the tenant and its first API key (shown once)", body = TenantCreated), (status = 400, description = "malformed request", body = ErrorReply), (status = 401, description = "missing or invalid credentials", body = ErrorReply), (status = 422, description = "invalid value; `field` names it", body = ErrorReply))
+)]
 pub async fn create_tenant(
     _: Operator,
     State(s): State<Arc<AppState>>,
     Body(b): Body<NewTenant>,
-) -> ApiResult<(StatusCode, Json<Value>)> {
+) -> ApiResult<(StatusCode, Json<TenantCreated>)> {
     if b.name.trim().is_empty() || b.name.len() > 200 {
         return Err(ApiError::invalid("name", "invalid_name", "must be 1-200 characters"));
     }
@@ -43,15 +71,24 @@ pub async fn create_tenant(
     tx.commit().await?;
     Ok((
         StatusCode::CREATED,
-        Json(json!({"tenant_id": tenant_id, "name": b.name, "api_key": key})),
+        Json(TenantCreated {
+            tenant_id,
+            name: b.name,
+            api_key: key,
+        }),
     ))
 }
 
+#[utoipa::path(post, path = "/v1/admin/tenants/{tenant_id}/api-keys", tag = "operator",
+    security(("operator" = [])),
+    params(("tenant_id" = String, Path, description = "the tenant")),
+    responses((status = 201, description = "a new API key (shown once)", body = ApiKeyCreated), (status = 401, description = "missing or invalid credentials", body = ErrorReply), (status = 404, description = "not found (or another tenant's)", body = ErrorReply))
+)]
 pub async fn create_key(
     _: Operator,
     State(s): State<Arc<AppState>>,
     Path(tenant_id): Path<String>,
-) -> ApiResult<(StatusCode, Json<Value>)> {
+) -> ApiResult<(StatusCode, Json<ApiKeyCreated>)> {
     let exists: Option<String> = sqlx::query_scalar("SELECT id FROM tenants WHERE id = $1")
         .bind(&tenant_id)
         .fetch_optional(&s.db)
@@ -66,9 +103,14 @@ pub async fn create_key(
         .bind(hash(&key))
         .execute(&s.db)
         .await?;
-    Ok((StatusCode::CREATED, Json(json!({"api_key": key, "prefix": prefix}))))
+    Ok((StatusCode::CREATED, Json(ApiKeyCreated { api_key: key, prefix })))
 }
 
+#[utoipa::path(delete, path = "/v1/admin/api-keys/{prefix}", tag = "operator",
+    security(("operator" = [])),
+    params(("prefix" = String, Path, description = "the key's prefix")),
+    responses((status = 204, description = "revoked"), (status = 401, description = "missing or invalid credentials", body = ErrorReply), (status = 404, description = "not found (or another tenant's)", body = ErrorReply))
+)]
 pub async fn revoke_key(
     _: Operator,
     State(s): State<Arc<AppState>>,
@@ -87,18 +129,25 @@ pub async fn revoke_key(
     Ok(StatusCode::NO_CONTENT)
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct Limits {
+    /// 1-10000000 (default 5000).
     events_per_second: i64,
 }
 
+#[utoipa::path(put, path = "/v1/admin/tenants/{tenant_id}/limits", tag = "operator",
+    security(("operator" = [])),
+    params(("tenant_id" = String, Path, description = "the tenant")),
+    request_body(content = Limits, content_type = "application/json"),
+    responses((status = 200, description = "the limits in force", body = TenantLimits), (status = 400, description = "malformed request", body = ErrorReply), (status = 401, description = "missing or invalid credentials", body = ErrorReply), (status = 404, description = "not found (or another tenant's)", body = ErrorReply), (status = 422, description = "invalid value; `field` names it", body = ErrorReply))
+)]
 pub async fn set_limits(
     _: Operator,
     State(s): State<Arc<AppState>>,
     Path(tenant_id): Path<String>,
     Body(b): Body<Limits>,
-) -> ApiResult<Json<Value>> {
+) -> ApiResult<Json<TenantLimits>> {
     if !(1..=10_000_000).contains(&b.events_per_second) {
         return Err(ApiError::invalid(
             "events_per_second",
@@ -116,7 +165,8 @@ pub async fn set_limits(
         return Err(ApiError::not_found("tenant"));
     }
     forget(&s, None, Some(&tenant_id));
-    Ok(Json(
-        json!({"tenant_id": tenant_id, "events_per_second": b.events_per_second}),
-    ))
+    Ok(Json(TenantLimits {
+        tenant_id,
+        events_per_second: b.events_per_second,
+    }))
 }

@@ -11,21 +11,26 @@ use chrono::{DateTime, Utc};
 use rust_decimal::Decimal;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
+use utoipa::ToSchema;
 
 use crate::auth::Tenant;
-use crate::error::{ApiError, ApiResult, Body};
+use crate::error::{ApiError, ApiResult, Body, ErrorReply};
 use crate::validate;
 use crate::AppState;
 
-#[derive(Deserialize)]
+#[derive(Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct NewCreditType {
+    /// 1-128 characters of `[A-Za-z0-9._:@-]`.
     id: String,
+    /// 1-200 characters.
     name: String,
     unit_singular: String,
     unit_plural: String,
+    /// 0-9, default 2.
     #[serde(default = "two")]
     decimals: i64,
+    /// "hard" (default) or "soft".
     #[serde(default = "hard")]
     limit: String,
 }
@@ -37,19 +42,25 @@ fn hard() -> String {
     "hard".into()
 }
 
-#[derive(Serialize, sqlx::FromRow, PartialEq)]
+#[derive(Serialize, sqlx::FromRow, PartialEq, ToSchema)]
 pub struct CreditType {
     pub id: String,
     pub name: String,
     pub unit_singular: String,
     pub unit_plural: String,
     pub decimals: i16,
+    /// "hard" or "soft".
     pub limit: String,
     pub created_at: DateTime<Utc>,
 }
 
 const CT_COLS: &str = "id, name, unit_singular, unit_plural, decimals, limit_kind AS limit, created_at";
 
+#[utoipa::path(post, path = "/v1/credit-types", tag = "catalogue",
+    security(("api_key" = [])),
+    request_body(content = NewCreditType, content_type = "application/json"),
+    responses((status = 201, description = "created", body = CreditType), (status = 200, description = "the same definition again: the existing credit type", body = CreditType), (status = 400, description = "malformed request", body = ErrorReply), (status = 401, description = "missing or invalid credentials", body = ErrorReply), (status = 409, description = "conflict", body = ErrorReply), (status = 422, description = "invalid value; `field` names it", body = ErrorReply))
+)]
 pub async fn create_credit_type(
     t: Tenant,
     State(s): State<Arc<AppState>>,
@@ -125,29 +136,45 @@ pub async fn require_credit_type(s: &AppState, tenant: &str, id: &str, field: &s
         .ok_or_else(|| ApiError::invalid(field, "unknown_credit_type", format!("no credit type {id}")))
 }
 
-pub async fn list_credit_types(t: Tenant, State(s): State<Arc<AppState>>) -> ApiResult<Json<Value>> {
+#[derive(Serialize, ToSchema)]
+pub struct CreditTypes {
+    credit_types: Vec<CreditType>,
+}
+
+#[utoipa::path(get, path = "/v1/credit-types", tag = "catalogue",
+    security(("api_key" = [])),
+    responses((status = 200, description = "the tenant's credit types", body = CreditTypes), (status = 401, description = "missing or invalid credentials", body = ErrorReply))
+)]
+pub async fn list_credit_types(t: Tenant, State(s): State<Arc<AppState>>) -> ApiResult<Json<CreditTypes>> {
     let rows: Vec<CreditType> = sqlx::query_as(&format!(
         "SELECT {CT_COLS} FROM credit_types WHERE tenant_id = $1 ORDER BY id"
     ))
     .bind(&t.id)
     .fetch_all(&s.db)
     .await?;
-    Ok(Json(serde_json::json!({ "credit_types": rows })))
+    Ok(Json(CreditTypes { credit_types: rows }))
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct PutMapping {
     credit_type: String,
+    /// A non-negative decimal string (a JSON number is accepted too), at most 12 places, e.g. "0.01".
+    #[schema(value_type = String)]
     credits_per_unit: Value,
+    /// A numeric dimension that gives the quantity (else 1).
     quantity_dimension: Option<String>,
+    /// RFC 3339; default now.
+    #[schema(value_type = Option<String>, format = DateTime)]
     effective_at: Option<Value>,
 }
 
-#[derive(Serialize, sqlx::FromRow)]
+#[derive(Serialize, sqlx::FromRow, Clone, ToSchema)]
 pub struct Mapping {
     pub event_name: String,
     pub credit_type: String,
+    /// A decimal string.
+    #[schema(value_type = String)]
     pub credits_per_unit: Decimal,
     pub quantity_dimension: Option<String>,
     pub effective_at: DateTime<Utc>,
@@ -159,6 +186,12 @@ const MAPPING_SKEW_S: i64 = 1;
 
 const MAP_COLS: &str = "event_name, credit_type, credits_per_unit, quantity_dimension, effective_at, created_at";
 
+#[utoipa::path(put, path = "/v1/features/{event_name}/credit-mapping", tag = "catalogue",
+    security(("api_key" = [])),
+    params(("event_name" = String, Path, description = "the event name")),
+    request_body(content = PutMapping, content_type = "application/json"),
+    responses((status = 200, description = "the mapping version created", body = Mapping), (status = 400, description = "malformed request", body = ErrorReply), (status = 401, description = "missing or invalid credentials", body = ErrorReply), (status = 404, description = "not found (or another tenant's)", body = ErrorReply), (status = 422, description = "invalid value; `field` names it", body = ErrorReply))
+)]
 pub async fn put_mapping(
     t: Tenant,
     State(s): State<Arc<AppState>>,
@@ -235,11 +268,25 @@ pub async fn put_mapping(
     Ok(Json(m))
 }
 
+/// A feature's mapping in force and every version, newest first.
+#[derive(Serialize, ToSchema)]
+pub struct MappingHistory {
+    event_name: String,
+    /// The version in force now; null when every version lies ahead.
+    current: Option<Mapping>,
+    history: Vec<Mapping>,
+}
+
+#[utoipa::path(get, path = "/v1/features/{event_name}/credit-mapping", tag = "catalogue",
+    security(("api_key" = [])),
+    params(("event_name" = String, Path, description = "the event name")),
+    responses((status = 200, description = "the mapping in force and its history", body = MappingHistory), (status = 401, description = "missing or invalid credentials", body = ErrorReply), (status = 404, description = "not found (or another tenant's)", body = ErrorReply), (status = 422, description = "invalid value; `field` names it", body = ErrorReply))
+)]
 pub async fn get_mapping(
     t: Tenant,
     State(s): State<Arc<AppState>>,
     Path(event_name): Path<String>,
-) -> ApiResult<Json<Value>> {
+) -> ApiResult<Json<MappingHistory>> {
     let history: Vec<Mapping> = sqlx::query_as(&format!(
         "SELECT {MAP_COLS} FROM feature_mappings WHERE tenant_id = $1 AND event_name = $2 ORDER BY effective_at DESC"
     ))
@@ -251,8 +298,10 @@ pub async fn get_mapping(
         return Err(ApiError::not_found("mapping"));
     }
     let now = Utc::now();
-    let current = history.iter().find(|m| m.effective_at <= now);
-    Ok(Json(
-        serde_json::json!({ "event_name": event_name, "current": current, "history": history }),
-    ))
+    let current = history.iter().find(|m| m.effective_at <= now).cloned();
+    Ok(Json(MappingHistory {
+        event_name,
+        current,
+        history,
+    }))
 }

@@ -7,19 +7,21 @@ use std::time::{Duration, Instant};
 
 use axum::extract::{Path, State};
 use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
 use axum::Json;
 use base64::Engine;
 use chrono::{DateTime, Utc};
 use rust_decimal::Decimal;
 use serde::{Deserialize, Serialize};
-use serde_json::{json, Value};
+use serde_json::Value;
 use shared::amount::from_fixed;
 use shared::model::{Category, Cost, GrantCmd, GrantRefCmd, GrantSpec, InputMsg, LimitCmd, LimitKind};
+use utoipa::{IntoParams, ToSchema};
 use uuid::Uuid;
 
 use crate::auth::Tenant;
 use crate::catalogue::require_credit_type;
-use crate::error::{ApiError, ApiResult, Body, Q};
+use crate::error::{ApiError, ApiResult, Body, ErrorReply, Q};
 use crate::events::produce;
 use crate::validate;
 use crate::AppState;
@@ -27,28 +29,46 @@ use crate::AppState;
 /// Namespace for grant ids derived from idempotency keys.
 const GRANT_NS: Uuid = Uuid::from_u128(0x6a1f_3c5e_9b1d_4c47_8e2f_5a0b_7d3c_1e29);
 
-#[derive(Deserialize)]
+#[derive(Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct NewGrant {
     customer_id: String,
     credit_type: String,
+    /// A positive decimal string (a JSON number is accepted too) with at most the credit
+    /// type's decimal places.
+    #[schema(value_type = String)]
     amount: Value,
+    /// 1-200 characters.
     display_name: String,
     resource_id: Option<String>,
+    /// At most 2000 characters.
     description: Option<String>,
+    /// "paid" (default) or "promo".
     category: Option<String>,
+    /// 0-1000, default 100; lower is consumed first.
     priority: Option<i64>,
+    /// RFC 3339; default now.
+    #[schema(value_type = Option<String>, format = DateTime)]
     effective_at: Option<Value>,
+    /// RFC 3339, after effective_at; default never.
+    #[schema(value_type = Option<String>, format = DateTime)]
     expires_at: Option<Value>,
     cost: Option<NewCost>,
+    /// Any JSON object.
+    #[schema(value_type = Option<std::collections::HashMap<String, serde_json::Value>>)]
     metadata: Option<Value>,
+    /// The same key again answers with the same grant (or 409 if the body differs).
     idempotency_key: Option<String>,
 }
 
-#[derive(Deserialize)]
+/// What the grant cost the customer.
+#[derive(Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct NewCost {
+    /// A non-negative decimal string, at most 9 places.
+    #[schema(value_type = String)]
     amount: Value,
+    /// ISO 4217, e.g. USD.
     currency: String,
 }
 
@@ -83,32 +103,109 @@ const GRANT_COLS: &str = "id, customer_id, credit_type, NULLIF(resource_id, '') 
     category, priority, cost_amount, cost_currency, effective_at, expires_at, display_name, description, metadata,
     source, created_at, voided_at";
 
-pub fn grant_json(g: &Grant) -> Value {
-    json!({
-        "id": g.id, "customer_id": g.customer_id, "credit_type": g.credit_type, "resource_id": g.resource_id,
-        "amount": g.amount.normalize().to_string(), "remaining": g.remaining.normalize().to_string(),
-        "status": g.status, "category": g.category, "priority": g.priority,
-        "cost": g.cost_amount.map(|a| json!({"amount": a.normalize().to_string(), "currency": g.cost_currency})),
-        "effective_at": g.effective_at, "expires_at": g.expires_at, "display_name": g.display_name,
-        "description": g.description, "metadata": g.metadata, "source": g.source, "created_at": g.created_at,
-        "voided_at": g.voided_at,
-    })
+/// A grant as the API shows it. Amounts are decimal strings.
+#[derive(Serialize, ToSchema, Clone)]
+#[schema(as = Grant)]
+pub struct GrantView {
+    pub id: Uuid,
+    pub customer_id: String,
+    pub credit_type: String,
+    /// The pool's resource; null for the default pool.
+    pub resource_id: Option<String>,
+    pub amount: String,
+    /// What is left; null while the grant is pending (not yet applied).
+    pub remaining: Option<String>,
+    /// pending, scheduled, active, depleted, expired or voided.
+    pub status: String,
+    /// paid or promo.
+    pub category: String,
+    pub priority: i64,
+    pub cost: Option<CostView>,
+    pub effective_at: DateTime<Utc>,
+    pub expires_at: Option<DateTime<Utc>>,
+    pub display_name: String,
+    pub description: Option<String>,
+    #[schema(value_type = Option<std::collections::HashMap<String, serde_json::Value>>)]
+    pub metadata: Option<Value>,
+    /// manual, promo, top-up, subscription, auto_recharge...
+    pub source: String,
+    pub created_at: DateTime<Utc>,
+    pub voided_at: Option<DateTime<Utc>>,
 }
 
-fn spec_json(s: &GrantSpec, remaining: Option<Decimal>, status: &str) -> Value {
-    json!({
-        "id": s.id, "customer_id": s.customer_id, "credit_type": s.credit_type,
-        "resource_id": if s.resource_id.is_empty() { None } else { Some(&s.resource_id) },
-        "amount": s.amount.normalize().to_string(),
-        "remaining": remaining.map(|r| r.normalize().to_string()),
-        "status": status,
-        "category": match s.category { Category::Paid => "paid", Category::Promo => "promo" },
-        "priority": s.priority,
-        "cost": s.cost.as_ref().map(|c| json!({"amount": c.amount.normalize().to_string(), "currency": c.currency})),
-        "effective_at": s.effective_at, "expires_at": s.expires_at, "display_name": s.display_name,
-        "description": s.description, "metadata": s.metadata, "source": s.source, "created_at": s.created_at,
-        "voided_at": null,
-    })
+/// What a grant cost.
+#[derive(Serialize, ToSchema, Clone)]
+#[schema(as = Cost)]
+pub struct CostView {
+    /// A decimal string.
+    pub amount: String,
+    pub currency: Option<String>,
+}
+
+/// `{grant}`.
+#[derive(Serialize, ToSchema)]
+pub struct GrantReply {
+    pub grant: GrantView,
+}
+
+pub fn grant_json(g: &Grant) -> GrantView {
+    GrantView {
+        id: g.id,
+        customer_id: g.customer_id.clone(),
+        credit_type: g.credit_type.clone(),
+        resource_id: g.resource_id.clone(),
+        amount: g.amount.normalize().to_string(),
+        remaining: Some(g.remaining.normalize().to_string()),
+        status: g.status.clone(),
+        category: g.category.clone(),
+        priority: i64::from(g.priority),
+        cost: g.cost_amount.map(|a| CostView {
+            amount: a.normalize().to_string(),
+            currency: g.cost_currency.clone(),
+        }),
+        effective_at: g.effective_at,
+        expires_at: g.expires_at,
+        display_name: g.display_name.clone(),
+        description: g.description.clone(),
+        metadata: g.metadata.clone(),
+        source: g.source.clone(),
+        created_at: g.created_at,
+        voided_at: g.voided_at,
+    }
+}
+
+fn spec_json(s: &GrantSpec, remaining: Option<Decimal>, status: &str) -> GrantView {
+    GrantView {
+        id: s.id,
+        customer_id: s.customer_id.clone(),
+        credit_type: s.credit_type.clone(),
+        resource_id: if s.resource_id.is_empty() {
+            None
+        } else {
+            Some(s.resource_id.clone())
+        },
+        amount: s.amount.normalize().to_string(),
+        remaining: remaining.map(|r| r.normalize().to_string()),
+        status: status.to_owned(),
+        category: match s.category {
+            Category::Paid => "paid",
+            Category::Promo => "promo",
+        }
+        .to_owned(),
+        priority: i64::from(s.priority),
+        cost: s.cost.as_ref().map(|c| CostView {
+            amount: c.amount.normalize().to_string(),
+            currency: Some(c.currency.clone()),
+        }),
+        effective_at: s.effective_at,
+        expires_at: s.expires_at,
+        display_name: s.display_name.clone(),
+        description: s.description.clone(),
+        metadata: s.metadata.clone(),
+        source: s.source.clone(),
+        created_at: s.created_at,
+        voided_at: None,
+    }
 }
 
 pub async fn settled_grant(s: &AppState, tenant: &str, id: Uuid) -> Result<Option<Grant>, ApiError> {
@@ -141,11 +238,12 @@ async fn applied(s: &AppState, pool_key: &str, field: &str) -> Result<Option<i64
     }
 }
 
-pub async fn create_grant(
-    t: Tenant,
-    State(s): State<Arc<AppState>>,
-    Body(b): Body<NewGrant>,
-) -> ApiResult<(StatusCode, Json<Value>)> {
+#[utoipa::path(post, path = "/v1/credits/grants", tag = "credits",
+    security(("api_key" = [])),
+    request_body(content = NewGrant, content_type = "application/json"),
+    responses((status = 201, description = "applied to the live pool", body = GrantReply), (status = 202, description = "accepted, not yet applied (status pending)", body = GrantReply), (status = 200, description = "the same idempotency key and body: the earlier grant, as it is now (the grant itself, not wrapped in `{grant}`)", body = GrantView), (status = 400, description = "malformed request", body = ErrorReply), (status = 401, description = "missing or invalid credentials", body = ErrorReply), (status = 404, description = "not found (or another tenant's)", body = ErrorReply), (status = 409, description = "conflict", body = ErrorReply), (status = 422, description = "invalid value; `field` names it", body = ErrorReply), (status = 503, description = "saturated or a dependency is down; see Retry-After", body = ErrorReply))
+)]
+pub async fn create_grant(t: Tenant, State(s): State<Arc<AppState>>, Body(b): Body<NewGrant>) -> ApiResult<Response> {
     validate::id("customer_id", &b.customer_id)?;
     if let Some(r) = &b.resource_id {
         validate::id("resource_id", r)?;
@@ -260,13 +358,13 @@ pub async fn create_grant(
                 && g.resource_id.clone().unwrap_or_default() == spec.resource_id
                 && g.display_name == spec.display_name;
             return if same {
-                Ok((StatusCode::OK, Json(grant_json(&g))))
+                Ok((StatusCode::OK, Json(grant_json(&g))).into_response())
             } else {
                 Err(ApiError::conflict("idempotency_key was used with another body").field("idempotency_key"))
             };
         }
     }
-    issue_grant(&s, &t.id, spec, "api").await
+    Ok(issue_grant(&s, &t.id, spec, "api").await?.into_response())
 }
 
 /// Produce a grant to the input topic and wait until the rater applied it: 201 `{grant}`, or
@@ -278,7 +376,7 @@ pub async fn issue_grant(
     tenant: &str,
     spec: GrantSpec,
     actor: &str,
-) -> ApiResult<(StatusCode, Json<Value>)> {
+) -> ApiResult<(StatusCode, Json<GrantReply>)> {
     let pool_key = s
         .keys
         .pool(tenant, &spec.customer_id, &spec.credit_type, &spec.resource_id);
@@ -300,23 +398,39 @@ pub async fn issue_grant(
     match applied(s, &pool_key, &format!("o:{}", spec.id)).await? {
         Some(rem) => Ok((
             StatusCode::CREATED,
-            Json(json!({"grant": spec_json(&spec, Some(from_fixed(rem, spec.decimals)), status)})),
+            Json(GrantReply {
+                grant: spec_json(&spec, Some(from_fixed(rem, spec.decimals)), status),
+            }),
         )),
         None => Ok((
             StatusCode::ACCEPTED,
-            Json(json!({"grant": spec_json(&spec, None, "pending")})),
+            Json(GrantReply {
+                grant: spec_json(&spec, None, "pending"),
+            }),
         )),
     }
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
 pub struct GrantQuery {
     customer_id: Option<String>,
     credit_type: Option<String>,
     resource_id: Option<String>,
+    /// scheduled, active, depleted, expired or voided.
     status: Option<String>,
+    /// 1-1000, default 50.
     limit: Option<i64>,
+    /// The cursor of the previous page.
     after: Option<String>,
+}
+
+/// A page of grants.
+#[derive(Serialize, ToSchema)]
+pub struct GrantPage {
+    grants: Vec<GrantView>,
+    /// `after` for the next page; null on the last.
+    next_cursor: Option<String>,
 }
 
 /// The page size of a list: 50 by default, 1 to 1000.
@@ -345,7 +459,12 @@ pub(crate) fn encode_cursor(v: impl ToString) -> String {
     base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(v.to_string())
 }
 
-pub async fn list_grants(t: Tenant, State(s): State<Arc<AppState>>, Q(q): Q<GrantQuery>) -> ApiResult<Json<Value>> {
+#[utoipa::path(get, path = "/v1/credits/grants", tag = "credits",
+    security(("api_key" = [])),
+    params(GrantQuery),
+    responses((status = 200, description = "a page of grants, by id", body = GrantPage), (status = 400, description = "malformed request", body = ErrorReply), (status = 401, description = "missing or invalid credentials", body = ErrorReply), (status = 422, description = "invalid value; `field` names it", body = ErrorReply))
+)]
+pub async fn list_grants(t: Tenant, State(s): State<Arc<AppState>>, Q(q): Q<GrantQuery>) -> ApiResult<Json<GrantPage>> {
     let limit = limit(q.limit)?;
     let after: Option<Uuid> = decode_cursor(&q.after)?;
     let rows: Vec<Grant> = sqlx::query_as(&format!(
@@ -364,16 +483,28 @@ pub async fn list_grants(t: Tenant, State(s): State<Arc<AppState>>, Q(q): Q<Gran
     .fetch_all(&s.db)
     .await?;
     let more = rows.len() as i64 > limit;
-    let page: Vec<Value> = rows.iter().take(limit as usize).map(grant_json).collect();
+    let page: Vec<GrantView> = rows.iter().take(limit as usize).map(grant_json).collect();
     let next = if more {
         rows.get(limit as usize - 1).map(|g| encode_cursor(g.id))
     } else {
         None
     };
-    Ok(Json(json!({"grants": page, "next_cursor": next})))
+    Ok(Json(GrantPage {
+        grants: page,
+        next_cursor: next,
+    }))
 }
 
-pub async fn void_grant(t: Tenant, State(s): State<Arc<AppState>>, Path(id): Path<String>) -> ApiResult<Json<Value>> {
+#[utoipa::path(post, path = "/v1/credits/grants/{id}/void", tag = "credits",
+    security(("api_key" = [])),
+    params(("id" = String, Path, description = "the grant id")),
+    responses((status = 200, description = "voided", body = GrantReply), (status = 401, description = "missing or invalid credentials", body = ErrorReply), (status = 404, description = "not found (or another tenant's)", body = ErrorReply))
+)]
+pub async fn void_grant(
+    t: Tenant,
+    State(s): State<Arc<AppState>>,
+    Path(id): Path<String>,
+) -> ApiResult<Json<GrantReply>> {
     let id = Uuid::parse_str(&id).map_err(|_| ApiError::not_found("grant"))?;
     let g = settled_grant(&s, &t.id, id)
         .await?
@@ -397,16 +528,34 @@ pub async fn void_grant(t: Tenant, State(s): State<Arc<AppState>>, Path(id): Pat
         applied(&s, &pool_key, &format!("x:{id}")).await?;
     }
     let mut v = grant_json(&g);
-    v["status"] = json!("voided");
-    v["remaining"] = json!("0");
-    Ok(Json(json!({ "grant": v })))
+    v.status = "voided".into();
+    v.remaining = Some("0".into());
+    Ok(Json(GrantReply { grant: v }))
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
 pub struct PoolQuery {
     customer_id: String,
     credit_type: String,
+    /// The pool's resource; omitted = the default pool.
     resource_id: Option<String>,
+}
+
+/// A pool's real-time balance. Amounts are decimal strings.
+#[derive(Serialize, ToSchema)]
+pub struct Balance {
+    customer_id: String,
+    credit_type: String,
+    resource_id: Option<String>,
+    /// Spendable now (negative when overdrawn).
+    balance: String,
+    /// Granted, not yet effective.
+    scheduled: String,
+    has_access: bool,
+    /// "hard" or "soft".
+    limit: String,
+    as_of: DateTime<Utc>,
 }
 
 /// The real-time balance, computed from the hot pool the way apply.lua spends it.
@@ -444,39 +593,65 @@ async fn hot_balance(
 }
 
 /// The real-time balance, from the hot pool.
-pub async fn balance(t: Tenant, State(s): State<Arc<AppState>>, Q(q): Q<PoolQuery>) -> ApiResult<Json<Value>> {
+#[utoipa::path(get, path = "/v1/credits/balance", tag = "credits",
+    security(("api_key" = [])),
+    params(PoolQuery),
+    responses((status = 200, description = "the real-time balance", body = Balance), (status = 400, description = "malformed request", body = ErrorReply), (status = 401, description = "missing or invalid credentials", body = ErrorReply), (status = 404, description = "not found (or another tenant's)", body = ErrorReply), (status = 422, description = "invalid value; `field` names it", body = ErrorReply))
+)]
+pub async fn balance(t: Tenant, State(s): State<Arc<AppState>>, Q(q): Q<PoolQuery>) -> ApiResult<Json<Balance>> {
     validate::id("customer_id", &q.customer_id)?;
     let ct = require_credit_type(&s, &t.id, &q.credit_type, "credit_type").await?;
     let resource = q.resource_id.unwrap_or_default();
     let d = ct.decimals as u32;
     let (bal, scheduled, lim) = hot_balance(&s, &t.id, &q.customer_id, &q.credit_type, &resource).await?;
     let limit = lim.unwrap_or(ct.limit);
-    Ok(Json(json!({
-        "customer_id": q.customer_id,
-        "credit_type": q.credit_type,
-        "resource_id": if resource.is_empty() { None } else { Some(resource) },
-        "balance": from_fixed(bal, d).normalize().to_string(),
-        "scheduled": from_fixed(scheduled, d).normalize().to_string(),
-        "has_access": bal > 0 || limit == "soft",
-        "limit": limit,
-        "as_of": Utc::now(),
-    })))
+    Ok(Json(Balance {
+        customer_id: q.customer_id,
+        credit_type: q.credit_type,
+        resource_id: if resource.is_empty() { None } else { Some(resource) },
+        balance: from_fixed(bal, d).normalize().to_string(),
+        scheduled: from_fixed(scheduled, d).normalize().to_string(),
+        has_access: bal > 0 || limit == "soft",
+        limit,
+        as_of: Utc::now(),
+    }))
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct CheckBody {
     customer_id: String,
+    /// Required with amount; with event_name, must match the mapping's if given.
     credit_type: Option<String>,
     resource_id: Option<String>,
+    /// Give exactly one of event_name (with quantity) or amount.
     event_name: Option<String>,
+    #[schema(value_type = Option<f64>)]
     quantity: Option<Value>,
+    /// A decimal string.
+    #[schema(value_type = Option<String>)]
     amount: Option<Value>,
+}
+
+/// Would the usage be allowed now. Amounts are decimal strings.
+#[derive(Serialize, ToSchema)]
+pub struct CheckReply {
+    allowed: bool,
+    cost: String,
+    balance: String,
+    credit_type: String,
+    /// "hard" or "soft".
+    limit: String,
 }
 
 /// Would this usage be allowed now? The cost comes from the mapping in force now (or `amount`),
 /// the balance from the hot pool: the pre-check of the hard-limit flow. It reserves nothing.
-pub async fn check(t: Tenant, State(s): State<Arc<AppState>>, Body(b): Body<CheckBody>) -> ApiResult<Json<Value>> {
+#[utoipa::path(post, path = "/v1/credits/check", tag = "credits",
+    security(("api_key" = [])),
+    request_body(content = CheckBody, content_type = "application/json"),
+    responses((status = 200, description = "would it be allowed now", body = CheckReply), (status = 400, description = "malformed request", body = ErrorReply), (status = 401, description = "missing or invalid credentials", body = ErrorReply), (status = 404, description = "not found (or another tenant's)", body = ErrorReply), (status = 422, description = "invalid value; `field` names it", body = ErrorReply))
+)]
+pub async fn check(t: Tenant, State(s): State<Arc<AppState>>, Body(b): Body<CheckBody>) -> ApiResult<Json<CheckReply>> {
     validate::id("customer_id", &b.customer_id)?;
     let resource = b.resource_id.clone().unwrap_or_default();
     if !resource.is_empty() {
@@ -559,16 +734,16 @@ pub async fn check(t: Tenant, State(s): State<Arc<AppState>>, Body(b): Body<Chec
     let (bal, _, lim) = hot_balance(&s, &t.id, &b.customer_id, &credit_type, &resource).await?;
     let limit = lim.unwrap_or(ct.limit);
     let balance = from_fixed(bal, d);
-    Ok(Json(json!({
-        "allowed": limit == "soft" || cost <= balance,
-        "cost": cost.normalize().to_string(),
-        "balance": balance.normalize().to_string(),
-        "credit_type": credit_type,
-        "limit": limit,
-    })))
+    Ok(Json(CheckReply {
+        allowed: limit == "soft" || cost <= balance,
+        cost: cost.normalize().to_string(),
+        balance: balance.normalize().to_string(),
+        credit_type,
+        limit,
+    }))
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct LimitBody {
     customer_id: String,
@@ -581,7 +756,28 @@ pub struct LimitBody {
 /// Override the credit type's limit for one pool. The override travels through the input
 /// topic, so every event accepted after this answer is decided under it, and every event
 /// accepted before it under the limit it replaced.
-pub async fn set_limit(t: Tenant, State(s): State<Arc<AppState>>, Body(b): Body<LimitBody>) -> ApiResult<Json<Value>> {
+/// The limit in force for a pool.
+#[derive(Serialize, ToSchema)]
+pub struct LimitReply {
+    customer_id: String,
+    credit_type: String,
+    resource_id: Option<String>,
+    /// "hard" or "soft".
+    limit: String,
+    /// Whether the pool overrides its credit type's limit.
+    overridden: bool,
+}
+
+#[utoipa::path(put, path = "/v1/credits/limits", tag = "credits",
+    security(("api_key" = [])),
+    request_body(content = LimitBody, content_type = "application/json"),
+    responses((status = 200, description = "the limit now in force for the pool", body = LimitReply), (status = 400, description = "malformed request", body = ErrorReply), (status = 401, description = "missing or invalid credentials", body = ErrorReply), (status = 404, description = "not found (or another tenant's)", body = ErrorReply), (status = 422, description = "invalid value; `field` names it", body = ErrorReply), (status = 503, description = "saturated or a dependency is down; see Retry-After", body = ErrorReply))
+)]
+pub async fn set_limit(
+    t: Tenant,
+    State(s): State<Arc<AppState>>,
+    Body(b): Body<LimitBody>,
+) -> ApiResult<Json<LimitReply>> {
     validate::id("customer_id", &b.customer_id)?;
     let resource = b.resource_id.clone().unwrap_or_default();
     if !resource.is_empty() {
@@ -613,27 +809,32 @@ pub async fn set_limit(t: Tenant, State(s): State<Arc<AppState>>, Body(b): Body<
     };
     produce(&s, std::iter::once(InputMsg::SetLimit(cmd))).await?;
     metrics::counter!(crate::metric::COMMANDS, "kind" => "limit").increment(1);
-    Ok(Json(json!({
-        "customer_id": b.customer_id,
-        "credit_type": b.credit_type,
-        "resource_id": if resource.is_empty() { None } else { Some(resource) },
-        "limit": kind.map_or(ct.limit.as_str(), |k| k.as_str()),
-        "overridden": kind.is_some(),
-    })))
+    Ok(Json(LimitReply {
+        customer_id: b.customer_id,
+        credit_type: b.credit_type,
+        resource_id: if resource.is_empty() { None } else { Some(resource) },
+        limit: kind.map_or(ct.limit.as_str(), |k| k.as_str()).to_owned(),
+        overridden: kind.is_some(),
+    }))
 }
 
-#[derive(Serialize, sqlx::FromRow)]
+/// One settled ledger entry. Amounts are decimal strings.
+#[derive(Serialize, sqlx::FromRow, ToSchema)]
 pub struct LedgerEntry {
     pub id: String,
     pub timestamp: DateTime<Utc>,
+    /// grant, consume, expire, void, adjust or deny.
     #[serde(rename = "type")]
     pub kind: String,
     pub source: String,
     pub source_id: String,
     pub grant_id: Option<Uuid>,
     #[serde(with = "rust_decimal::serde::str")]
+    #[schema(value_type = String)]
     pub amount: Decimal,
+    /// The balance of the entry's pool (credit type and resource) after the entry.
     #[serde(with = "rust_decimal::serde::str")]
+    #[schema(value_type = String)]
     pub end_balance: Decimal,
     pub actor: String,
     pub customer_id: String,
@@ -646,23 +847,43 @@ pub struct LedgerEntry {
 pub const LEDGER_COLS: &str = "id::text AS id, ts AS timestamp, type AS kind, source, source_id, grant_id,
     amount, end_balance, actor, customer_id, credit_type, NULLIF(resource_id, '') AS resource_id";
 
-#[derive(Deserialize)]
+#[derive(Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
 pub struct LedgerQuery {
     customer_id: String,
     credit_type: Option<String>,
+    /// The pool's resource; omitted = the default pool.
     resource_id: Option<String>,
+    /// grant, consume, expire, void, adjust or deny.
     #[serde(rename = "type")]
     kind: Option<String>,
+    /// RFC 3339: entries at or after.
     from: Option<DateTime<Utc>>,
+    /// RFC 3339: entries before.
     to: Option<DateTime<Utc>>,
+    /// 1-1000, default 50.
     limit: Option<i64>,
+    /// The cursor of the previous page.
     after: Option<String>,
+}
+
+/// A page of ledger entries, newest first.
+#[derive(Serialize, ToSchema)]
+pub struct LedgerPage {
+    entries: Vec<LedgerEntry>,
+    /// `after` for the next page; null on the last.
+    next_cursor: Option<String>,
 }
 
 /// The settled ledger of one pool per credit type, newest first; the cursor is the last entry's
 /// id (ids only grow). An omitted `resource_id` means the default pool, as for the balance and
 /// usage (each pool's `end_balance` chain is its own: mixing pools would interleave chains).
-pub async fn ledger(t: Tenant, State(s): State<Arc<AppState>>, Q(q): Q<LedgerQuery>) -> ApiResult<Json<Value>> {
+#[utoipa::path(get, path = "/v1/credits/ledger", tag = "credits",
+    security(("api_key" = [])),
+    params(LedgerQuery),
+    responses((status = 200, description = "newest first", body = LedgerPage), (status = 400, description = "malformed request", body = ErrorReply), (status = 401, description = "missing or invalid credentials", body = ErrorReply), (status = 422, description = "invalid value; `field` names it", body = ErrorReply))
+)]
+pub async fn ledger(t: Tenant, State(s): State<Arc<AppState>>, Q(q): Q<LedgerQuery>) -> ApiResult<Json<LedgerPage>> {
     validate::id("customer_id", &q.customer_id)?;
     let limit = limit(q.limit)?;
     let after: Option<i64> = decode_cursor(&q.after)?;
@@ -675,7 +896,7 @@ pub async fn ledger(t: Tenant, State(s): State<Arc<AppState>>, Q(q): Q<LedgerQue
             ));
         }
     }
-    let rows: Vec<LedgerEntry> = sqlx::query_as(&format!(
+    let mut rows: Vec<LedgerEntry> = sqlx::query_as(&format!(
         "SELECT {LEDGER_COLS} FROM ledger_entries WHERE tenant_id = $1 AND customer_id = $2
             AND ($3::text IS NULL OR credit_type = $3) AND resource_id = $4
             AND ($5::text IS NULL OR type = $5) AND ($6::timestamptz IS NULL OR ts >= $6)
@@ -694,11 +915,14 @@ pub async fn ledger(t: Tenant, State(s): State<Arc<AppState>>, Q(q): Q<LedgerQue
     .fetch_all(&s.db)
     .await?;
     let more = rows.len() as i64 > limit;
-    let page: Vec<&LedgerEntry> = rows.iter().take(limit as usize).collect();
+    rows.truncate(limit as usize);
     let next = if more {
-        page.last().map(|e| encode_cursor(&e.id))
+        rows.last().map(|e| encode_cursor(&e.id))
     } else {
         None
     };
-    Ok(Json(json!({"entries": page, "next_cursor": next})))
+    Ok(Json(LedgerPage {
+        entries: rows,
+        next_cursor: next,
+    }))
 }

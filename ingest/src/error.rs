@@ -9,18 +9,24 @@ use axum::http::{header, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use serde::de::DeserializeOwned;
 use serde::Serialize;
+use utoipa::ToSchema;
 
-#[derive(Debug, Clone, Serialize, PartialEq)]
+/// What went wrong.
+#[derive(Debug, Clone, Serialize, PartialEq, ToSchema)]
 pub struct ErrorBody {
+    /// snake_case, stable.
     pub code: String,
     pub message: String,
+    /// The path of the offending field, when one is to blame (absent otherwise).
     #[serde(skip_serializing_if = "Option::is_none")]
+    #[schema(nullable = false)]
     pub field: Option<String>,
 }
 
 /// One failed event of a batch.
-#[derive(Debug, Clone, Serialize, PartialEq)]
+#[derive(Debug, Clone, Serialize, PartialEq, ToSchema)]
 pub struct EventError {
+    /// The event's index in the batch (0 for a single event).
     pub index: usize,
     pub code: String,
     pub message: String,
@@ -90,17 +96,23 @@ impl From<redis::RedisError> for ApiError {
     }
 }
 
+/// Every error reply: `{"error": {code, message, field?}}`; a refused batch of events also
+/// lists every bad event in `errors` (none was accepted).
+#[derive(Debug, Serialize, ToSchema)]
+#[schema(as = Error)]
+pub struct ErrorReply {
+    pub error: ErrorBody,
+    /// Only on a refused batch of events (422): each bad event.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    #[schema(required = false)]
+    pub errors: Vec<EventError>,
+}
+
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        #[derive(Serialize)]
-        struct Wrap {
-            error: ErrorBody,
-            #[serde(skip_serializing_if = "Vec::is_empty")]
-            errors: Vec<EventError>,
-        }
         let mut r = (
             self.status,
-            axum::Json(Wrap {
+            axum::Json(ErrorReply {
                 error: self.body,
                 errors: self.errors,
             }),

@@ -12,13 +12,14 @@ use chrono::{DateTime, Utc};
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::producer::FutureRecord;
 use rust_decimal::Decimal;
-use serde::Deserialize;
-use serde_json::{json, Value};
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
 use shared::model::{partition_key, InputMsg, UsageEvent};
+use utoipa::{IntoParams, ToSchema};
 
 use crate::auth::Tenant;
 use crate::credits::{LedgerEntry, LEDGER_COLS};
-use crate::error::{parse_json, ApiError, ApiResult, EventError, Q};
+use crate::error::{parse_json, ApiError, ApiResult, ErrorReply, EventError, Q};
 use crate::metric as m;
 use crate::validate;
 use crate::AppState;
@@ -163,11 +164,53 @@ pub fn validate_body(tenant: &str, body: &Value, now: DateTime<Utc>, window_s: u
     Err(e)
 }
 
+/// One usage event (the body of `POST /v1/events`, alone or in a batch). The handler checks
+/// the raw JSON itself (every bad event of a batch is named), so this type only describes it.
+#[derive(Serialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct Event {
+    customer_id: String,
+    event_name: String,
+    idempotency_key: String,
+    /// RFC 3339; within the dedupe window and at most 5 minutes ahead. Default now.
+    #[schema(value_type = Option<String>, format = DateTime)]
+    timestamp: Option<String>,
+    resource_id: Option<String>,
+    /// A flat object of strings and numbers.
+    #[schema(value_type = Option<std::collections::HashMap<String, serde_json::Value>>)]
+    dimensions: Option<Value>,
+}
+
+/// One event, or `{"events": [...]}` with at most 1000.
+#[derive(Serialize, ToSchema)]
+#[serde(untagged)]
+pub enum EventsBody {
+    One(Event),
+    Many(Batch),
+}
+
+#[derive(Serialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct Batch {
+    events: Vec<Event>,
+}
+
+#[derive(Serialize, ToSchema)]
+pub struct Accepted {
+    /// How many events were accepted (all of them).
+    accepted: usize,
+}
+
+#[utoipa::path(post, path = "/v1/events", tag = "events",
+    security(("api_key" = [])),
+    request_body(content = EventsBody, content_type = "application/json"),
+    responses((status = 202, description = "every event is durable in Kafka", body = Accepted), (status = 400, description = "malformed request", body = ErrorReply), (status = 401, description = "missing or invalid credentials", body = ErrorReply), (status = 413, description = "body over 5 MB", body = ErrorReply), (status = 422, description = "invalid value; `field` names it, `errors` each bad event of the batch", body = ErrorReply), (status = 429, description = "over the tenant's rate; see Retry-After", body = ErrorReply), (status = 503, description = "saturated or a dependency is down; see Retry-After", body = ErrorReply))
+)]
 pub async fn post_events(
     t: Tenant,
     State(s): State<Arc<AppState>>,
     body: Result<Bytes, axum::extract::rejection::BytesRejection>,
-) -> ApiResult<(StatusCode, Json<Value>)> {
+) -> ApiResult<(StatusCode, Json<Accepted>)> {
     let body = body.map_err(crate::error::bytes_rejection)?;
     let v: Value = parse_json(&body)?;
     let events = validate_body(&t.id, &v, Utc::now(), s.config.dedupe_window_s).inspect_err(|e| {
@@ -196,7 +239,7 @@ pub async fn post_events(
             metrics::counter!(m::EVENTS_REJECTED, "reason" => "saturated").increment(n as u64);
         })?;
     metrics::counter!(m::EVENTS_ACCEPTED).increment(n as u64);
-    Ok((StatusCode::ACCEPTED, Json(json!({ "accepted": n }))))
+    Ok((StatusCode::ACCEPTED, Json(Accepted { accepted: n })))
 }
 
 /// Produce messages to the input topic and wait for every ack. A full producer queue is a 503
@@ -243,9 +286,80 @@ pub async fn produce(s: &AppState, msgs: impl Iterator<Item = InputMsg>) -> ApiR
     Ok(())
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
 pub struct EventQuery {
+    /// Lets an in-flight event answer `pending`.
     customer_id: Option<String>,
+}
+
+/// The event as it was accepted.
+#[derive(Serialize, ToSchema)]
+pub struct SettledEvent {
+    customer_id: String,
+    resource_id: Option<String>,
+    event_name: String,
+    timestamp: DateTime<Utc>,
+    #[schema(value_type = std::collections::HashMap<String, serde_json::Value>)]
+    dimensions: Value,
+}
+
+/// An event's fate. `pending` carries status, idempotency_key and duplicates only;
+/// `dead_lettered` adds reason and dead_lettered_at; a settled event (settled, denied,
+/// unpriced) has every field but dead_lettered_at (reason, credit_type and cost may be null).
+#[derive(Serialize, ToSchema)]
+pub struct EventStatus {
+    /// pending, settled, denied, unpriced or dead_lettered.
+    status: String,
+    idempotency_key: String,
+    /// Repeats of the idempotency key that were dropped.
+    duplicates: i64,
+    /// Why it was denied, unpriced or dead-lettered.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = Option<String>)]
+    reason: Option<Option<String>>,
+    /// When a consumer dead-lettered it (status dead_lettered).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    #[schema(nullable = false)]
+    dead_lettered_at: Option<DateTime<Utc>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    #[schema(nullable = false)]
+    event: Option<SettledEvent>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = Option<String>)]
+    credit_type: Option<Option<String>>,
+    /// A decimal string.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = Option<String>)]
+    cost: Option<Option<String>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    #[schema(nullable = false)]
+    accepted_at: Option<DateTime<Utc>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    #[schema(nullable = false)]
+    settled_at: Option<DateTime<Utc>>,
+    /// Its consume or deny entries.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    #[schema(nullable = false)]
+    ledger_entries: Option<Vec<LedgerEntry>>,
+}
+
+impl EventStatus {
+    fn bare(status: &str, key: String, duplicates: i64) -> Self {
+        Self {
+            status: status.to_owned(),
+            idempotency_key: key,
+            duplicates,
+            reason: None,
+            dead_lettered_at: None,
+            event: None,
+            credit_type: None,
+            cost: None,
+            accepted_at: None,
+            settled_at: None,
+            ledger_entries: None,
+        }
+    }
 }
 
 type EventRow = (
@@ -262,12 +376,17 @@ type EventRow = (
     DateTime<Utc>,
 );
 
+#[utoipa::path(get, path = "/v1/events/{idempotency_key}", tag = "events",
+    security(("api_key" = [])),
+    params(("idempotency_key" = String, Path, description = "the event's idempotency key"), EventQuery),
+    responses((status = 200, description = "the event's fate", body = EventStatus), (status = 400, description = "malformed request", body = ErrorReply), (status = 401, description = "missing or invalid credentials", body = ErrorReply), (status = 404, description = "not found (or another tenant's)", body = ErrorReply), (status = 422, description = "invalid value; `field` names it", body = ErrorReply))
+)]
 pub async fn get_event(
     t: Tenant,
     State(s): State<Arc<AppState>>,
     Path(key): Path<String>,
     Q(q): Q<EventQuery>,
-) -> ApiResult<Json<Value>> {
+) -> ApiResult<Json<EventStatus>> {
     validate::id("idempotency_key", &key)?;
     let row: Option<EventRow> = sqlx::query_as(
         "SELECT customer_id, resource_id, event_name, ts, dimensions, status, reason, credit_type, cost, accepted_at, settled_at
@@ -307,13 +426,11 @@ pub async fn get_event(
         .fetch_optional(&s.db)
         .await?;
         if let Some((reason, at)) = dead {
-            return Ok(Json(json!({
-                "status": "dead_lettered",
-                "idempotency_key": key,
-                "reason": reason,
-                "dead_lettered_at": at,
-                "duplicates": duplicates,
-            })));
+            return Ok(Json(EventStatus {
+                reason: Some(Some(reason)),
+                dead_lettered_at: Some(at),
+                ..EventStatus::bare("dead_lettered", key, duplicates)
+            }));
         }
         // With the customer we can tell whether the rater has seen it.
         if let Some(c) = q.customer_id.filter(|c| validate::id_ok(c)) {
@@ -327,9 +444,7 @@ pub async fn get_event(
             let mut con = s.redis.clone();
             let found: Vec<bool> = pipe.query_async(&mut con).await?;
             if found.into_iter().any(|x| x) {
-                return Ok(Json(
-                    json!({"status": "pending", "idempotency_key": key, "duplicates": duplicates}),
-                ));
+                return Ok(Json(EventStatus::bare("pending", key, duplicates)));
             }
         }
         return Err(ApiError::new(
@@ -346,29 +461,32 @@ pub async fn get_event(
     .bind(&key)
     .fetch_all(&s.db)
     .await?;
-    Ok(Json(json!({
-        "status": status,
-        "idempotency_key": key,
-        "event": {
-            "customer_id": customer_id,
-            "resource_id": if resource_id.is_empty() { None } else { Some(resource_id) },
-            "event_name": event_name,
-            "timestamp": ts,
-            "dimensions": dims,
-        },
-        "credit_type": credit_type,
-        "cost": cost.map(|c| c.normalize().to_string()),
-        "reason": reason,
-        "duplicates": duplicates,
-        "accepted_at": accepted_at,
-        "settled_at": settled_at,
-        "ledger_entries": entries,
-    })))
+    Ok(Json(EventStatus {
+        reason: Some(reason),
+        event: Some(SettledEvent {
+            customer_id,
+            resource_id: if resource_id.is_empty() {
+                None
+            } else {
+                Some(resource_id)
+            },
+            event_name,
+            timestamp: ts,
+            dimensions: dims,
+        }),
+        credit_type: Some(credit_type),
+        cost: Some(cost.map(|c| c.normalize().to_string())),
+        accepted_at: Some(accepted_at),
+        settled_at: Some(settled_at),
+        ledger_entries: Some(entries),
+        ..EventStatus::bare(&status, key, duplicates)
+    }))
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use serde_json::json;
 
     fn now() -> DateTime<Utc> {
         DateTime::from_timestamp(1_800_000_000, 0).unwrap()

@@ -24,7 +24,7 @@ use anyhow::Context as _;
 use axum::extract::{MatchedPath, Request};
 use axum::middleware::Next;
 use axum::response::Response;
-use axum::routing::{get, post, put};
+use axum::routing::get;
 use axum::Router;
 use dashmap::DashMap;
 use governor::{DefaultDirectRateLimiter, Quota};
@@ -34,6 +34,9 @@ use shared::keys::Keys;
 use shared::telemetry::Ready;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
+use utoipa::OpenApi as _;
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
 
 /// ingest's configuration (flags or env).
 #[derive(clap::Parser, Debug, Clone)]
@@ -98,37 +101,35 @@ impl AppState {
     }
 }
 
-pub fn router(state: Arc<AppState>) -> Router {
-    Router::new()
-        .route("/healthz", get(|| async { "ok" }))
-        .route("/readyz", get(|| async { "ready" }))
-        .route("/openapi.json", get(openapi::serve))
-        .route("/v1/admin/tenants", post(admin::create_tenant))
-        .route("/v1/admin/tenants/{tenant_id}/api-keys", post(admin::create_key))
-        .route("/v1/admin/api-keys/{prefix}", axum::routing::delete(admin::revoke_key))
-        .route("/v1/admin/tenants/{tenant_id}/limits", put(admin::set_limits))
-        .route(
-            "/v1/credit-types",
-            post(catalogue::create_credit_type).get(catalogue::list_credit_types),
-        )
-        .route(
-            "/v1/features/{event_name}/credit-mapping",
-            put(catalogue::put_mapping).get(catalogue::get_mapping),
-        )
-        .route("/v1/events", post(events::post_events))
-        .route("/v1/events/{idempotency_key}", get(events::get_event))
-        .route(
-            "/v1/credits/grants",
-            post(credits::create_grant).get(credits::list_grants),
-        )
-        .route("/v1/credits/grants/{id}/void", post(credits::void_grant))
-        .route("/v1/credits/balance", get(credits::balance))
-        .route("/v1/credits/check", post(credits::check))
-        .route("/v1/credits/limits", put(credits::set_limit))
-        .route("/v1/credits/usage", get(usage::usage))
-        .route("/v1/credits/ledger", get(credits::ledger))
+/// The API: every route with its handler's `#[utoipa::path]`, from which utoipa-axum builds
+/// the OpenAPI document as it routes (handlers of one path share a `routes!`).
+pub fn api() -> OpenApiRouter<Arc<AppState>> {
+    OpenApiRouter::with_openapi(openapi::ApiDoc::openapi())
+        .routes(routes!(admin::create_tenant))
+        .routes(routes!(admin::create_key))
+        .routes(routes!(admin::revoke_key))
+        .routes(routes!(admin::set_limits))
+        .routes(routes!(catalogue::create_credit_type, catalogue::list_credit_types))
+        .routes(routes!(catalogue::put_mapping, catalogue::get_mapping))
+        .routes(routes!(events::post_events))
+        .routes(routes!(events::get_event))
+        .routes(routes!(credits::create_grant, credits::list_grants))
+        .routes(routes!(credits::void_grant))
+        .routes(routes!(credits::balance))
+        .routes(routes!(credits::check))
+        .routes(routes!(credits::set_limit))
+        .routes(routes!(usage::usage))
+        .routes(routes!(credits::ledger))
         .merge(webhooks::routes())
         .merge(billing::routes())
+}
+
+pub fn router(state: Arc<AppState>) -> Router {
+    let (api, doc) = api().split_for_parts();
+    api.route("/healthz", get(|| async { "ok" }))
+        .route("/readyz", get(|| async { "ready" }))
+        .route("/openapi.json", get(openapi::serve))
+        .merge(openapi::docs::<Arc<AppState>>(doc))
         .layer(axum::middleware::from_fn(track))
         .layer(axum::extract::DefaultBodyLimit::max(5 * 1024 * 1024))
         .fallback(|| async { error::ApiError::not_found("route") })

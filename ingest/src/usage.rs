@@ -9,22 +9,57 @@ use axum::extract::State;
 use axum::Json;
 use chrono::{DateTime, Datelike, DurationRound, Months, NaiveDate, TimeDelta, Utc};
 use rust_decimal::Decimal;
-use serde::Deserialize;
-use serde_json::{json, Value};
+use serde::{Deserialize, Serialize};
+use utoipa::{IntoParams, ToSchema};
 
 use crate::auth::Tenant;
 use crate::catalogue::require_credit_type;
-use crate::error::{ApiError, ApiResult, Q};
+use crate::error::{ApiError, ApiResult, ErrorReply, Q};
 use crate::validate;
 use crate::AppState;
 
-#[derive(Deserialize)]
+#[derive(Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
 pub struct UsageQuery {
     customer_id: String,
     credit_type: String,
+    /// The pool's resource; omitted = the default pool.
     resource_id: Option<String>,
+    /// LAST_DAY, LAST_WEEK, LAST_MONTH (default) or LAST_YEAR.
     time_range: Option<String>,
+    /// feature (default) or user.
     group_by: Option<String>,
+}
+
+/// Credits consumed over a time range, per bucket. Credits are decimal strings.
+#[derive(Serialize, ToSchema)]
+pub struct UsageReply {
+    customer_id: String,
+    credit_type: String,
+    resource_id: Option<String>,
+    time_range: String,
+    /// feature or user.
+    group_by: String,
+    /// hour, day or month.
+    bucket: String,
+    /// The first bucket's start.
+    from: DateTime<Utc>,
+    series: Vec<UsageSeries>,
+}
+
+#[derive(Serialize, ToSchema)]
+pub struct UsageSeries {
+    /// The feature, or the userId (null for events without one).
+    key: Option<String>,
+    total: String,
+    /// Every bucket of the range, zero where unused.
+    points: Vec<UsagePoint>,
+}
+
+#[derive(Serialize, ToSchema)]
+pub struct UsagePoint {
+    start: DateTime<Utc>,
+    credits: String,
 }
 
 /// The buckets of a time range ending now: (bucket name, rollup granularity, bucket starts).
@@ -59,7 +94,12 @@ pub fn buckets(range: &str, now: DateTime<Utc>) -> Option<(&'static str, &'stati
     })
 }
 
-pub async fn usage(t: Tenant, State(s): State<Arc<AppState>>, Q(q): Q<UsageQuery>) -> ApiResult<Json<Value>> {
+#[utoipa::path(get, path = "/v1/credits/usage", tag = "credits",
+    security(("api_key" = [])),
+    params(UsageQuery),
+    responses((status = 200, description = "credits consumed per bucket", body = UsageReply), (status = 400, description = "malformed request", body = ErrorReply), (status = 401, description = "missing or invalid credentials", body = ErrorReply), (status = 404, description = "not found (or another tenant's)", body = ErrorReply), (status = 422, description = "invalid value; `field` names it", body = ErrorReply))
+)]
+pub async fn usage(t: Tenant, State(s): State<Arc<AppState>>, Q(q): Q<UsageQuery>) -> ApiResult<Json<UsageReply>> {
     validate::id("customer_id", &q.customer_id)?;
     let resource = q.resource_id.clone().unwrap_or_default();
     if !resource.is_empty() {
@@ -112,30 +152,33 @@ pub async fn usage(t: Tenant, State(s): State<Arc<AppState>>, Q(q): Q<UsageQuery
     for (key, start, credits) in rows {
         *by_key.entry(key).or_default().entry(start).or_default() += credits;
     }
-    let series: Vec<Value> = by_key
+    let series: Vec<UsageSeries> = by_key
         .into_iter()
         .map(|(key, points)| {
             let total: Decimal = points.values().sum();
-            json!({
-                "key": if key.is_empty() { None } else { Some(key) },
-                "total": total.normalize().to_string(),
-                "points": starts.iter().map(|st| json!({
-                    "start": st,
-                    "credits": points.get(st).copied().unwrap_or_default().normalize().to_string(),
-                })).collect::<Vec<_>>(),
-            })
+            UsageSeries {
+                key: if key.is_empty() { None } else { Some(key) },
+                total: total.normalize().to_string(),
+                points: starts
+                    .iter()
+                    .map(|st| UsagePoint {
+                        start: *st,
+                        credits: points.get(st).copied().unwrap_or_default().normalize().to_string(),
+                    })
+                    .collect(),
+            }
         })
         .collect();
-    Ok(Json(json!({
-        "customer_id": q.customer_id,
-        "credit_type": q.credit_type,
-        "resource_id": if resource.is_empty() { None } else { Some(resource) },
-        "time_range": range,
-        "group_by": dim,
-        "bucket": bucket,
-        "from": from,
-        "series": series,
-    })))
+    Ok(Json(UsageReply {
+        customer_id: q.customer_id,
+        credit_type: q.credit_type,
+        resource_id: if resource.is_empty() { None } else { Some(resource) },
+        time_range: range.to_owned(),
+        group_by: dim.to_owned(),
+        bucket: bucket.to_owned(),
+        from,
+        series,
+    }))
 }
 
 #[cfg(test)]

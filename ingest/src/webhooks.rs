@@ -6,20 +6,22 @@ use std::sync::Arc;
 
 use axum::extract::{Path, State};
 use axum::http::StatusCode;
-use axum::routing::{delete, get, post, put};
-use axum::{Json, Router};
+use axum::Json;
 use chrono::{DateTime, Utc};
 use rust_decimal::Decimal;
-use serde::Deserialize;
-use serde_json::{json, Value};
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
 use shared::webhook::address::{check_url, UrlError};
 use shared::webhook::sign::new_secret;
 use shared::webhook::EVENT_TYPES;
+use utoipa::{IntoParams, ToSchema};
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
 use uuid::Uuid;
 
 use crate::auth::Tenant;
 use crate::catalogue::require_credit_type;
-use crate::error::{ApiError, ApiResult, Body, Q};
+use crate::error::{ApiError, ApiResult, Body, ErrorReply, Q};
 use crate::validate;
 use crate::AppState;
 
@@ -39,29 +41,74 @@ pub struct Settings {
     pub allow_private: bool,
 }
 
-pub fn routes() -> Router<Arc<AppState>> {
-    Router::new()
-        .route("/v1/webhooks/endpoints", post(create_endpoint).get(list_endpoints))
-        .route("/v1/webhooks/endpoints/{id}", get(get_endpoint).delete(delete_endpoint))
-        .route("/v1/webhooks/endpoints/{id}/rotate-secret", post(rotate_secret))
-        .route("/v1/webhooks/endpoints/{id}/enable", post(enable_endpoint))
-        .route("/v1/webhooks/messages", get(list_messages))
-        .route("/v1/webhooks/messages/{id}/retry", post(retry_message))
-        .route("/v1/credits/alerts", put(put_alerts).get(get_alerts))
-        .route("/v1/credits/alerts/defaults", put(put_alert_defaults))
-        .route(
-            "/v1/credits/alerts/defaults/{credit_type}",
-            delete(delete_alert_defaults),
-        )
+pub fn routes() -> OpenApiRouter<Arc<AppState>> {
+    OpenApiRouter::new()
+        .routes(routes!(create_endpoint, list_endpoints))
+        .routes(routes!(get_endpoint, delete_endpoint))
+        .routes(routes!(rotate_secret))
+        .routes(routes!(enable_endpoint))
+        .routes(routes!(list_messages))
+        .routes(routes!(retry_message))
+        .routes(routes!(put_alerts, get_alerts))
+        .routes(routes!(put_alert_defaults))
+        .routes(routes!(delete_alert_defaults))
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct NewEndpoint {
+    /// http or https; private addresses only where the operator allows them.
     url: String,
+    /// Event types to receive (all when absent).
     event_types: Option<Vec<String>>,
+    /// At most 2000 characters.
     description: Option<String>,
+    /// The same key again answers with the same endpoint (or 409 if the body differs).
     idempotency_key: Option<String>,
+}
+
+/// A webhook endpoint.
+#[derive(Serialize, ToSchema)]
+pub struct Endpoint {
+    id: Uuid,
+    url: String,
+    description: Option<String>,
+    /// The event types it receives; null for all.
+    event_types: Option<Vec<String>>,
+    /// Whether the sender disabled it (after failing deliveries).
+    disabled: bool,
+    disabled_at: Option<DateTime<Utc>>,
+    disabled_reason: Option<String>,
+    secret_rotated_at: Option<DateTime<Utc>>,
+    created_at: DateTime<Utc>,
+}
+
+/// A new endpoint, with its signing secret.
+#[derive(Serialize, ToSchema)]
+pub struct EndpointCreated {
+    #[serde(flatten)]
+    endpoint: Endpoint,
+    /// The signing secret (whsec_...).
+    secret: String,
+}
+
+/// A page of endpoints.
+#[derive(Serialize, ToSchema)]
+pub struct EndpointPage {
+    endpoints: Vec<Endpoint>,
+    /// `after` for the next page; null on the last.
+    next_cursor: Option<String>,
+}
+
+/// A rotated secret.
+#[derive(Serialize, ToSchema)]
+pub struct SecretRotated {
+    /// The endpoint id as given in the path.
+    id: String,
+    secret: String,
+    rotated_at: DateTime<Utc>,
+    /// Until then the previous secret signs too (a second signature).
+    previous_secret_expires_at: DateTime<Utc>,
 }
 
 #[derive(sqlx::FromRow)]
@@ -80,12 +127,25 @@ struct EndpointRow {
 const ENDPOINT_COLS: &str =
     "id, url, description, event_types, secret, rotated_at, disabled_at, disabled_reason, created_at";
 
-fn endpoint_json(e: &EndpointRow) -> Value {
-    json!({
-        "id": e.id, "url": e.url, "description": e.description, "event_types": e.event_types,
-        "disabled": e.disabled_at.is_some(), "disabled_at": e.disabled_at, "disabled_reason": e.disabled_reason,
-        "secret_rotated_at": e.rotated_at, "created_at": e.created_at,
-    })
+fn endpoint_json(e: &EndpointRow) -> Endpoint {
+    Endpoint {
+        id: e.id,
+        url: e.url.clone(),
+        description: e.description.clone(),
+        event_types: e.event_types.clone(),
+        disabled: e.disabled_at.is_some(),
+        disabled_at: e.disabled_at,
+        disabled_reason: e.disabled_reason.clone(),
+        secret_rotated_at: e.rotated_at,
+        created_at: e.created_at,
+    }
+}
+
+fn with_secret(e: &EndpointRow) -> EndpointCreated {
+    EndpointCreated {
+        endpoint: endpoint_json(e),
+        secret: e.secret.clone(),
+    }
 }
 
 fn url_error(e: UrlError) -> ApiError {
@@ -112,11 +172,16 @@ async fn endpoint(s: &AppState, tenant: &str, id: Uuid) -> ApiResult<EndpointRow
     .ok_or_else(|| ApiError::not_found("endpoint"))
 }
 
+#[utoipa::path(post, path = "/v1/webhooks/endpoints", tag = "webhooks",
+    security(("api_key" = [])),
+    request_body(content = NewEndpoint, content_type = "application/json"),
+    responses((status = 201, description = "the endpoint with its secret (whsec_...)", body = EndpointCreated), (status = 200, description = "the same idempotency key and body: the earlier result", body = EndpointCreated), (status = 400, description = "malformed request", body = ErrorReply), (status = 401, description = "missing or invalid credentials", body = ErrorReply), (status = 409, description = "conflict", body = ErrorReply), (status = 422, description = "invalid value; `field` names it", body = ErrorReply), (status = 503, description = "saturated or a dependency is down; see Retry-After", body = ErrorReply))
+)]
 pub async fn create_endpoint(
     t: Tenant,
     State(s): State<Arc<AppState>>,
     Body(b): Body<NewEndpoint>,
-) -> ApiResult<(StatusCode, Json<Value>)> {
+) -> ApiResult<(StatusCode, Json<EndpointCreated>)> {
     let url = check_url(b.url.trim(), s.config.webhooks.allow_private).map_err(url_error)?;
     let types = match &b.event_types {
         None => None,
@@ -162,9 +227,7 @@ pub async fn create_endpoint(
         if let Ok(e) = endpoint(&s, &t.id, id).await {
             let same = e.url == url.as_str() && e.event_types == types && e.description == b.description;
             return if same {
-                let mut v = endpoint_json(&e);
-                v["secret"] = json!(e.secret);
-                Ok((StatusCode::OK, Json(v)))
+                Ok((StatusCode::OK, Json(with_secret(&e))))
             } else {
                 Err(ApiError::conflict("idempotency_key was used with another body").field("idempotency_key"))
             };
@@ -196,20 +259,26 @@ pub async fn create_endpoint(
     // Lost a race with the same idempotency key.
     let e =
         created.ok_or_else(|| ApiError::conflict("retry: the endpoint was just created").field("idempotency_key"))?;
-    let mut v = endpoint_json(&e);
-    v["secret"] = json!(e.secret);
-    Ok((StatusCode::CREATED, Json(v)))
+    Ok((StatusCode::CREATED, Json(with_secret(&e))))
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
 pub struct Page {
+    /// 1-1000, default 50.
     limit: Option<i64>,
+    /// The cursor of the previous page.
     after: Option<String>,
 }
 
 use crate::credits::{decode_cursor, encode_cursor, limit};
 
-pub async fn list_endpoints(t: Tenant, State(s): State<Arc<AppState>>, Q(q): Q<Page>) -> ApiResult<Json<Value>> {
+#[utoipa::path(get, path = "/v1/webhooks/endpoints", tag = "webhooks",
+    security(("api_key" = [])),
+    params(Page),
+    responses((status = 200, description = "`{endpoints, next_cursor}`", body = EndpointPage), (status = 400, description = "malformed request", body = ErrorReply), (status = 401, description = "missing or invalid credentials", body = ErrorReply), (status = 422, description = "invalid value; `field` names it", body = ErrorReply), (status = 503, description = "saturated or a dependency is down; see Retry-After", body = ErrorReply))
+)]
+pub async fn list_endpoints(t: Tenant, State(s): State<Arc<AppState>>, Q(q): Q<Page>) -> ApiResult<Json<EndpointPage>> {
     let limit = limit(q.limit)?;
     let after: Option<Uuid> = decode_cursor(&q.after)?;
     let rows: Vec<EndpointRow> = sqlx::query_as(&format!(
@@ -222,20 +291,37 @@ pub async fn list_endpoints(t: Tenant, State(s): State<Arc<AppState>>, Q(q): Q<P
     .fetch_all(&s.db)
     .await?;
     let more = rows.len() as i64 > limit;
-    let page: Vec<Value> = rows.iter().take(limit as usize).map(endpoint_json).collect();
+    let page: Vec<Endpoint> = rows.iter().take(limit as usize).map(endpoint_json).collect();
     let next = if more {
         rows.get(limit as usize - 1).map(|e| encode_cursor(e.id))
     } else {
         None
     };
-    Ok(Json(json!({"endpoints": page, "next_cursor": next})))
+    Ok(Json(EndpointPage {
+        endpoints: page,
+        next_cursor: next,
+    }))
 }
 
-pub async fn get_endpoint(t: Tenant, State(s): State<Arc<AppState>>, Path(id): Path<String>) -> ApiResult<Json<Value>> {
+#[utoipa::path(get, path = "/v1/webhooks/endpoints/{id}", tag = "webhooks",
+    security(("api_key" = [])),
+    params(("id" = String, Path, description = "the endpoint id")),
+    responses((status = 200, description = "the endpoint", body = Endpoint), (status = 401, description = "missing or invalid credentials", body = ErrorReply), (status = 404, description = "not found (or another tenant's)", body = ErrorReply), (status = 503, description = "saturated or a dependency is down; see Retry-After", body = ErrorReply))
+)]
+pub async fn get_endpoint(
+    t: Tenant,
+    State(s): State<Arc<AppState>>,
+    Path(id): Path<String>,
+) -> ApiResult<Json<Endpoint>> {
     let e = endpoint(&s, &t.id, endpoint_id(&id)?).await?;
     Ok(Json(endpoint_json(&e)))
 }
 
+#[utoipa::path(delete, path = "/v1/webhooks/endpoints/{id}", tag = "webhooks",
+    security(("api_key" = [])),
+    params(("id" = String, Path, description = "the endpoint id")),
+    responses((status = 204, description = "deleted"), (status = 401, description = "missing or invalid credentials", body = ErrorReply), (status = 404, description = "not found (or another tenant's)", body = ErrorReply), (status = 503, description = "saturated or a dependency is down; see Retry-After", body = ErrorReply))
+)]
 pub async fn delete_endpoint(
     t: Tenant,
     State(s): State<Arc<AppState>>,
@@ -254,11 +340,16 @@ pub async fn delete_endpoint(
 }
 
 /// A new secret; the previous one keeps signing (a second signature) for 24 hours.
+#[utoipa::path(post, path = "/v1/webhooks/endpoints/{id}/rotate-secret", tag = "webhooks",
+    security(("api_key" = [])),
+    params(("id" = String, Path, description = "the endpoint id")),
+    responses((status = 200, description = "the new secret; the old one still signs for 24 h", body = SecretRotated), (status = 401, description = "missing or invalid credentials", body = ErrorReply), (status = 404, description = "not found (or another tenant's)", body = ErrorReply), (status = 503, description = "saturated or a dependency is down; see Retry-After", body = ErrorReply))
+)]
 pub async fn rotate_secret(
     t: Tenant,
     State(s): State<Arc<AppState>>,
     Path(id): Path<String>,
-) -> ApiResult<Json<Value>> {
+) -> ApiResult<Json<SecretRotated>> {
     let row: Option<(String, DateTime<Utc>)> = sqlx::query_as(
         "UPDATE webhook_endpoints SET previous_secret = secret, secret = $3, rotated_at = now()
          WHERE tenant_id = $1 AND id = $2 RETURNING secret, rotated_at",
@@ -269,18 +360,25 @@ pub async fn rotate_secret(
     .fetch_optional(&s.db)
     .await?;
     let (secret, at) = row.ok_or_else(|| ApiError::not_found("endpoint"))?;
-    Ok(Json(json!({
-        "id": id, "secret": secret, "rotated_at": at,
-        "previous_secret_expires_at": at + chrono::Duration::hours(24),
-    })))
+    Ok(Json(SecretRotated {
+        id,
+        secret,
+        rotated_at: at,
+        previous_secret_expires_at: at + chrono::Duration::hours(24),
+    }))
 }
 
 /// Re-enable an endpoint the sender disabled; its pending deliveries resume.
+#[utoipa::path(post, path = "/v1/webhooks/endpoints/{id}/enable", tag = "webhooks",
+    security(("api_key" = [])),
+    params(("id" = String, Path, description = "the endpoint id")),
+    responses((status = 200, description = "enabled again", body = Endpoint), (status = 401, description = "missing or invalid credentials", body = ErrorReply), (status = 404, description = "not found (or another tenant's)", body = ErrorReply), (status = 503, description = "saturated or a dependency is down; see Retry-After", body = ErrorReply))
+)]
 pub async fn enable_endpoint(
     t: Tenant,
     State(s): State<Arc<AppState>>,
     Path(id): Path<String>,
-) -> ApiResult<Json<Value>> {
+) -> ApiResult<Json<Endpoint>> {
     let row: Option<EndpointRow> = sqlx::query_as(&format!(
         "UPDATE webhook_endpoints SET disabled_at = NULL, disabled_reason = NULL
          WHERE tenant_id = $1 AND id = $2 RETURNING {ENDPOINT_COLS}"
@@ -293,14 +391,66 @@ pub async fn enable_endpoint(
     Ok(Json(endpoint_json(&e)))
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
 pub struct MessageQuery {
     endpoint_id: Option<String>,
+    /// pending, delivered or failed.
     status: Option<String>,
+    /// The event type.
     #[serde(rename = "type")]
     kind: Option<String>,
+    /// 1-1000, default 50.
     limit: Option<i64>,
+    /// The cursor of the previous page.
     after: Option<String>,
+}
+
+/// One message to one endpoint, with every attempt.
+#[derive(Serialize, ToSchema)]
+pub struct Message {
+    /// msg_...
+    id: String,
+    /// The event type.
+    #[serde(rename = "type")]
+    kind: String,
+    created_at: DateTime<Utc>,
+    endpoint_id: Uuid,
+    /// pending, delivered or failed.
+    status: String,
+    attempt_count: i32,
+    /// When the next attempt is due (pending only; null otherwise).
+    next_attempt_at: Option<DateTime<Utc>>,
+    /// Every attempt, oldest first.
+    #[schema(value_type = Vec<Attempt>)]
+    attempts: Value,
+    /// The message body as sent (the event); null if unreadable.
+    #[schema(value_type = Option<std::collections::HashMap<String, serde_json::Value>>)]
+    payload: Value,
+}
+
+/// One delivery attempt (as Postgres renders it: `at` carries a UTC offset).
+#[derive(ToSchema)]
+#[allow(dead_code)] // describes the JSON Postgres builds
+pub struct Attempt {
+    attempt: i32,
+    #[schema(format = DateTime)]
+    at: String,
+    /// success, http_error, timeout, connect, refused_address or error.
+    outcome: String,
+    /// The receiver's HTTP status, if it answered.
+    status_code: Option<i32>,
+    duration_ms: i32,
+    /// The first 1 KiB of the receiver's answer, or what went wrong.
+    response: Option<String>,
+}
+
+/// A page of the delivery log, newest first.
+#[derive(Serialize, ToSchema)]
+pub struct MessagePage {
+    messages: Vec<Message>,
+    /// `after` for the next page; null on the last.
+    next_cursor: Option<String>,
 }
 
 #[derive(sqlx::FromRow)]
@@ -318,7 +468,16 @@ struct DeliveryRow {
 }
 
 /// The delivery log: one row per message and endpoint, newest first, with every attempt.
-pub async fn list_messages(t: Tenant, State(s): State<Arc<AppState>>, Q(q): Q<MessageQuery>) -> ApiResult<Json<Value>> {
+#[utoipa::path(get, path = "/v1/webhooks/messages", tag = "webhooks",
+    security(("api_key" = [])),
+    params(MessageQuery),
+    responses((status = 200, description = "the delivery log with attempts", body = MessagePage), (status = 400, description = "malformed request", body = ErrorReply), (status = 401, description = "missing or invalid credentials", body = ErrorReply), (status = 422, description = "invalid value; `field` names it", body = ErrorReply), (status = 503, description = "saturated or a dependency is down; see Retry-After", body = ErrorReply))
+)]
+pub async fn list_messages(
+    t: Tenant,
+    State(s): State<Arc<AppState>>,
+    Q(q): Q<MessageQuery>,
+) -> ApiResult<Json<MessagePage>> {
     let limit = limit(q.limit)?;
     let after: Option<i64> = decode_cursor(&q.after)?;
     let endpoint = match &q.endpoint_id {
@@ -358,17 +517,23 @@ pub async fn list_messages(t: Tenant, State(s): State<Arc<AppState>>, Q(q): Q<Me
     .fetch_all(&s.db)
     .await?;
     let more = rows.len() as i64 > limit;
-    let page: Vec<Value> = rows
+    let page: Vec<Message> = rows
         .iter()
         .take(limit as usize)
-        .map(|d| {
-            json!({
-                "id": format!("msg_{}", d.message_id.simple()), "type": d.kind, "created_at": d.created_at,
-                "endpoint_id": d.endpoint_id, "status": d.status, "attempt_count": d.attempts,
-                "next_attempt_at": if d.status == "pending" { Some(d.next_attempt_at) } else { None },
-                "attempts": d.log,
-                "payload": serde_json::from_str::<Value>(&d.body).unwrap_or(Value::Null),
-            })
+        .map(|d| Message {
+            id: format!("msg_{}", d.message_id.simple()),
+            kind: d.kind.clone(),
+            created_at: d.created_at,
+            endpoint_id: d.endpoint_id,
+            status: d.status.clone(),
+            attempt_count: d.attempts,
+            next_attempt_at: if d.status == "pending" {
+                Some(d.next_attempt_at)
+            } else {
+                None
+            },
+            attempts: d.log.clone(),
+            payload: serde_json::from_str::<Value>(&d.body).unwrap_or(Value::Null),
         })
         .collect();
     let next = if more {
@@ -376,22 +541,41 @@ pub async fn list_messages(t: Tenant, State(s): State<Arc<AppState>>, Q(q): Q<Me
     } else {
         None
     };
-    Ok(Json(json!({"messages": page, "next_cursor": next})))
+    Ok(Json(MessagePage {
+        messages: page,
+        next_cursor: next,
+    }))
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
 pub struct RetryQuery {
+    /// Only this endpoint's delivery.
     endpoint_id: Option<String>,
+}
+
+/// A message queued for delivery again.
+#[derive(Serialize, ToSchema)]
+pub struct Retried {
+    /// The message id as given in the path.
+    id: String,
+    /// Deliveries queued (one per endpoint).
+    retried: u64,
 }
 
 /// Send a message again now (one more attempt per endpoint, or to one endpoint), whatever its
 /// state, unless an attempt is in flight.
+#[utoipa::path(post, path = "/v1/webhooks/messages/{id}/retry", tag = "webhooks",
+    security(("api_key" = [])),
+    params(("id" = String, Path, description = "the message id"), RetryQuery),
+    responses((status = 202, description = "queued for delivery again", body = Retried), (status = 400, description = "malformed request", body = ErrorReply), (status = 401, description = "missing or invalid credentials", body = ErrorReply), (status = 404, description = "not found (or another tenant's)", body = ErrorReply), (status = 422, description = "invalid value; `field` names it", body = ErrorReply), (status = 503, description = "saturated or a dependency is down; see Retry-After", body = ErrorReply))
+)]
 pub async fn retry_message(
     t: Tenant,
     State(s): State<Arc<AppState>>,
     Path(id): Path<String>,
     Q(q): Q<RetryQuery>,
-) -> ApiResult<(StatusCode, Json<Value>)> {
+) -> ApiResult<(StatusCode, Json<Retried>)> {
     let mid = Uuid::parse_str(id.strip_prefix("msg_").unwrap_or(&id)).map_err(|_| ApiError::not_found("message"))?;
     let endpoint = match &q.endpoint_id {
         None => None,
@@ -428,18 +612,40 @@ pub async fn retry_message(
             "an attempt of this message is in flight; retry when it ends",
         ));
     }
-    Ok((StatusCode::ACCEPTED, Json(json!({"id": id, "retried": n}))))
+    Ok((StatusCode::ACCEPTED, Json(Retried { id, retried: n })))
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct AlertBody {
+    /// Required at /v1/credits/alerts; absent at /defaults (the tenant default).
+    customer_id: Option<String>,
+    credit_type: String,
+    /// Absent at /defaults.
+    resource_id: Option<String>,
+    /// Whole percents (1-100) of the granted total used, e.g. [80, 90, 100]; at most 20.
+    /// Left out: the tenant default; `[]`: none.
+    #[schema(value_type = Option<Vec<u32>>)]
+    usage_percent: Option<Vec<Value>>,
+    /// Balance levels, decimal strings; at most 20.
+    #[schema(value_type = Option<Vec<String>>)]
+    balance_below: Option<Vec<Value>>,
+    /// Whole percents (1-100) of one grant used; at most 20.
+    #[schema(value_type = Option<Vec<u32>>)]
+    grant_usage_percent: Option<Vec<Value>>,
+}
+
+/// Alert thresholds (sorted, without repeats). A null list inherits the tenant default.
+#[derive(Serialize, ToSchema)]
+pub struct Alerts {
+    /// Null for the tenant default.
     customer_id: Option<String>,
     credit_type: String,
     resource_id: Option<String>,
-    usage_percent: Option<Vec<Value>>,
-    balance_below: Option<Vec<Value>>,
-    grant_usage_percent: Option<Vec<Value>>,
+    usage_percent: Option<Vec<i32>>,
+    /// Decimal strings.
+    balance_below: Option<Vec<String>>,
+    grant_usage_percent: Option<Vec<i32>>,
 }
 
 fn percents(field: &str, v: &Option<Vec<Value>>) -> ApiResult<Option<Vec<i32>>> {
@@ -494,17 +700,24 @@ fn alert_json(
     usage: &Option<Vec<i32>>,
     below: &Option<Vec<Decimal>>,
     grant: &Option<Vec<i32>>,
-) -> Value {
-    json!({
-        "customer_id": customer, "credit_type": credit_type,
-        "resource_id": if resource.is_empty() { None } else { Some(resource) },
-        "usage_percent": usage,
-        "balance_below": below.as_ref().map(|b| b.iter().map(|d| d.normalize().to_string()).collect::<Vec<_>>()),
-        "grant_usage_percent": grant,
-    })
+) -> Alerts {
+    Alerts {
+        customer_id: customer.map(str::to_owned),
+        credit_type: credit_type.to_owned(),
+        resource_id: if resource.is_empty() {
+            None
+        } else {
+            Some(resource.to_owned())
+        },
+        usage_percent: usage.clone(),
+        balance_below: below
+            .as_ref()
+            .map(|b| b.iter().map(|d| d.normalize().to_string()).collect::<Vec<_>>()),
+        grant_usage_percent: grant.clone(),
+    }
 }
 
-async fn store_alerts(s: &AppState, tenant: &str, customer: &str, resource: &str, b: &AlertBody) -> ApiResult<Value> {
+async fn store_alerts(s: &AppState, tenant: &str, customer: &str, resource: &str, b: &AlertBody) -> ApiResult<Alerts> {
     let ct = require_credit_type(s, tenant, &b.credit_type, "credit_type").await?;
     let usage = percents("usage_percent", &b.usage_percent)?;
     let below = amounts("balance_below", &b.balance_below, ct.decimals as u32)?;
@@ -531,7 +744,16 @@ async fn store_alerts(s: &AppState, tenant: &str, customer: &str, resource: &str
 }
 
 /// Thresholds of one pool. A list left out inherits the tenant default; `[]` means none.
-pub async fn put_alerts(t: Tenant, State(s): State<Arc<AppState>>, Body(b): Body<AlertBody>) -> ApiResult<Json<Value>> {
+#[utoipa::path(put, path = "/v1/credits/alerts", tag = "alerts",
+    security(("api_key" = [])),
+    request_body(content = AlertBody, content_type = "application/json"),
+    responses((status = 200, description = "the thresholds now in force for the pool", body = Alerts), (status = 400, description = "malformed request", body = ErrorReply), (status = 401, description = "missing or invalid credentials", body = ErrorReply), (status = 404, description = "not found (or another tenant's)", body = ErrorReply), (status = 422, description = "invalid value; `field` names it", body = ErrorReply), (status = 503, description = "saturated or a dependency is down; see Retry-After", body = ErrorReply))
+)]
+pub async fn put_alerts(
+    t: Tenant,
+    State(s): State<Arc<AppState>>,
+    Body(b): Body<AlertBody>,
+) -> ApiResult<Json<Alerts>> {
     let customer = b
         .customer_id
         .clone()
@@ -545,11 +767,16 @@ pub async fn put_alerts(t: Tenant, State(s): State<Arc<AppState>>, Body(b): Body
 }
 
 /// The tenant's default thresholds for a credit type.
+#[utoipa::path(put, path = "/v1/credits/alerts/defaults", tag = "alerts",
+    security(("api_key" = [])),
+    request_body(content = AlertBody, content_type = "application/json"),
+    responses((status = 200, description = "the tenant default for the credit type", body = Alerts), (status = 400, description = "malformed request", body = ErrorReply), (status = 401, description = "missing or invalid credentials", body = ErrorReply), (status = 404, description = "not found (or another tenant's)", body = ErrorReply), (status = 422, description = "invalid value; `field` names it", body = ErrorReply), (status = 503, description = "saturated or a dependency is down; see Retry-After", body = ErrorReply))
+)]
 pub async fn put_alert_defaults(
     t: Tenant,
     State(s): State<Arc<AppState>>,
     Body(b): Body<AlertBody>,
-) -> ApiResult<Json<Value>> {
+) -> ApiResult<Json<Alerts>> {
     if b.customer_id.is_some() {
         return Err(ApiError::invalid(
             "customer_id",
@@ -567,6 +794,11 @@ pub async fn put_alert_defaults(
     Ok(Json(store_alerts(&s, &t.id, "", "", &b).await?))
 }
 
+#[utoipa::path(delete, path = "/v1/credits/alerts/defaults/{credit_type}", tag = "alerts",
+    security(("api_key" = [])),
+    params(("credit_type" = String, Path, description = "")),
+    responses((status = 204, description = "removed"), (status = 401, description = "missing or invalid credentials", body = ErrorReply), (status = 404, description = "not found (or another tenant's)", body = ErrorReply), (status = 422, description = "invalid value; `field` names it", body = ErrorReply), (status = 503, description = "saturated or a dependency is down; see Retry-After", body = ErrorReply))
+)]
 pub async fn delete_alert_defaults(
     t: Tenant,
     State(s): State<Arc<AppState>>,
@@ -580,17 +812,24 @@ pub async fn delete_alert_defaults(
     Ok(StatusCode::NO_CONTENT)
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
 pub struct AlertQuery {
     customer_id: String,
     credit_type: String,
+    /// The pool's resource; omitted = the default pool.
     resource_id: Option<String>,
 }
 
 type AlertRow = (Option<Vec<i32>>, Option<Vec<Decimal>>, Option<Vec<i32>>);
 
 /// The thresholds in force for a pool: its own where set, else the tenant default.
-pub async fn get_alerts(t: Tenant, State(s): State<Arc<AppState>>, Q(q): Q<AlertQuery>) -> ApiResult<Json<Value>> {
+#[utoipa::path(get, path = "/v1/credits/alerts", tag = "alerts",
+    security(("api_key" = [])),
+    params(AlertQuery),
+    responses((status = 200, description = "the thresholds in force (the pool's or the tenant default)", body = Alerts), (status = 400, description = "malformed request", body = ErrorReply), (status = 401, description = "missing or invalid credentials", body = ErrorReply), (status = 404, description = "not found (or another tenant's)", body = ErrorReply), (status = 422, description = "invalid value; `field` names it", body = ErrorReply), (status = 503, description = "saturated or a dependency is down; see Retry-After", body = ErrorReply))
+)]
+pub async fn get_alerts(t: Tenant, State(s): State<Arc<AppState>>, Q(q): Q<AlertQuery>) -> ApiResult<Json<Alerts>> {
     validate::id("customer_id", &q.customer_id)?;
     require_credit_type(&s, &t.id, &q.credit_type, "credit_type").await?;
     let resource = q.resource_id.unwrap_or_default();

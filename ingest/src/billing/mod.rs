@@ -14,10 +14,12 @@ pub mod recharge;
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
-use axum::routing::{post, put};
-use axum::Router;
+use serde::Serialize;
 use serde_json::Value;
 use shared::billing::charge::ChargeClient;
+use utoipa::ToSchema;
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
 
 use crate::error::ApiError;
 use crate::AppState;
@@ -50,27 +52,24 @@ impl Settings {
     }
 }
 
-pub fn routes() -> Router<Arc<AppState>> {
-    Router::new()
-        .route(
-            "/v1/settings/payments",
-            put(payments::put_settings).get(payments::get_settings),
-        )
-        .route(
-            "/v1/credit-types/{id}/top-up",
-            put(payments::put_top_up_price).get(payments::get_top_up_price),
-        )
-        .route("/v1/credits/top-ups", post(payments::top_up))
-        .route(
-            "/v1/credits/auto-recharge",
-            put(recharge::put_settings).get(recharge::get_settings),
-        )
-        .route("/v1/plans/{id}", put(plans::put_plan).get(plans::get_plan))
-        .route("/v1/addons/{id}", put(plans::put_addon).get(plans::get_addon))
-        .route(
-            "/v1/subscriptions/{customer_id}",
-            put(plans::put_subscription).get(plans::get_subscription),
-        )
+pub fn routes() -> OpenApiRouter<Arc<AppState>> {
+    OpenApiRouter::new()
+        .routes(routes!(payments::put_settings, payments::get_settings))
+        .routes(routes!(payments::put_top_up_price, payments::get_top_up_price))
+        .routes(routes!(payments::top_up))
+        .routes(routes!(recharge::put_settings, recharge::get_settings))
+        .routes(routes!(plans::put_plan, plans::get_plan))
+        .routes(routes!(plans::put_addon, plans::get_addon))
+        .routes(routes!(plans::put_subscription, plans::get_subscription))
+}
+
+/// A money amount: a decimal string and its currency.
+#[derive(Serialize, ToSchema)]
+pub struct Money {
+    /// A decimal string.
+    pub amount: String,
+    /// ISO 4217.
+    pub currency: String,
 }
 
 /// The charge client, built once from the settings.

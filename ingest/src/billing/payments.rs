@@ -12,33 +12,49 @@ use axum::extract::{Path, State};
 use axum::http::StatusCode;
 use axum::Json;
 use rust_decimal::Decimal;
-use serde::Deserialize;
-use serde_json::{json, Value};
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
 use shared::billing::charge::ChargeOutcome;
 use shared::billing::{self, ChargeRow, CHARGE_COLS};
 use shared::webhook::address::{check_url, UrlError};
 use shared::webhook::sign::new_secret;
 
-use super::{client, currency, dec};
+use super::{client, currency, dec, Money};
 use crate::auth::Tenant;
 use crate::catalogue::require_credit_type;
-use crate::credits::{grant_json, issue_grant, settled_grant};
-use crate::error::{ApiError, ApiResult, Body};
+use crate::credits::{grant_json, issue_grant, settled_grant, GrantView};
+use crate::error::{ApiError, ApiResult, Body, ErrorReply};
 use crate::validate;
 use crate::AppState;
+use utoipa::ToSchema;
 
-#[derive(Deserialize)]
+#[derive(Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct PaymentSettings {
+    /// Where charges are sent (http or https; private addresses only where the operator
+    /// allows them).
     charge_url: String,
 }
 
+/// Where charges go, and the secret that signs them.
+#[derive(Serialize, ToSchema)]
+pub struct Payments {
+    charge_url: String,
+    /// Issued on the first save and kept after.
+    secret: String,
+}
+
 /// `PUT /v1/settings/payments`: the secret is issued on the first save and kept after.
+#[utoipa::path(put, path = "/v1/settings/payments", tag = "billing",
+    security(("api_key" = [])),
+    request_body(content = PaymentSettings, content_type = "application/json"),
+    responses((status = 200, description = "the payment settings", body = Payments), (status = 400, description = "malformed request", body = ErrorReply), (status = 401, description = "missing or invalid credentials", body = ErrorReply), (status = 422, description = "invalid value; `field` names it", body = ErrorReply), (status = 503, description = "saturated or a dependency is down; see Retry-After", body = ErrorReply))
+)]
 pub async fn put_settings(
     t: Tenant,
     State(s): State<Arc<AppState>>,
     Body(b): Body<PaymentSettings>,
-) -> ApiResult<Json<Value>> {
+) -> ApiResult<Json<Payments>> {
     let url = check_url(&b.charge_url, s.config.webhooks.allow_private).map_err(|e| {
         let code = match e {
             UrlError::Private(_) => "private_address",
@@ -57,32 +73,52 @@ pub async fn put_settings(
     .bind(new_secret())
     .fetch_one(&s.db)
     .await?;
-    Ok(Json(json!({"charge_url": charge_url, "secret": secret})))
+    Ok(Json(Payments { charge_url, secret }))
 }
 
-pub async fn get_settings(t: Tenant, State(s): State<Arc<AppState>>) -> ApiResult<Json<Value>> {
+#[utoipa::path(get, path = "/v1/settings/payments", tag = "billing",
+    security(("api_key" = [])),
+    responses((status = 200, description = "the payment settings", body = Payments), (status = 401, description = "missing or invalid credentials", body = ErrorReply), (status = 404, description = "not found (or another tenant's)", body = ErrorReply), (status = 503, description = "saturated or a dependency is down; see Retry-After", body = ErrorReply))
+)]
+pub async fn get_settings(t: Tenant, State(s): State<Arc<AppState>>) -> ApiResult<Json<Payments>> {
     let row: Option<(String, String)> =
         sqlx::query_as("SELECT charge_url, secret FROM payment_settings WHERE tenant_id = $1")
             .bind(&t.id)
             .fetch_optional(&s.db)
             .await?;
     let (charge_url, secret) = row.ok_or_else(|| ApiError::not_found("payment settings"))?;
-    Ok(Json(json!({"charge_url": charge_url, "secret": secret})))
+    Ok(Json(Payments { charge_url, secret }))
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct UnitPrice {
+    /// The price of one credit: a non-negative decimal string, at most 9 places.
+    #[schema(value_type = String)]
     amount: Value,
+    /// ISO 4217.
     currency: String,
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct TopUpPrice {
     unit_price: UnitPrice,
+    /// The fewest credits of one top-up: a positive decimal string.
+    #[schema(value_type = String)]
     min: Value,
+    /// The most credits of one top-up: a decimal string, at least min.
+    #[schema(value_type = String)]
     max: Value,
+}
+
+/// A credit type's top-up price and bounds. Amounts are decimal strings.
+#[derive(Serialize, ToSchema)]
+pub struct TopUpSettings {
+    credit_type: String,
+    unit_price: Money,
+    min: String,
+    max: String,
 }
 
 #[derive(sqlx::FromRow)]
@@ -93,12 +129,16 @@ pub struct PriceRow {
     pub max_credits: Decimal,
 }
 
-fn price_json(credit_type: &str, p: &PriceRow) -> Value {
-    json!({
-        "credit_type": credit_type,
-        "unit_price": {"amount": dec(p.unit_price), "currency": p.currency},
-        "min": dec(p.min_credits), "max": dec(p.max_credits),
-    })
+fn price_json(credit_type: &str, p: &PriceRow) -> TopUpSettings {
+    TopUpSettings {
+        credit_type: credit_type.to_owned(),
+        unit_price: Money {
+            amount: dec(p.unit_price),
+            currency: p.currency.clone(),
+        },
+        min: dec(p.min_credits),
+        max: dec(p.max_credits),
+    }
 }
 
 pub async fn price(s: &AppState, tenant: &str, credit_type: &str) -> ApiResult<Option<PriceRow>> {
@@ -112,12 +152,18 @@ pub async fn price(s: &AppState, tenant: &str, credit_type: &str) -> ApiResult<O
 }
 
 /// `PUT /v1/credit-types/{id}/top-up`: the price of one credit and the bounds of one top-up.
+#[utoipa::path(put, path = "/v1/credit-types/{id}/top-up", tag = "billing",
+    security(("api_key" = [])),
+    params(("id" = String, Path, description = "the credit type")),
+    request_body(content = TopUpPrice, content_type = "application/json"),
+    responses((status = 200, description = "the top-up settings", body = TopUpSettings), (status = 400, description = "malformed request", body = ErrorReply), (status = 401, description = "missing or invalid credentials", body = ErrorReply), (status = 404, description = "not found (or another tenant's)", body = ErrorReply), (status = 422, description = "invalid value; `field` names it", body = ErrorReply), (status = 503, description = "saturated or a dependency is down; see Retry-After", body = ErrorReply))
+)]
 pub async fn put_top_up_price(
     t: Tenant,
     State(s): State<Arc<AppState>>,
     Path(id): Path<String>,
     Body(b): Body<TopUpPrice>,
-) -> ApiResult<Json<Value>> {
+) -> ApiResult<Json<TopUpSettings>> {
     if !validate::id_ok(&id) {
         return Err(ApiError::not_found("credit type"));
     }
@@ -151,11 +197,16 @@ pub async fn put_top_up_price(
     Ok(Json(price_json(&id, &p)))
 }
 
+#[utoipa::path(get, path = "/v1/credit-types/{id}/top-up", tag = "billing",
+    security(("api_key" = [])),
+    params(("id" = String, Path, description = "the credit type")),
+    responses((status = 200, description = "the top-up settings", body = TopUpSettings), (status = 401, description = "missing or invalid credentials", body = ErrorReply), (status = 404, description = "not found (or another tenant's)", body = ErrorReply), (status = 422, description = "invalid value; `field` names it", body = ErrorReply), (status = 503, description = "saturated or a dependency is down; see Retry-After", body = ErrorReply))
+)]
 pub async fn get_top_up_price(
     t: Tenant,
     State(s): State<Arc<AppState>>,
     Path(id): Path<String>,
-) -> ApiResult<Json<Value>> {
+) -> ApiResult<Json<TopUpSettings>> {
     if !validate::id_ok(&id) {
         return Err(ApiError::not_found("top-up price"));
     }
@@ -165,15 +216,36 @@ pub async fn get_top_up_price(
     Ok(Json(price_json(&id, &p)))
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct NewTopUp {
     customer_id: String,
     credit_type: String,
     resource_id: Option<String>,
+    /// Credits to buy: a decimal string within the credit type's top-up min and max.
+    #[schema(value_type = String)]
     amount: Value,
     payment_method_id: String,
+    /// The charge id derives from it: a repeat never charges twice.
     idempotency_key: String,
+}
+
+/// A succeeded charge.
+#[derive(Serialize, ToSchema)]
+pub struct Charge {
+    id: String,
+    /// A decimal string.
+    amount: String,
+    currency: String,
+    /// succeeded.
+    status: String,
+}
+
+/// A paid top-up: the grant and the charge that paid for it.
+#[derive(Serialize, ToSchema)]
+pub struct TopUp {
+    grant: GrantView,
+    charge: Charge,
 }
 
 fn declined() -> ApiError {
@@ -184,18 +256,28 @@ fn declined() -> ApiError {
     )
 }
 
-fn charge_json(c: &ChargeRow, status: &str) -> Value {
-    json!({"id": c.id, "amount": dec(c.amount), "currency": c.currency, "status": status})
+fn charge_json(c: &ChargeRow, status: &str) -> Charge {
+    Charge {
+        id: c.id.clone(),
+        amount: dec(c.amount),
+        currency: c.currency.clone(),
+        status: status.to_owned(),
+    }
 }
 
 /// `POST /v1/credits/top-ups`: charge, then grant. 201 `{grant, charge}`; 402 when declined
 /// (nothing granted); 422 outside min/max; 503 while the charge's outcome is unknown (retry
 /// with the same idempotency key: the same charge_id is sent again).
+#[utoipa::path(post, path = "/v1/credits/top-ups", tag = "billing",
+    security(("api_key" = [])),
+    request_body(content = NewTopUp, content_type = "application/json"),
+    responses((status = 201, description = "charged, and the grant applied (a repeat of the idempotency key answers the same)", body = TopUp), (status = 202, description = "charged; the grant is not yet applied (status pending)", body = TopUp), (status = 400, description = "malformed request", body = ErrorReply), (status = 401, description = "missing or invalid credentials", body = ErrorReply), (status = 402, description = "the payment was declined; nothing granted", body = ErrorReply), (status = 404, description = "not found (or another tenant's)", body = ErrorReply), (status = 409, description = "conflict", body = ErrorReply), (status = 422, description = "invalid value; `field` names it", body = ErrorReply), (status = 503, description = "saturated or a dependency is down; see Retry-After", body = ErrorReply))
+)]
 pub async fn top_up(
     t: Tenant,
     State(s): State<Arc<AppState>>,
     Body(b): Body<NewTopUp>,
-) -> ApiResult<(StatusCode, Json<Value>)> {
+) -> ApiResult<(StatusCode, Json<TopUp>)> {
     validate::id("customer_id", &b.customer_id)?;
     let resource = b.resource_id.clone().unwrap_or_default();
     if !resource.is_empty() {
@@ -337,17 +419,25 @@ pub async fn top_up(
 }
 
 /// The grant of a succeeded charge: issue it (the same id every time) and answer with it.
-async fn granted(s: &AppState, tenant: &str, c: &ChargeRow, decimals: u32) -> ApiResult<(StatusCode, Json<Value>)> {
+async fn granted(s: &AppState, tenant: &str, c: &ChargeRow, decimals: u32) -> ApiResult<(StatusCode, Json<TopUp>)> {
     let spec = c.grant(decimals);
-    let (status, Json(mut body)) = match settled_grant(s, tenant, spec.id).await? {
-        Some(g) => (StatusCode::CREATED, Json(json!({"grant": grant_json(&g)}))),
-        None => issue_grant(s, tenant, spec, "top-up").await?,
+    let (status, grant) = match settled_grant(s, tenant, spec.id).await? {
+        Some(g) => (StatusCode::CREATED, grant_json(&g)),
+        None => {
+            let (status, Json(reply)) = issue_grant(s, tenant, spec, "top-up").await?;
+            (status, reply.grant)
+        }
     };
     sqlx::query("UPDATE charges SET granted_at = now() WHERE tenant_id = $1 AND id = $2 AND granted_at IS NULL")
         .bind(tenant)
         .bind(&c.id)
         .execute(&s.db)
         .await?;
-    body["charge"] = charge_json(c, "succeeded");
-    Ok((status, Json(body)))
+    Ok((
+        status,
+        Json(TopUp {
+            grant,
+            charge: charge_json(c, "succeeded"),
+        }),
+    ))
 }

@@ -15,35 +15,51 @@ use axum::extract::{Path, State};
 use axum::http::StatusCode;
 use axum::Json;
 use chrono::{DateTime, Utc};
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 use shared::billing::period::{period_index, period_start};
-use shared::billing::{self, AddOn, Behavior, Cadence, Entitlement, ItemRow, ITEM_COLS};
+use shared::billing::{self, AddOn, Behavior, Cadence, ItemRow, ITEM_COLS};
 use shared::model::{GrantRefCmd, InputMsg};
 
 use super::{dec, name};
 use crate::auth::Tenant;
 use crate::catalogue::require_credit_type;
-use crate::credits::issue_grant;
-use crate::error::{ApiError, ApiResult, Body};
+use crate::credits::{issue_grant, GrantView};
+use crate::error::{ApiError, ApiResult, Body, ErrorReply};
 use crate::events::produce;
 use crate::validate;
 use crate::AppState;
+use utoipa::ToSchema;
+use uuid::Uuid;
 
 /// Entitlements in one plan or add-on.
 const MAX_ENTITLEMENTS: usize = 50;
 /// Add-ons on one subscription.
 const MAX_ADDONS: usize = 50;
 
-#[derive(Deserialize)]
+#[derive(Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct NewEntitlement {
     credit_type: String,
+    /// Credits per period: a positive decimal string.
+    #[schema(value_type = String)]
     amount: Value,
+    /// "monthly" or "yearly".
     cadence: String,
 }
 
-#[derive(Deserialize)]
+/// A credit entitlement as stored: `amount` credits every `cadence`.
+#[derive(ToSchema)]
+#[allow(dead_code)] // describes shared::billing::Entitlement's JSON
+pub struct Entitlement {
+    credit_type: String,
+    /// A decimal string.
+    amount: String,
+    /// monthly or yearly.
+    cadence: String,
+}
+
+#[derive(Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct NewPlan {
     name: String,
@@ -53,15 +69,40 @@ pub struct NewPlan {
     credit_entitlements: Vec<NewEntitlement>,
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct NewAddOn {
     name: String,
     credit_entitlements: Vec<NewEntitlement>,
+    /// "increment" (default: granted beside the plan's) or "override" (replaces the plan's
+    /// grant of the same credit type).
     behavior: Option<String>,
 }
 
-async fn entitlements(s: &AppState, tenant: &str, given: &[NewEntitlement]) -> ApiResult<Vec<Entitlement>> {
+/// A plan.
+#[derive(Serialize, ToSchema)]
+pub struct Plan {
+    id: String,
+    name: String,
+    /// monthly or yearly.
+    billing_period: String,
+    #[schema(value_type = Vec<Entitlement>)]
+    credit_entitlements: Value,
+}
+
+/// An add-on.
+#[derive(Serialize, ToSchema)]
+#[schema(as = AddOn)]
+pub struct AddOnView {
+    id: String,
+    name: String,
+    /// increment or override.
+    behavior: String,
+    #[schema(value_type = Vec<Entitlement>)]
+    credit_entitlements: Value,
+}
+
+async fn entitlements(s: &AppState, tenant: &str, given: &[NewEntitlement]) -> ApiResult<Vec<billing::Entitlement>> {
     if given.len() > MAX_ENTITLEMENTS {
         return Err(ApiError::invalid(
             "credit_entitlements",
@@ -76,7 +117,7 @@ async fn entitlements(s: &AppState, tenant: &str, given: &[NewEntitlement]) -> A
         let amount = validate::amount(&f("amount"), &e.amount, ct.decimals as u32, false)?;
         let cadence = Cadence::parse(&e.cadence)
             .ok_or_else(|| ApiError::invalid(&f("cadence"), "invalid_value", "must be \"monthly\" or \"yearly\""))?;
-        out.push(Entitlement {
+        out.push(billing::Entitlement {
             credit_type: e.credit_type.clone(),
             amount,
             cadence,
@@ -87,12 +128,18 @@ async fn entitlements(s: &AppState, tenant: &str, given: &[NewEntitlement]) -> A
 
 /// `PUT /v1/plans/{id}`. Existing subscriptions keep what they were subscribed with until they
 /// are changed.
+#[utoipa::path(put, path = "/v1/plans/{id}", tag = "billing",
+    security(("api_key" = [])),
+    params(("id" = String, Path, description = "the plan id")),
+    request_body(content = NewPlan, content_type = "application/json"),
+    responses((status = 200, description = "the plan", body = Plan), (status = 400, description = "malformed request", body = ErrorReply), (status = 401, description = "missing or invalid credentials", body = ErrorReply), (status = 422, description = "invalid value; `field` names it", body = ErrorReply), (status = 503, description = "saturated or a dependency is down; see Retry-After", body = ErrorReply))
+)]
 pub async fn put_plan(
     t: Tenant,
     State(s): State<Arc<AppState>>,
     Path(id): Path<String>,
     Body(b): Body<NewPlan>,
-) -> ApiResult<Json<Value>> {
+) -> ApiResult<Json<Plan>> {
     validate::id("id", &id)?;
     name("name", &b.name)?;
     let period = b.billing_period.as_deref().unwrap_or("monthly");
@@ -117,12 +164,20 @@ pub async fn put_plan(
     .bind(&ents)
     .execute(&s.db)
     .await?;
-    Ok(Json(
-        json!({"id": id, "name": b.name, "billing_period": period, "credit_entitlements": ents}),
-    ))
+    Ok(Json(Plan {
+        id,
+        name: b.name,
+        billing_period: period.to_owned(),
+        credit_entitlements: ents,
+    }))
 }
 
-pub async fn get_plan(t: Tenant, State(s): State<Arc<AppState>>, Path(id): Path<String>) -> ApiResult<Json<Value>> {
+#[utoipa::path(get, path = "/v1/plans/{id}", tag = "billing",
+    security(("api_key" = [])),
+    params(("id" = String, Path, description = "the plan id")),
+    responses((status = 200, description = "the plan", body = Plan), (status = 401, description = "missing or invalid credentials", body = ErrorReply), (status = 404, description = "not found (or another tenant's)", body = ErrorReply), (status = 422, description = "invalid value; `field` names it", body = ErrorReply), (status = 503, description = "saturated or a dependency is down; see Retry-After", body = ErrorReply))
+)]
+pub async fn get_plan(t: Tenant, State(s): State<Arc<AppState>>, Path(id): Path<String>) -> ApiResult<Json<Plan>> {
     let row: Option<(String, String, Value)> =
         sqlx::query_as("SELECT name, billing_period, entitlements FROM plans WHERE tenant_id = $1 AND id = $2")
             .bind(&t.id)
@@ -130,18 +185,27 @@ pub async fn get_plan(t: Tenant, State(s): State<Arc<AppState>>, Path(id): Path<
             .fetch_optional(&s.db)
             .await?;
     let (n, p, e) = row.ok_or_else(|| ApiError::not_found("plan"))?;
-    Ok(Json(
-        json!({"id": id, "name": n, "billing_period": p, "credit_entitlements": e}),
-    ))
+    Ok(Json(Plan {
+        id,
+        name: n,
+        billing_period: p,
+        credit_entitlements: e,
+    }))
 }
 
 /// `PUT /v1/addons/{id}`
+#[utoipa::path(put, path = "/v1/addons/{id}", tag = "billing",
+    security(("api_key" = [])),
+    params(("id" = String, Path, description = "the add-on id")),
+    request_body(content = NewAddOn, content_type = "application/json"),
+    responses((status = 200, description = "the add-on", body = AddOnView), (status = 400, description = "malformed request", body = ErrorReply), (status = 401, description = "missing or invalid credentials", body = ErrorReply), (status = 422, description = "invalid value; `field` names it", body = ErrorReply), (status = 503, description = "saturated or a dependency is down; see Retry-After", body = ErrorReply))
+)]
 pub async fn put_addon(
     t: Tenant,
     State(s): State<Arc<AppState>>,
     Path(id): Path<String>,
     Body(b): Body<NewAddOn>,
-) -> ApiResult<Json<Value>> {
+) -> ApiResult<Json<AddOnView>> {
     validate::id("id", &id)?;
     name("name", &b.name)?;
     let behavior = b.behavior.as_deref().unwrap_or("increment");
@@ -166,12 +230,24 @@ pub async fn put_addon(
     .bind(&ents)
     .execute(&s.db)
     .await?;
-    Ok(Json(
-        json!({"id": id, "name": b.name, "behavior": behavior, "credit_entitlements": ents}),
-    ))
+    Ok(Json(AddOnView {
+        id,
+        name: b.name,
+        behavior: behavior.to_owned(),
+        credit_entitlements: ents,
+    }))
 }
 
-pub async fn get_addon(t: Tenant, State(s): State<Arc<AppState>>, Path(id): Path<String>) -> ApiResult<Json<Value>> {
+#[utoipa::path(get, path = "/v1/addons/{id}", tag = "billing",
+    security(("api_key" = [])),
+    params(("id" = String, Path, description = "the add-on id")),
+    responses((status = 200, description = "the add-on", body = AddOnView), (status = 401, description = "missing or invalid credentials", body = ErrorReply), (status = 404, description = "not found (or another tenant's)", body = ErrorReply), (status = 422, description = "invalid value; `field` names it", body = ErrorReply), (status = 503, description = "saturated or a dependency is down; see Retry-After", body = ErrorReply))
+)]
+pub async fn get_addon(
+    t: Tenant,
+    State(s): State<Arc<AppState>>,
+    Path(id): Path<String>,
+) -> ApiResult<Json<AddOnView>> {
     let row: Option<(String, String, Value)> =
         sqlx::query_as("SELECT name, behavior, entitlements FROM addons WHERE tenant_id = $1 AND id = $2")
             .bind(&t.id)
@@ -179,24 +255,94 @@ pub async fn get_addon(t: Tenant, State(s): State<Arc<AppState>>, Path(id): Path
             .fetch_optional(&s.db)
             .await?;
     let (n, b, e) = row.ok_or_else(|| ApiError::not_found("add-on"))?;
-    Ok(Json(
-        json!({"id": id, "name": n, "behavior": b, "credit_entitlements": e}),
-    ))
+    Ok(Json(AddOnView {
+        id,
+        name: n,
+        behavior: b,
+        credit_entitlements: e,
+    }))
 }
 
-#[derive(Deserialize, Clone)]
+#[derive(Deserialize, Clone, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct SubAddOn {
     id: String,
+    /// 1-10000, default 1.
     quantity: Option<u32>,
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct NewSubscription {
     plan_id: String,
+    /// Each add-on once, at most 50.
     addons: Option<Vec<SubAddOn>>,
+    /// RFC 3339: the billing anchor; default now (a change keeps the current one).
+    #[schema(value_type = Option<String>, format = DateTime)]
     start_at: Option<Value>,
+}
+
+/// An add-on of a subscription.
+#[derive(ToSchema)]
+#[allow(dead_code)] // describes the JSON stored with the subscription
+pub struct SubscribedAddOn {
+    id: String,
+    quantity: u32,
+}
+
+/// A customer's subscription.
+#[derive(Serialize, ToSchema)]
+pub struct Subscription {
+    customer_id: String,
+    plan_id: String,
+    #[schema(value_type = Vec<SubscribedAddOn>)]
+    addons: Value,
+    /// The billing anchor: periods count from it.
+    start_at: DateTime<Utc>,
+    /// Grows on every change.
+    revision: i32,
+}
+
+/// The current period of an item.
+#[derive(Serialize, ToSchema)]
+pub struct Period {
+    index: i32,
+    start: DateTime<Utc>,
+    end: DateTime<Utc>,
+    /// The period's grant.
+    grant_id: Uuid,
+}
+
+/// One entitlement of a subscription (after add-ons).
+#[derive(Serialize, ToSchema)]
+pub struct SubscriptionItem {
+    item: String,
+    /// plan or addon.
+    source: String,
+    display_name: String,
+    credit_type: String,
+    /// A decimal string.
+    amount: String,
+    /// monthly or yearly.
+    cadence: String,
+    /// Null before the subscription starts.
+    current_period: Option<Period>,
+}
+
+/// A subscription and its items.
+#[derive(Serialize, ToSchema)]
+pub struct SubscriptionReply {
+    subscription: Subscription,
+    items: Vec<SubscriptionItem>,
+}
+
+/// A subscription, its items, and the grants of the current period this change issued
+/// (none when nothing changed).
+#[derive(Serialize, ToSchema)]
+pub struct SubscriptionChanged {
+    subscription: Subscription,
+    items: Vec<SubscriptionItem>,
+    grants: Vec<GrantView>,
 }
 
 type SubRow = (String, Value, DateTime<Utc>, i32);
@@ -214,31 +360,49 @@ async fn items_of(s: &AppState, tenant: &str, customer: &str, revision: i32) -> 
     .await?)
 }
 
-fn sub_json(customer: &str, r: &SubRow) -> Value {
-    json!({"customer_id": customer, "plan_id": r.0, "addons": r.1, "start_at": r.2, "revision": r.3})
+fn sub_json(customer: &str, r: &SubRow) -> Subscription {
+    Subscription {
+        customer_id: customer.to_owned(),
+        plan_id: r.0.clone(),
+        addons: r.1.clone(),
+        start_at: r.2,
+        revision: r.3,
+    }
 }
 
-fn item_json(i: &ItemRow, now: DateTime<Utc>) -> Value {
+fn item_json(i: &ItemRow, now: DateTime<Utc>) -> SubscriptionItem {
     let c = i.cadence();
     let current = period_index(i.start_at, c, now);
-    json!({
-        "item": i.item, "source": i.source, "display_name": i.display_name, "credit_type": i.credit_type,
-        "amount": dec(i.amount), "cadence": i.cadence,
-        "current_period": current.map(|n| json!({
-            "index": n, "start": period_start(i.start_at, c, n), "end": period_start(i.start_at, c, n + 1),
-            "grant_id": billing::period_grant_id(&i.tenant_id, &i.customer_id, i.revision, &i.item, n),
-        })),
-    })
+    SubscriptionItem {
+        item: i.item.clone(),
+        source: i.source.clone(),
+        display_name: i.display_name.clone(),
+        credit_type: i.credit_type.clone(),
+        amount: dec(i.amount),
+        cadence: i.cadence.clone(),
+        current_period: current.map(|n| Period {
+            index: n,
+            start: period_start(i.start_at, c, n),
+            end: period_start(i.start_at, c, n + 1),
+            grant_id: billing::period_grant_id(&i.tenant_id, &i.customer_id, i.revision, &i.item, n),
+        }),
+    }
 }
 
 /// `PUT /v1/subscriptions/{customer_id}` `{plan_id, addons?: [{id, quantity}], start_at?}`:
 /// the subscription, its items and the grants of the current period.
+#[utoipa::path(put, path = "/v1/subscriptions/{customer_id}", tag = "billing",
+    security(("api_key" = [])),
+    params(("customer_id" = String, Path, description = "the customer")),
+    request_body(content = NewSubscription, content_type = "application/json"),
+    responses((status = 200, description = "the subscription, its items and the grants of the current period it issued", body = SubscriptionChanged), (status = 202, description = "changed; some grants of the current period are not yet applied (status pending)", body = SubscriptionChanged), (status = 400, description = "malformed request", body = ErrorReply), (status = 401, description = "missing or invalid credentials", body = ErrorReply), (status = 404, description = "not found (or another tenant's)", body = ErrorReply), (status = 409, description = "conflict", body = ErrorReply), (status = 422, description = "invalid value; `field` names it", body = ErrorReply), (status = 503, description = "saturated or a dependency is down; see Retry-After", body = ErrorReply))
+)]
 pub async fn put_subscription(
     t: Tenant,
     State(s): State<Arc<AppState>>,
     Path(customer): Path<String>,
     Body(b): Body<NewSubscription>,
-) -> ApiResult<(StatusCode, Json<Value>)> {
+) -> ApiResult<(StatusCode, Json<SubscriptionChanged>)> {
     validate::id("customer_id", &customer)?;
     validate::id("plan_id", &b.plan_id)?;
     let now = Utc::now();
@@ -258,7 +422,7 @@ pub async fn put_subscription(
             .await?;
     let (plan_name, plan_ents) =
         plan.ok_or_else(|| ApiError::invalid("plan_id", "unknown_plan", format!("no plan {}", b.plan_id)))?;
-    let plan_ents: Vec<Entitlement> = serde_json::from_value(plan_ents).map_err(ApiError::internal)?;
+    let plan_ents: Vec<billing::Entitlement> = serde_json::from_value(plan_ents).map_err(ApiError::internal)?;
     let mut addons = Vec::new();
     let mut seen = HashMap::new();
     for (i, a) in addons_in.iter().enumerate() {
@@ -325,8 +489,11 @@ pub async fn put_subscription(
             let rows = items_of(&s, &t.id, &customer, c.3).await?;
             return Ok((
                 StatusCode::OK,
-                Json(json!({"subscription": sub_json(&customer, c),
-                    "items": rows.iter().map(|i| item_json(i, now)).collect::<Vec<_>>(), "grants": []})),
+                Json(SubscriptionChanged {
+                    subscription: sub_json(&customer, c),
+                    items: rows.iter().map(|i| item_json(i, now)).collect(),
+                    grants: Vec::new(),
+                }),
             ));
         }
     }
@@ -424,7 +591,7 @@ pub async fn put_subscription(
         }
         let (st, Json(g)) = issue_grant(&s, &t.id, i.grant(n), "subscription").await?;
         all_applied &= st == StatusCode::CREATED;
-        grants.push(g["grant"].clone());
+        grants.push(g.grant);
         let c = i.cadence();
         sqlx::query(
             "UPDATE subscription_items SET next_period = $5, next_at = $6
@@ -447,17 +614,25 @@ pub async fn put_subscription(
     };
     Ok((
         status,
-        Json(json!({"subscription": sub_json(&customer, &sub),
-            "items": rows.iter().map(|i| item_json(i, now)).collect::<Vec<_>>(), "grants": grants})),
+        Json(SubscriptionChanged {
+            subscription: sub_json(&customer, &sub),
+            items: rows.iter().map(|i| item_json(i, now)).collect(),
+            grants,
+        }),
     ))
 }
 
 /// `GET /v1/subscriptions/{customer_id}`
+#[utoipa::path(get, path = "/v1/subscriptions/{customer_id}", tag = "billing",
+    security(("api_key" = [])),
+    params(("customer_id" = String, Path, description = "the customer")),
+    responses((status = 200, description = "the subscription", body = SubscriptionReply), (status = 401, description = "missing or invalid credentials", body = ErrorReply), (status = 404, description = "not found (or another tenant's)", body = ErrorReply), (status = 422, description = "invalid value; `field` names it", body = ErrorReply), (status = 503, description = "saturated or a dependency is down; see Retry-After", body = ErrorReply))
+)]
 pub async fn get_subscription(
     t: Tenant,
     State(s): State<Arc<AppState>>,
     Path(customer): Path<String>,
-) -> ApiResult<Json<Value>> {
+) -> ApiResult<Json<SubscriptionReply>> {
     let sub: Option<SubRow> = sqlx::query_as(
         "SELECT plan_id, addons, start_at, revision FROM subscriptions WHERE tenant_id = $1 AND customer_id = $2",
     )
@@ -468,6 +643,8 @@ pub async fn get_subscription(
     let sub = sub.ok_or_else(|| ApiError::not_found("subscription"))?;
     let rows = items_of(&s, &t.id, &customer, sub.3).await?;
     let now = Utc::now();
-    Ok(Json(json!({"subscription": sub_json(&customer, &sub),
-        "items": rows.iter().map(|i| item_json(i, now)).collect::<Vec<_>>()})))
+    Ok(Json(SubscriptionReply {
+        subscription: sub_json(&customer, &sub),
+        items: rows.iter().map(|i| item_json(i, now)).collect(),
+    }))
 }

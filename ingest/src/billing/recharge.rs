@@ -10,32 +10,41 @@ use axum::extract::State;
 use axum::Json;
 use chrono::{DateTime, Utc};
 use rust_decimal::Decimal;
-use serde::Deserialize;
-use serde_json::{json, Value};
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
 use shared::billing::period::spend_period;
+use utoipa::{IntoParams, ToSchema};
 
-use super::{currency, dec, money};
+use super::{currency, dec, money, Money};
 use crate::auth::Tenant;
 use crate::catalogue::require_credit_type;
-use crate::error::{ApiError, ApiResult, Body, Q};
+use crate::error::{ApiError, ApiResult, Body, ErrorReply, Q};
 use crate::validate;
 use crate::AppState;
 
-#[derive(Deserialize)]
+#[derive(Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct SpendLimit {
+    /// A non-negative decimal string, at most 2 places.
+    #[schema(value_type = String)]
     amount: Value,
+    /// ISO 4217; the credit type's top-up price currency.
     currency: String,
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
+#[schema(as = AutoRechargeSettings)]
 pub struct Settings {
     customer_id: String,
     credit_type: String,
     resource_id: Option<String>,
     enabled: bool,
+    /// Recharge when the settled balance drops below this: a decimal string.
+    #[schema(value_type = String)]
     threshold: Value,
+    /// Recharge up to this balance: a decimal string above threshold.
+    #[schema(value_type = String)]
     target_balance: Value,
     monthly_spend_limit: SpendLimit,
     /// The spend limit resets on this day of every month (1-28, 00:00 UTC); default 1.
@@ -68,7 +77,34 @@ const COLS: &str = "customer_id, resource_id, credit_type, enabled, threshold, t
     reset_day, grant_expiration_days, payment_method_id, paused_reason, paused_at, in_flight_charge, last_recharge_at,
     updated_at";
 
-async fn render(s: &AppState, tenant: &str, r: &Row) -> ApiResult<Value> {
+/// A pool's auto-recharge settings and state. Amounts are decimal strings.
+#[derive(Serialize, ToSchema)]
+pub struct AutoRecharge {
+    customer_id: String,
+    credit_type: String,
+    resource_id: Option<String>,
+    enabled: bool,
+    threshold: String,
+    target_balance: String,
+    monthly_spend_limit: Money,
+    /// 1-28.
+    spend_limit_reset_day: i16,
+    grant_expiration_days: Option<i32>,
+    payment_method_id: String,
+    /// What recharges charged in the current spend period (succeeded or not yet concluded).
+    spent_this_period: Money,
+    period_started_at: DateTime<Utc>,
+    period_resets_at: DateTime<Utc>,
+    paused: bool,
+    /// payment_failed or spend_limit_reached.
+    paused_reason: Option<String>,
+    paused_at: Option<DateTime<Utc>>,
+    recharge_in_flight: bool,
+    last_recharge_at: Option<DateTime<Utc>>,
+    updated_at: DateTime<Utc>,
+}
+
+async fn render(s: &AppState, tenant: &str, r: &Row) -> ApiResult<AutoRecharge> {
     let (start, end) = spend_period(r.reset_day as u32, s.config.billing.now());
     // Spend counts every charge that may have moved money: succeeded, and not yet concluded.
     let spent: Decimal = sqlx::query_scalar(
@@ -82,35 +118,50 @@ async fn render(s: &AppState, tenant: &str, r: &Row) -> ApiResult<Value> {
     .bind(start)
     .fetch_one(&s.db)
     .await?;
-    Ok(json!({
-        "customer_id": r.customer_id,
-        "credit_type": r.credit_type,
-        "resource_id": if r.resource_id.is_empty() { None } else { Some(&r.resource_id) },
-        "enabled": r.enabled,
-        "threshold": dec(r.threshold),
-        "target_balance": dec(r.target_balance),
-        "monthly_spend_limit": {"amount": dec(r.spend_limit), "currency": r.currency},
-        "spend_limit_reset_day": r.reset_day,
-        "grant_expiration_days": r.grant_expiration_days,
-        "payment_method_id": r.payment_method_id,
-        "spent_this_period": {"amount": dec(spent), "currency": r.currency},
-        "period_started_at": start,
-        "period_resets_at": end,
-        "paused": r.paused_reason.is_some(),
-        "paused_reason": r.paused_reason,
-        "paused_at": r.paused_at,
-        "recharge_in_flight": r.in_flight_charge.is_some(),
-        "last_recharge_at": r.last_recharge_at,
-        "updated_at": r.updated_at,
-    }))
+    Ok(AutoRecharge {
+        customer_id: r.customer_id.clone(),
+        credit_type: r.credit_type.clone(),
+        resource_id: if r.resource_id.is_empty() {
+            None
+        } else {
+            Some(r.resource_id.clone())
+        },
+        enabled: r.enabled,
+        threshold: dec(r.threshold),
+        target_balance: dec(r.target_balance),
+        monthly_spend_limit: Money {
+            amount: dec(r.spend_limit),
+            currency: r.currency.clone(),
+        },
+        spend_limit_reset_day: r.reset_day,
+        grant_expiration_days: r.grant_expiration_days,
+        payment_method_id: r.payment_method_id.clone(),
+        spent_this_period: Money {
+            amount: dec(spent),
+            currency: r.currency.clone(),
+        },
+        period_started_at: start,
+        period_resets_at: end,
+        paused: r.paused_reason.is_some(),
+        paused_reason: r.paused_reason.clone(),
+        paused_at: r.paused_at,
+        recharge_in_flight: r.in_flight_charge.is_some(),
+        last_recharge_at: r.last_recharge_at,
+        updated_at: r.updated_at,
+    })
 }
 
 /// `PUT /v1/credits/auto-recharge`
+#[utoipa::path(put, path = "/v1/credits/auto-recharge", tag = "billing",
+    security(("api_key" = [])),
+    request_body(content = Settings, content_type = "application/json"),
+    responses((status = 200, description = "the settings", body = AutoRecharge), (status = 400, description = "malformed request", body = ErrorReply), (status = 401, description = "missing or invalid credentials", body = ErrorReply), (status = 404, description = "not found (or another tenant's)", body = ErrorReply), (status = 422, description = "invalid value; `field` names it", body = ErrorReply), (status = 503, description = "saturated or a dependency is down; see Retry-After", body = ErrorReply))
+)]
 pub async fn put_settings(
     t: Tenant,
     State(s): State<Arc<AppState>>,
     Body(b): Body<Settings>,
-) -> ApiResult<Json<Value>> {
+) -> ApiResult<Json<AutoRecharge>> {
     validate::id("customer_id", &b.customer_id)?;
     let resource = b.resource_id.clone().unwrap_or_default();
     if !resource.is_empty() {
@@ -206,7 +257,8 @@ pub async fn put_settings(
     Ok(Json(render(&s, &t.id, &row).await?))
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
 pub struct PoolQuery {
     customer_id: String,
     credit_type: String,
@@ -214,7 +266,16 @@ pub struct PoolQuery {
 }
 
 /// `GET /v1/credits/auto-recharge?customer_id=&credit_type=`
-pub async fn get_settings(t: Tenant, State(s): State<Arc<AppState>>, Q(q): Q<PoolQuery>) -> ApiResult<Json<Value>> {
+#[utoipa::path(get, path = "/v1/credits/auto-recharge", tag = "billing",
+    security(("api_key" = [])),
+    params(PoolQuery),
+    responses((status = 200, description = "the settings and the spend period", body = AutoRecharge), (status = 400, description = "malformed request", body = ErrorReply), (status = 401, description = "missing or invalid credentials", body = ErrorReply), (status = 404, description = "not found (or another tenant's)", body = ErrorReply), (status = 422, description = "invalid value; `field` names it", body = ErrorReply), (status = 503, description = "saturated or a dependency is down; see Retry-After", body = ErrorReply))
+)]
+pub async fn get_settings(
+    t: Tenant,
+    State(s): State<Arc<AppState>>,
+    Q(q): Q<PoolQuery>,
+) -> ApiResult<Json<AutoRecharge>> {
     validate::id("customer_id", &q.customer_id)?;
     validate::id("credit_type", &q.credit_type)?;
     let row: Row = sqlx::query_as(&format!(
