@@ -369,6 +369,15 @@ impl PoolStore {
             {
                 inv.key(k);
             }
+            // Last, each reverse's mark, in the operations' order (see apply.lua).
+            for op in &b.ops {
+                if let PoolOp::Reverse { event_uid, .. } = &op.op {
+                    inv.key(
+                        self.keys
+                            .reverse_mark(&b.pool.tenant_id, &b.pool.customer_id, event_uid),
+                    );
+                }
+            }
             let prefix = self.keys.dedupe_prefix(&b.pool.tenant_id, &b.pool.customer_id);
             let committed = committed.get(&b.partition).copied().unwrap_or(0);
             for v in apply_argv(b, &prefix, self.dedupe_window_s, committed) {
