@@ -277,7 +277,7 @@ pub async fn create_grant(t: Tenant, State(s): State<Arc<AppState>>, Body(b): Bo
         }
     };
     let priority = b.priority.unwrap_or(100);
-    if !(0..=1000).contains(&priority) {
+    if !(0..=i64::from(shared::hot_pool::MAX_PRIORITY)).contains(&priority) {
         return Err(ApiError::invalid(
             "priority",
             "out_of_range",
@@ -573,23 +573,9 @@ async fn hot_balance(
         .arg(s.keys.pool(tenant, customer, credit_type, resource))
         .query_async(&mut con)
         .await?;
-    let now = Utc::now().timestamp_millis();
-    let (mut spendable, mut scheduled) = (0i64, 0i64);
-    for (f, key) in &h {
-        let Some(id) = f.strip_prefix("o:") else {
-            continue;
-        };
-        let rem: i64 = h.get(&format!("r:{id}")).and_then(|r| r.parse().ok()).unwrap_or(0);
-        let exp: i64 = key.get(5..18).and_then(|x| x.parse().ok()).unwrap_or(i64::MAX);
-        let eff: i64 = key.get(21..34).and_then(|x| x.parse().ok()).unwrap_or(0);
-        if eff > now {
-            scheduled += rem;
-        } else if now < exp {
-            spendable += rem;
-        }
-    }
-    let od: i64 = h.get("od").and_then(|x| x.parse().ok()).unwrap_or(0);
-    Ok((spendable - od, scheduled, h.get("lim").cloned()))
+    let pool = shared::hot_pool::HotPool::from_hash(&h);
+    let b = pool.balance_at(Utc::now().timestamp_millis());
+    Ok((b.spendable, b.scheduled, pool.limit))
 }
 
 /// The real-time balance, from the hot pool.

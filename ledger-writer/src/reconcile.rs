@@ -20,6 +20,7 @@ use std::collections::HashMap;
 use rust_decimal::Decimal;
 use serde::Serialize;
 use shared::amount::from_fixed;
+use shared::hot_pool::HotPool;
 use shared::keys::Keys;
 use sqlx::PgPool;
 use uuid::Uuid;
@@ -114,8 +115,8 @@ pub async fn run(
             continue;
         }
         let d = *decimals as u32;
-        let fixed = |f: &str| h.get(f).and_then(|v| v.parse::<i64>().ok()).unwrap_or(0);
-        let mut hot = -fixed("od");
+        let pool = HotPool::from_hash(&h);
+        let mut hot = -pool.overdraft;
         let settled: HashMap<Uuid, Decimal> = sqlx::query_as(
             "SELECT id, remaining FROM grants WHERE tenant_id = $1 AND customer_id = $2 AND credit_type = $3
                 AND resource_id = $4",
@@ -128,15 +129,10 @@ pub async fn run(
         .await?
         .into_iter()
         .collect();
-        for (f, key) in &h {
-            let Some(id) = f.strip_prefix("o:") else { continue };
-            let scheduled = key.get(21..34) > key.get(35..48);
-            if scheduled && !h.contains_key(&format!("a:{id}")) {
-                continue;
-            }
-            let rem = fixed(&format!("r:{id}"));
+        for g in pool.grants.iter().filter(|g| g.in_ledger()) {
+            let rem = g.remaining;
             hot += rem;
-            if let Ok(gid) = id.parse::<Uuid>() {
+            if let Some(gid) = g.grant_id() {
                 let pg = settled.get(&gid).copied().unwrap_or_default();
                 diff("grant_hot_remaining", pg, from_fixed(rem, d), Some(gid));
             }

@@ -8,7 +8,8 @@ use std::hint::black_box;
 
 use chrono::{DateTime, Utc};
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
-use rater::pools::{order_key, parse_result};
+use rater::pools::parse_result;
+use shared::hot_pool::OrderKey;
 use shared::model::Category;
 use uuid::Uuid;
 
@@ -45,7 +46,7 @@ fn ordering(c: &mut Criterion) {
             b.iter(|| {
                 let mut keys: Vec<String> = gs
                     .iter()
-                    .map(|&(p, e, cat, f, r, id)| order_key(p, e, cat, f, r, id))
+                    .map(|&(p, e, cat, f, r, id)| OrderKey::new(p, e, cat, f, r, id).to_string())
                     .collect();
                 keys.sort_unstable();
                 black_box(keys)

@@ -20,7 +20,8 @@ use chrono::Utc;
 use clap::Parser;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
-use rater::pools::{order_key, Op, OpResult, PoolOps, PoolStore};
+use rater::pools::{Op, OpResult, PoolOp, PoolOps, PoolStore};
+use shared::hot_pool::OrderKey;
 use shared::keys::Keys;
 use shared::model::{Category, PoolId};
 use sqlx::postgres::PgPoolOptions;
@@ -271,10 +272,11 @@ async fn scenario(args: &Args, pools: usize, db: &PgPool, redis: &redis::aio::Co
                     Op {
                         msg: ops.len(),
                         offset: offsets.take(p),
-                        kind: "g",
-                        a: id.to_string(),
-                        b: 1_000_000_000_000i64.to_string(),
-                        c: order_key(100 + (g % 3) as u32, expires, cat, now, now, id),
+                        op: PoolOp::Grant {
+                            grant_id: id,
+                            amount: 1_000_000_000_000,
+                            order: OrderKey::new(100 + (g % 3) as u32, expires, cat, now, now, id),
+                        },
                         ts_ms,
                         id: rater::pools::ident(&id),
                     },
@@ -317,10 +319,10 @@ async fn scenario(args: &Args, pools: usize, db: &PgPool, redis: &redis::aio::Co
                 Op {
                     msg: i,
                     offset: offsets.take(e.pool),
-                    kind: "u",
-                    a: e.key.clone(),
-                    b: e.cost.to_string(),
-                    c: String::new(),
+                    op: PoolOp::Usage {
+                        idempotency_key: e.key.clone(),
+                        cost: e.cost,
+                    },
                     ts_ms,
                     id: rater::pools::ident(&Uuid::new_v4()),
                 },

@@ -8,6 +8,7 @@
 pub mod catalogue;
 pub mod consume;
 pub mod metric;
+pub mod plan;
 pub mod pools;
 pub mod settle;
 pub mod step;

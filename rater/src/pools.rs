@@ -9,8 +9,9 @@ use redis::aio::ConnectionManager;
 use redis::Script;
 use rust_decimal::Decimal;
 use shared::amount::{from_fixed, to_fixed_signed};
+use shared::hot_pool::OrderKey;
 use shared::keys::Keys;
-use shared::model::{Category, PoolId};
+use shared::model::{Category, LimitKind, PoolId};
 use sqlx::PgPool;
 use uuid::Uuid;
 
@@ -18,9 +19,6 @@ use crate::metric as m;
 
 static APPLY: std::sync::LazyLock<Script> = std::sync::LazyLock::new(|| Script::new(include_str!("lua/apply.lua")));
 static INIT: std::sync::LazyLock<Script> = std::sync::LazyLock::new(|| Script::new(include_str!("lua/init.lua")));
-
-/// "never expires" in an order key: sorts after every real expiry.
-const NEVER: i64 = 9_999_999_999_999;
 
 #[derive(Debug, thiserror::Error)]
 pub enum PoolError {
@@ -36,40 +34,138 @@ pub enum PoolError {
     Settlement(String),
 }
 
-/// The order key that makes string order the consumption order (see apply.lua).
-pub fn order_key(
-    priority: u32,
-    expires_at: Option<DateTime<Utc>>,
-    category: Category,
-    effective_at: DateTime<Utc>,
-    created_at: DateTime<Utc>,
-    id: Uuid,
-) -> String {
-    let exp = expires_at.map_or(NEVER, |t| t.timestamp_millis().clamp(0, NEVER));
-    let cat = match category {
-        Category::Promo => 0,
-        Category::Paid => 1,
-    };
-    format!(
-        "{priority:04}.{exp:013}.{cat}.{:013}.{:013}.{id}",
-        effective_at.timestamp_millis().clamp(0, NEVER),
-        created_at.timestamp_millis().clamp(0, NEVER)
-    )
+/// What one input message asks of its pool: one variant per operation kind apply.lua
+/// understands (see its header for the ARGV each becomes).
+#[derive(Debug, Clone, PartialEq)]
+pub enum PoolOp {
+    /// "u": charge `cost` (fixed int) unless the idempotency key was seen in the window.
+    Usage { idempotency_key: String, cost: i64 },
+    /// "g": add a grant of `amount` (fixed int) at its place in the consumption order.
+    Grant {
+        grant_id: Uuid,
+        amount: i64,
+        order: OrderKey,
+    },
+    /// "v": end a grant now.
+    Void { grant_id: Uuid },
+    /// "e": end a grant once the operation's time is at or past its expiry.
+    Expire { grant_id: Uuid },
+    /// "a": a scheduled grant enters the ledger once the operation's time reaches its effective time.
+    Activate { grant_id: Uuid },
+    /// "r": give back what a charge took, per grant (None = overdraft), amounts as charged
+    /// (negative, fixed int); `release`: the idempotency key whose dedupe mark goes too.
+    Reverse {
+        event_uid: Uuid,
+        entries: Vec<(Option<Uuid>, i64)>,
+        release: Option<String>,
+    },
+    /// "l": the pool's limit override (None: back to the credit type's).
+    Limit { limit: Option<LimitKind> },
 }
 
-/// One operation for apply.lua.
-#[derive(Debug, Clone)]
+impl PoolOp {
+    /// The kind letter apply.lua dispatches on.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            PoolOp::Usage { .. } => "u",
+            PoolOp::Grant { .. } => "g",
+            PoolOp::Void { .. } => "v",
+            PoolOp::Expire { .. } => "e",
+            PoolOp::Activate { .. } => "a",
+            PoolOp::Reverse { .. } => "r",
+            PoolOp::Limit { .. } => "l",
+        }
+    }
+
+    /// apply.lua's `a`, `b` and `c` of this operation.
+    fn abc(&self) -> [Vec<u8>; 3] {
+        let text = |s: &str| s.as_bytes().to_vec();
+        match self {
+            PoolOp::Usage { idempotency_key, cost } => [
+                shared::keys::dedupe_member(idempotency_key).to_vec(),
+                text(&cost.to_string()),
+                Vec::new(),
+            ],
+            PoolOp::Grant {
+                grant_id,
+                amount,
+                order,
+            } => [
+                text(&grant_id.to_string()),
+                text(&amount.to_string()),
+                text(&order.to_string()),
+            ],
+            PoolOp::Void { grant_id } | PoolOp::Expire { grant_id } | PoolOp::Activate { grant_id } => {
+                [text(&grant_id.to_string()), Vec::new(), Vec::new()]
+            }
+            PoolOp::Reverse {
+                event_uid,
+                entries,
+                release,
+            } => {
+                let parts: Vec<String> = entries
+                    .iter()
+                    .map(|(gid, amt)| {
+                        let gid = gid.map_or_else(|| "-".to_owned(), |g| g.to_string());
+                        format!("{gid}:{amt}")
+                    })
+                    .collect();
+                let release = match release.as_deref() {
+                    // A reverse that releases the dedupe mark of this idempotency key.
+                    Some(k) if !k.is_empty() => shared::keys::dedupe_member(k).to_vec(),
+                    _ => Vec::new(),
+                };
+                [text(&event_uid.to_string()), text(&parts.join(",")), release]
+            }
+            PoolOp::Limit { limit } => [text(limit.map_or("", |k| k.as_str())), Vec::new(), Vec::new()],
+        }
+    }
+}
+
+/// One operation for apply.lua, with where it came from.
+#[derive(Debug, Clone, PartialEq)]
 pub struct Op {
     /// Index of the input message in the batch.
     pub msg: usize,
     pub offset: i64,
-    pub kind: &'static str,
-    pub a: String,
-    pub b: String,
-    pub c: String,
+    /// The time the operation happens at (an event's timestamp, a command's time).
     pub ts_ms: i64,
     /// The identity of the message (see [`ident`]): with the offset, it keys the journal.
     pub id: String,
+    pub op: PoolOp,
+}
+
+impl Op {
+    /// The 7 values apply.lua takes per operation: offset, kind, a, b, c, ts_ms, id.
+    pub fn to_argv(&self) -> [Vec<u8>; 7] {
+        let [a, b, c] = self.op.abc();
+        [
+            self.offset.to_string().into_bytes(),
+            self.op.kind().as_bytes().to_vec(),
+            a,
+            b,
+            c,
+            self.ts_ms.to_string().into_bytes(),
+            self.id.as_bytes().to_vec(),
+        ]
+    }
+}
+
+/// apply.lua's whole ARGV for one pool: the customer's dedupe prefix, the dedupe window, the
+/// partition's committed offset, the limit kind, the number of operations, then each
+/// operation's [`Op::to_argv`].
+pub fn apply_argv(b: &PoolOps, dedupe_prefix: &str, window_s: u64, committed: i64) -> Vec<Vec<u8>> {
+    let mut argv = vec![
+        dedupe_prefix.as_bytes().to_vec(),
+        window_s.to_string().into_bytes(),
+        committed.to_string().into_bytes(),
+        if b.hard { "hard" } else { "soft" }.as_bytes().to_vec(),
+        b.ops.len().to_string().into_bytes(),
+    ];
+    for op in &b.ops {
+        argv.extend(op.to_argv());
+    }
+    argv
 }
 
 /// A short identity of a message for the journal: the random half of a uuid (an event uid
@@ -273,26 +369,19 @@ impl PoolStore {
             {
                 inv.key(k);
             }
-            inv.arg(self.keys.dedupe_prefix(&b.pool.tenant_id, &b.pool.customer_id))
-                .arg(self.dedupe_window_s)
-                .arg(committed.get(&b.partition).copied().unwrap_or(0))
-                .arg(if b.hard { "hard" } else { "soft" })
-                .arg(b.ops.len());
+            // Last, each reverse's mark, in the operations' order (see apply.lua).
             for op in &b.ops {
-                inv.arg(op.offset).arg(op.kind);
-                if op.kind == "u" {
-                    inv.arg(&shared::keys::dedupe_member(&op.a)[..]);
-                } else {
-                    inv.arg(&op.a);
+                if let PoolOp::Reverse { event_uid, .. } = &op.op {
+                    inv.key(
+                        self.keys
+                            .reverse_mark(&b.pool.tenant_id, &b.pool.customer_id, event_uid),
+                    );
                 }
-                inv.arg(&op.b);
-                if op.kind == "r" && !op.c.is_empty() {
-                    // A reverse that releases the dedupe mark of this idempotency key.
-                    inv.arg(&shared::keys::dedupe_member(&op.c)[..]);
-                } else {
-                    inv.arg(&op.c);
-                }
-                inv.arg(op.ts_ms).arg(&op.id);
+            }
+            let prefix = self.keys.dedupe_prefix(&b.pool.tenant_id, &b.pool.customer_id);
+            let committed = committed.get(&b.partition).copied().unwrap_or(0);
+            for v in apply_argv(b, &prefix, self.dedupe_window_s, committed) {
+                inv.arg(&v[..]);
             }
             pipe.invoke_script(&inv);
         }
@@ -476,7 +565,7 @@ impl PoolStore {
                 Category::Paid
             };
             inv.arg(id.to_string())
-                .arg(order_key(prio as u32, exp, cat, eff, created, id));
+                .arg(OrderKey::new(prio as u32, exp, cat, eff, created, id).to_string());
             if status == "voided" || status == "expired" {
                 inv.arg("v");
             } else if activated && eff > created {
@@ -510,7 +599,7 @@ mod tests {
     fn order_keys_sort_in_consumption_order() {
         let t = |s| DateTime::from_timestamp(s, 0).unwrap();
         let id = Uuid::nil();
-        let k = |p, e, c, f| order_key(p, e, c, f, t(0), id);
+        let k = |p, e, c, f| OrderKey::new(p, e, c, f, t(0), id).to_string();
         // priority first
         assert!(k(1, None, Category::Paid, t(5)) < k(2, Some(t(1)), Category::Promo, t(0)));
         // then sooner expiry, never last
@@ -524,6 +613,108 @@ mod tests {
             k(1000, None, Category::Paid, t(0)).len(),
             k(0, None, Category::Paid, t(0)).len()
         );
+    }
+
+    /// The ARGV of every kind, byte for byte as apply.lua's header documents it.
+    #[test]
+    fn argv_of_every_kind_is_pinned() {
+        let g = Uuid::from_u128(0x11);
+        let gs = "00000000-0000-0000-0000-000000000011";
+        let t = |s| DateTime::from_timestamp(s, 0).unwrap();
+        let order = OrderKey::new(100, None, Category::Paid, t(1), t(1), g);
+        let op = |op| Op {
+            msg: 3,
+            offset: 42,
+            ts_ms: 1_700_000_000_123,
+            id: "0123456789abcdef".into(),
+            op,
+        };
+        let member = |k: &str| shared::keys::dedupe_member(k).to_vec();
+        let s = |x: &str| x.as_bytes().to_vec();
+        let argv = |kind: &str, a: Vec<u8>, b: &str, c: Vec<u8>| {
+            [s("42"), s(kind), a, s(b), c, s("1700000000123"), s("0123456789abcdef")]
+        };
+        let cases = [
+            (
+                PoolOp::Usage {
+                    idempotency_key: "key-1".into(),
+                    cost: 150,
+                },
+                argv("u", member("key-1"), "150", vec![]),
+            ),
+            (
+                PoolOp::Grant {
+                    grant_id: g,
+                    amount: 5_000,
+                    order,
+                },
+                argv(
+                    "g",
+                    s(gs),
+                    "5000",
+                    s(&format!("0100.9999999999999.1.0000000001000.0000000001000.{gs}")),
+                ),
+            ),
+            (PoolOp::Void { grant_id: g }, argv("v", s(gs), "", vec![])),
+            (PoolOp::Expire { grant_id: g }, argv("e", s(gs), "", vec![])),
+            (PoolOp::Activate { grant_id: g }, argv("a", s(gs), "", vec![])),
+            (
+                PoolOp::Reverse {
+                    event_uid: g,
+                    entries: vec![(Some(g), -7), (None, -3), (Some(g), 0)],
+                    release: None,
+                },
+                argv("r", s(gs), &format!("{gs}:-7,-:-3,{gs}:0"), vec![]),
+            ),
+            (
+                PoolOp::Reverse {
+                    event_uid: g,
+                    entries: vec![],
+                    release: Some(String::new()),
+                },
+                argv("r", s(gs), "", vec![]),
+            ),
+            (
+                PoolOp::Reverse {
+                    event_uid: g,
+                    entries: vec![(None, -3)],
+                    release: Some("key-1".into()),
+                },
+                argv("r", s(gs), "-:-3", member("key-1")),
+            ),
+            (
+                PoolOp::Limit {
+                    limit: Some(LimitKind::Hard),
+                },
+                argv("l", s("hard"), "", vec![]),
+            ),
+            (
+                PoolOp::Limit {
+                    limit: Some(LimitKind::Soft),
+                },
+                argv("l", s("soft"), "", vec![]),
+            ),
+            (PoolOp::Limit { limit: None }, argv("l", vec![], "", vec![])),
+        ];
+        for (o, want) in cases {
+            assert_eq!(op(o.clone()).to_argv(), want, "{o:?}");
+        }
+        // The header, then each operation's seven values.
+        let b = PoolOps {
+            pool: PoolId {
+                tenant_id: "t".into(),
+                customer_id: "c".into(),
+                resource_id: String::new(),
+                credit_type: "ai".into(),
+            },
+            partition: 0,
+            decimals: 2,
+            hard: false,
+            ops: vec![op(PoolOp::Void { grant_id: g })],
+        };
+        let mut want = vec![s("cr:{t:c}:d:"), s("600"), s("-1"), s("soft"), s("1")];
+        want.extend(argv("v", s(gs), "", vec![]));
+        assert_eq!(apply_argv(&b, "cr:{t:c}:d:", 600, -1), want);
     }
 
     #[test]

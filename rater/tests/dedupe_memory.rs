@@ -4,7 +4,8 @@
 
 use std::collections::HashMap;
 
-use rater::pools::{order_key, Op, OpResult, PoolOps, PoolStore};
+use rater::pools::{Op, OpResult, PoolOp, PoolOps, PoolStore};
+use shared::hot_pool::OrderKey;
 use shared::keys::Keys;
 use shared::model::{Category, PoolId};
 use uuid::Uuid;
@@ -56,10 +57,11 @@ async fn a_retained_key_costs_at_most_64_bytes_and_dedupes_across_batches_and_ti
     let mut ops = vec![Op {
         msg: 0,
         offset: 0,
-        kind: "g",
-        a: gid.to_string(),
-        b: (EVENTS as i64 * 10).to_string(),
-        c: order_key(100, None, Category::Paid, now - chrono::Duration::days(1), now, gid),
+        op: PoolOp::Grant {
+            grant_id: gid,
+            amount: EVENTS as i64 * 10,
+            order: OrderKey::new(100, None, Category::Paid, now - chrono::Duration::days(1), now, gid),
+        },
         ts_ms: t0,
         id: "g".into(),
     }];
@@ -67,11 +69,11 @@ async fn a_retained_key_costs_at_most_64_bytes_and_dedupes_across_batches_and_ti
         ops.push(Op {
             msg: i + 1,
             offset: i as i64 + 1,
-            kind: "u",
-            // Realistic keys: a UUID each (36 characters).
-            a: Uuid::from_u128(i as u128 + 1).to_string(),
-            b: "1".into(),
-            c: String::new(),
+            op: PoolOp::Usage {
+                // Realistic keys: a UUID each (36 characters).
+                idempotency_key: Uuid::from_u128(i as u128 + 1).to_string(),
+                cost: 1,
+            },
             ts_ms: t0 + (i as i64 * 3 * 3_600_000 / EVENTS as i64),
             id: format!("e{i}"),
         });
@@ -98,10 +100,10 @@ async fn a_retained_key_costs_at_most_64_bytes_and_dedupes_across_batches_and_ti
             Op {
                 msg: 0,
                 offset,
-                kind: "u",
-                a: Uuid::from_u128(i as u128 + 1).to_string(),
-                b: "1".into(),
-                c: String::new(),
+                op: PoolOp::Usage {
+                    idempotency_key: Uuid::from_u128(i as u128 + 1).to_string(),
+                    cost: 1,
+                },
                 ts_ms: t0 + (i as i64 * 3 * 3_600_000 / EVENTS as i64) + (offset % 2) * 2 * 3_600_000,
                 id: format!("r{offset}"),
             }

@@ -8,9 +8,10 @@ use std::collections::{HashMap, HashSet};
 
 use chrono::DateTime;
 use proptest::prelude::*;
-use rater::pools::{order_key, Activation, Op, OpResult, Part, PoolOps, PoolStore};
+use rater::pools::{Activation, Op, OpResult, Part, PoolOp, PoolOps, PoolStore};
+use shared::hot_pool::OrderKey;
 use shared::keys::Keys;
-use shared::model::{Category, PoolId};
+use shared::model::{Category, LimitKind, PoolId};
 use uuid::Uuid;
 
 #[derive(Debug, Clone)]
@@ -108,13 +109,13 @@ impl Model {
     fn apply(&mut self, op: &Op, hard: bool) -> OpResult {
         let ts = op.ts_ms;
         let hard = self.lim.unwrap_or(hard);
-        match op.kind {
-            "u" => {
-                let key: u8 = op.a.parse().unwrap();
+        match &op.op {
+            PoolOp::Usage { idempotency_key, cost } => {
+                let key: u8 = idempotency_key.parse().unwrap();
                 if !self.seen.insert(key) {
                     return OpResult::Duplicate;
                 }
-                let cost: i64 = op.b.parse().unwrap();
+                let cost: i64 = *cost;
                 let avail = self.balance(ts);
                 if hard && cost > avail {
                     return OpResult::Denied {
@@ -181,10 +182,14 @@ impl Model {
                     activated,
                 }
             }
-            "g" => {
-                let id: Uuid = op.a.parse().unwrap();
-                let amt: i64 = op.b.parse().unwrap();
-                let k = &op.c;
+            PoolOp::Grant {
+                grant_id,
+                amount,
+                order,
+            } => {
+                let id: Uuid = *grant_id;
+                let amt: i64 = *amount;
+                let k = &order.to_string();
                 let mut g = G {
                     id,
                     key: k.clone(),
@@ -207,12 +212,12 @@ impl Model {
                     repaid,
                 }
             }
-            "v" | "e" => {
-                let id: Uuid = op.a.parse().unwrap();
+            PoolOp::Void { grant_id } | PoolOp::Expire { grant_id } => {
+                let id: Uuid = *grant_id;
                 let Some(g) = self.grants.iter_mut().find(|g| g.id == id) else {
                     return OpResult::NotApplied;
                 };
-                if g.ended || (op.kind == "e" && ts < g.exp) {
+                if g.ended || (matches!(op.op, PoolOp::Expire { .. }) && ts < g.exp) {
                     return OpResult::NotApplied;
                 }
                 // Nothing leaves the ledger for a scheduled grant that never entered it.
@@ -224,8 +229,8 @@ impl Model {
                     removed,
                 }
             }
-            "a" => {
-                let id: Uuid = op.a.parse().unwrap();
+            PoolOp::Activate { grant_id } => {
+                let id: Uuid = *grant_id;
                 let od = self.od;
                 let Some(g) = self.grants.iter_mut().find(|g| g.id == id) else {
                     return OpResult::NotApplied;
@@ -244,11 +249,11 @@ impl Model {
                     repaid,
                 }
             }
-            "l" => {
-                self.lim = match op.a.as_str() {
-                    "hard" => Some(true),
-                    "soft" => Some(false),
-                    _ => None,
+            PoolOp::Limit { limit } => {
+                self.lim = match limit {
+                    Some(LimitKind::Hard) => Some(true),
+                    Some(LimitKind::Soft) => Some(false),
+                    None => None,
                 };
                 OpResult::LimitSet
             }
@@ -262,7 +267,7 @@ fn ops(steps: &[Step]) -> Vec<Op> {
     let mut ids: Vec<Uuid> = Vec::new();
     let mut out = Vec::new();
     for (i, s) in steps.iter().enumerate() {
-        let (kind, a, b, c, ts) = match s {
+        let (op, ts) = match s {
             Step::Grant {
                 prio,
                 promo,
@@ -274,50 +279,47 @@ fn ops(steps: &[Step]) -> Vec<Op> {
                 ids.push(id);
                 let cat = if *promo { Category::Promo } else { Category::Paid };
                 // Created "now" (ts 10): a grant effective later is scheduled.
-                let key = order_key(*prio, exp.map(t), cat, t(*eff), t(10), id);
-                ("g", id.to_string(), amount.to_string(), key, t(10).timestamp_millis())
+                let order = OrderKey::new(*prio, exp.map(t), cat, t(*eff), t(10), id);
+                (
+                    PoolOp::Grant {
+                        grant_id: id,
+                        amount: *amount,
+                        order,
+                    },
+                    t(10).timestamp_millis(),
+                )
             }
             Step::Limit { kind } => (
-                "l",
-                ["", "hard", "soft"][*kind as usize].to_owned(),
-                String::new(),
-                String::new(),
+                PoolOp::Limit {
+                    limit: [None, Some(LimitKind::Hard), Some(LimitKind::Soft)][*kind as usize],
+                },
                 t(20).timestamp_millis(),
             ),
             Step::Use { key, cost, ts } => (
-                "u",
-                key.to_string(),
-                cost.to_string(),
-                String::new(),
+                PoolOp::Usage {
+                    idempotency_key: key.to_string(),
+                    cost: *cost,
+                },
                 t(*ts).timestamp_millis(),
             ),
             Step::Void { grant } | Step::Expire { grant } | Step::Activate { grant } => {
-                let Some(id) = ids.get(*grant % ids.len().max(1)).copied() else {
+                let Some(grant_id) = ids.get(*grant % ids.len().max(1)).copied() else {
                     continue;
                 };
-                let (kind, at) = match s {
-                    Step::Void { .. } => ("v", t(30)),
-                    Step::Expire { .. } => ("e", t(45)),
-                    _ => ("a", t(25)),
+                let (op, at) = match s {
+                    Step::Void { .. } => (PoolOp::Void { grant_id }, t(30)),
+                    Step::Expire { .. } => (PoolOp::Expire { grant_id }, t(45)),
+                    _ => (PoolOp::Activate { grant_id }, t(25)),
                 };
-                (
-                    kind,
-                    id.to_string(),
-                    String::new(),
-                    String::new(),
-                    at.timestamp_millis(),
-                )
+                (op, at.timestamp_millis())
             }
         };
         out.push(Op {
             msg: i,
             offset: i as i64,
-            kind,
-            a,
-            b,
-            c,
             ts_ms: ts,
             id: format!("m{i}"),
+            op,
         });
     }
     out
@@ -344,8 +346,12 @@ fn chain(ledger: &mut i64, op: &Op, r: &OpResult) {
         }
         OpResult::Denied { end, .. } => entry(0, *end),
         OpResult::Granted { end, .. } => {
-            let scheduled = op.c[21..34] > op.c[35..48];
-            entry(if scheduled { 0 } else { op.b.parse().unwrap() }, *end)
+            let PoolOp::Grant { amount, order, .. } = &op.op else {
+                panic!("granted: {op:?}")
+            };
+            let c = order.to_string();
+            let scheduled = c[21..34] > c[35..48];
+            entry(if scheduled { 0 } else { *amount }, *end)
         }
         OpResult::Voided { end, removed } => entry(-removed, *end),
         OpResult::Activated { end, remaining, repaid } => entry(remaining + repaid, *end),

@@ -33,6 +33,11 @@ impl Keys {
         format!("{}:{{{tenant}:{customer}}}:d:", self.prefix)
     }
 
+    /// The mark that a reverse of this event was applied (apply.lua sets it once per uid).
+    pub fn reverse_mark(&self, tenant: &str, customer: &str, event_uid: &uuid::Uuid) -> String {
+        format!("{}rv:{event_uid}", self.dedupe_prefix(tenant, customer))
+    }
+
     /// The customer's dedupe sets at `now_ms`, as apply.lua takes them: the current period's
     /// first (new marks go there), then each earlier period a mark made within the last
     /// `window_s` may be in, then the next period (a rater whose clock runs ahead may have
@@ -85,6 +90,10 @@ mod tests {
         assert_eq!(p, "cr:{t1:c1}:p:ai/");
         assert!(k.dedupe_prefix("t1", "c1").starts_with("cr:{t1:c1}:"));
         assert!(k.journal(&p).starts_with("cr:{t1:c1}:"));
+        assert_eq!(
+            k.reverse_mark("t1", "c1", &uuid::Uuid::nil()),
+            "cr:{t1:c1}:d:rv:00000000-0000-0000-0000-000000000000"
+        );
     }
 
     #[test]

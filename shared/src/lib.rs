@@ -7,6 +7,7 @@ pub mod config;
 pub mod consume;
 pub mod db;
 pub mod dead_letter;
+pub mod hot_pool;
 pub mod kafka;
 pub mod keys;
 pub mod model;

@@ -7,7 +7,12 @@
 --          the last mark added
 -- KEYS[4..] the customer's other dedupe sets a mark made within the window may be in
 --          (shared::keys::dedupe_sets): a repeat is found whatever timestamp it carries
--- ARGV[1]  the customer's key prefix for reverse marks (cr:{tenant:customer}:d:)
+-- then, last, one key per reverse operation, in the operations' order: its reverse mark
+--          (shared::keys::Keys::reverse_mark, cr:{tenant:customer}:d:rv:<event uid>), so every
+--          key the script touches is in KEYS (Redis Cluster); the dedupe sets are the KEYS
+--          between the journal and these
+-- ARGV[1]  the customer's key prefix for reverse marks (cr:{tenant:customer}:d:): each reverse
+--          mark key must be this prefix, "rv:" and the operation's event uid
 -- ARGV[2]  dedupe window, seconds
 -- ARGV[3]  the partition's committed input offset: journal entries wholly below it are dropped
 -- ARGV[4]  limit kind: "hard" or "soft"
@@ -74,6 +79,17 @@ if redis.call('EXISTS', KEYS[1]) == 0 then
 end
 local n = tonumber(ARGV[5])
 assert(#ARGV == 5 + 7 * n, 'apply.lua: expected ' .. (5 + 7 * n) .. ' arguments')
+-- The reverse marks are the last KEYS, one per reverse operation: find each one's.
+local marks = {}
+local nmarks = 0
+for i = 0, n - 1 do
+  if ARGV[7 + 7 * i] == 'r' then nmarks = nmarks + 1; marks[i] = nmarks end
+end
+local sets_end = #KEYS - nmarks
+assert(sets_end >= 3, 'apply.lua: expected a dedupe set and ' .. nmarks .. ' reverse mark keys')
+for i, k in pairs(marks) do
+  assert(KEYS[sets_end + k] == ARGV[1] .. 'rv:' .. ARGV[8 + 7 * i], 'apply.lua: reverse mark key out of order')
+end
 local MAX = 9007199254740992
 -- A per-pool override (field lim) takes precedence over the credit type's limit.
 local lim = redis.call('HGET', KEYS[1], 'lim')
@@ -82,7 +98,7 @@ local window = tonumber(ARGV[2])
 local dated = false
 -- Was this mark made before, in an earlier (or, by a faster clock, the next) period?
 local function marked_before(member)
-  for i = 4, #KEYS do
+  for i = 4, sets_end do
     if redis.call('SISMEMBER', KEYS[i], member) == 1 then return true end
   end
   return false
@@ -286,7 +302,7 @@ for i = 0, n - 1 do
         r = 'A|' .. fmt(ledger_balance()) .. '|' .. fmt(g.rem) .. '|' .. fmt(repaid)
       end
     elseif kind == 'r' then
-      if redis.call('SET', ARGV[1] .. 'rv:' .. a, '1', 'NX', 'EX', ARGV[2]) == false then
+      if redis.call('SET', KEYS[sets_end + marks[i]], '1', 'NX', 'EX', ARGV[2]) == false then
         r = 'N'
       else
         -- What actually went back, per grant, with the ledger balance after each (a grant that
@@ -314,7 +330,7 @@ for i = 0, n - 1 do
         end
         r = 'R|' .. fmt(bal) .. '|' .. table.concat(parts, ';')
         if c ~= '' then
-          for i = 3, #KEYS do redis.call('SREM', KEYS[i], c) end
+          for k = 3, sets_end do redis.call('SREM', KEYS[k], c) end
         end
       end
     elseif kind == 'l' then
