@@ -7,7 +7,10 @@ use std::collections::{HashMap, HashSet};
 
 use chrono::{DateTime, Utc};
 use rust_decimal::Decimal;
-use shared::model::{Entry, EntryKind, GrantChange, LedgerMsg, LimitFact, Outcome, PoolId, UsageFact};
+use shared::model::{
+    Entry, EntryKind, GrantChange, GrantChangeFact, GrantFact, LedgerMsg, LimitFact, Outcome, PoolId, ReversalFact,
+    UsageFact,
+};
 use uuid::Uuid;
 
 use crate::webhooks::outbox::PoolMove;
@@ -310,91 +313,87 @@ pub fn entries<'a>(facts: &[&'a LedgerMsg], known: &'a Known<'_>, mode: Mode, no
                     None => usage_entries(&mut plan, u, known.new_uids.contains(&u.event.event_uid), mode, now),
                 }
             }
-            LedgerMsg::Grant(g) => {
-                plan.checked = true;
-                let s = &g.grant;
-                let pool = PoolRef {
-                    tenant_id: &g.tenant_id,
-                    customer_id: &s.customer_id,
-                    resource_id: &s.resource_id,
-                    credit_type: &s.credit_type,
-                };
-                let sid = Cow::Owned(s.id.to_string());
-                plan.push_all(
-                    pool,
-                    s.created_at,
-                    EntryKind::Grant,
-                    &s.source,
-                    sid,
-                    0,
-                    &g.entries,
-                    &g.actor,
-                );
-            }
-            LedgerMsg::Reversal(v) => {
-                plan.checked = true;
-                let sid = Cow::Owned(v.event_uid.to_string());
-                let pool = PoolRef::of(&v.pool);
-                plan.push_all(
-                    pool,
-                    v.at,
-                    EntryKind::Adjust,
-                    "reversal",
-                    sid,
-                    REVERSAL_IDX,
-                    &v.entries,
-                    "system",
-                );
-            }
-            LedgerMsg::DeadLetteredCharge(v) => {
-                plan.checked = true;
-                let sid = Cow::Owned(v.event_uid.to_string());
-                let pool = PoolRef::of(&v.pool);
-                plan.push_all(
-                    pool,
-                    v.at,
-                    EntryKind::Adjust,
-                    "dead_letter",
-                    sid,
-                    DEAD_LETTER_IDX,
-                    &v.entries,
-                    "system",
-                );
-            }
-            LedgerMsg::GrantChange(v) => {
-                plan.checked = true;
-                // A scheduled grant activated by the first event that drew on it has the system
-                // as its actor; the sweeper's activations and expiries have the sweeper.
-                let source = match v.change {
-                    GrantChange::Void => "api",
-                    GrantChange::Activate if v.actor == "system" => "usage",
-                    _ => "sweeper",
-                };
-                let sid = v.grant_id.to_string();
-                let kind = v.change.entry_kind();
-                plan.push_all(
-                    PoolRef::of(&v.pool),
-                    v.at,
-                    kind,
-                    source,
-                    Cow::Owned(sid.clone()),
-                    0,
-                    &v.entries,
-                    &v.actor,
-                );
-                if v.change == GrantChange::Activate {
-                    let a = Activation {
-                        grant_id: v.grant_id,
-                        repaid: v.repaid,
-                        pool: v.pool.clone(),
-                    };
-                    plan.activations.insert((v.pool.tenant_id.clone(), sid), a);
-                }
-            }
+            LedgerMsg::Grant(g) => grant_entries(&mut plan, g),
+            LedgerMsg::Reversal(v) => give_back_entries(&mut plan, v, "reversal", REVERSAL_IDX),
+            LedgerMsg::DeadLetteredCharge(v) => give_back_entries(&mut plan, v, "dead_letter", DEAD_LETTER_IDX),
+            LedgerMsg::GrantChange(v) => change_entries(&mut plan, v),
             LedgerMsg::Limit(l) => plan.limits.push(l),
         }
     }
     plan
+}
+
+/// A new grant's entry (and, under a soft limit, the overdraft it repaid).
+fn grant_entries<'a>(plan: &mut EntryPlan<'a>, g: &'a GrantFact) {
+    plan.checked = true;
+    let s = &g.grant;
+    let pool = PoolRef {
+        tenant_id: &g.tenant_id,
+        customer_id: &s.customer_id,
+        resource_id: &s.resource_id,
+        credit_type: &s.credit_type,
+    };
+    let sid = Cow::Owned(s.id.to_string());
+    plan.push_all(
+        pool,
+        s.created_at,
+        EntryKind::Grant,
+        &s.source,
+        sid,
+        0,
+        &g.entries,
+        &g.actor,
+    );
+}
+
+/// A reversal applied by the rater, or a dead-lettered event's charge: `adjust` entries under
+/// the event uid, indexes from `first` (apart from the charge's own).
+fn give_back_entries<'a>(plan: &mut EntryPlan<'a>, v: &'a ReversalFact, source: &'a str, first: i32) {
+    plan.checked = true;
+    let sid = Cow::Owned(v.event_uid.to_string());
+    plan.push_all(
+        PoolRef::of(&v.pool),
+        v.at,
+        EntryKind::Adjust,
+        source,
+        sid,
+        first,
+        &v.entries,
+        "system",
+    );
+}
+
+/// A void, expiry or activation; an activation is remembered for the overdraft it repaid.
+fn change_entries<'a>(plan: &mut EntryPlan<'a>, v: &'a GrantChangeFact) {
+    plan.checked = true;
+    // A scheduled grant activated by the first event that drew on it has the system as its
+    // actor; the sweeper's activations and expiries have the sweeper.
+    let source = match v.change {
+        GrantChange::Void => "api",
+        GrantChange::Activate if v.actor == "system" => "usage",
+        _ => "sweeper",
+    };
+    let sid = v.grant_id.to_string();
+    let kind = v.change.entry_kind();
+    let pool = PoolRef::of(&v.pool);
+    plan.push_all(
+        pool,
+        v.at,
+        kind,
+        source,
+        Cow::Owned(sid.clone()),
+        0,
+        &v.entries,
+        &v.actor,
+    );
+    if v.change == GrantChange::Activate {
+        let a = Activation {
+            grant_id: v.grant_id,
+            repaid: v.repaid,
+            pool: v.pool.clone(),
+        };
+        plan.activations.insert((v.pool.tenant_id.clone(), sid), a);
+    }
 }
 
 /// A charge the hot pool made and gives back (a duplicate that slipped past Redis, or a second
