@@ -64,6 +64,17 @@ async fn nul_and_unstorable_numbers_are_refused_at_the_edge_naming_the_field() {
     assert_eq!(r.status().as_u16(), 422);
     let b: Value = r.json().await.unwrap();
     assert_eq!(b["error"]["field"], "dimensions.tokens", "{b}");
+    // A NUL in a query filter is the client's error (400), never a failed dependency (503):
+    // schemathesis found `GET /v1/credits/grants?customer_id=%00` answering 503.
+    for path in [
+        "/v1/credits/grants?customer_id=a%00b",
+        "/v1/credits/ledger?customer_id=c1&credit_type=%00",
+        "/v1/credits/usage?customer_id=c%00",
+    ] {
+        let (st, b) = s.call(Method::GET, path, &key, None).await;
+        assert_eq!(st, 400, "{path}: {b}");
+        assert_eq!(b["error"]["code"], "invalid_query", "{b}");
+    }
     // Nothing reached the input topic: nothing settles, no consumer moved.
     tokio::time::sleep(Duration::from_secs(2)).await;
     let (n,): (i64,) = sqlx::query_as("SELECT count(*) FROM usage_events")
