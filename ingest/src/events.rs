@@ -2,25 +2,23 @@
 //! 202 once every one is acked by Kafka) and `GET /v1/events/{idempotency_key}`.
 
 use std::sync::Arc;
-use std::time::{Duration, Instant};
 
 use axum::body::Bytes;
 use axum::extract::{Path, State};
 use axum::http::StatusCode;
 use axum::Json;
 use chrono::{DateTime, Utc};
-use rdkafka::error::{KafkaError, RDKafkaErrorCode};
-use rdkafka::producer::FutureRecord;
 use rust_decimal::Decimal;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
-use shared::model::{partition_key, InputMsg, UsageEvent};
+use shared::model::{InputMsg, UsageEvent};
 use utoipa::{IntoParams, ToSchema};
 
 use crate::auth::Tenant;
-use crate::credits::{LedgerEntry, LEDGER_COLS};
 use crate::error::{parse_json, ApiError, ApiResult, ErrorReply, EventError, Q};
+use crate::ledger::{LedgerEntry, LEDGER_COLS};
 use crate::metric as m;
+use crate::produce::produce;
 use crate::validate;
 use crate::AppState;
 
@@ -240,50 +238,6 @@ pub async fn post_events(
         })?;
     metrics::counter!(m::EVENTS_ACCEPTED).increment(n as u64);
     Ok((StatusCode::ACCEPTED, Json(Accepted { accepted: n })))
-}
-
-/// Produce messages to the input topic and wait for every ack. A full producer queue is a 503
-/// with Retry-After (backpressure), never an unbounded buffer.
-pub async fn produce(s: &AppState, msgs: impl Iterator<Item = InputMsg>) -> ApiResult<()> {
-    let started = Instant::now();
-    let trace = crate::TRACE_ID.try_with(Clone::clone).ok();
-    let mut acks = Vec::new();
-    for msg in msgs {
-        let (t, c) = msg.tenant_customer();
-        let key = partition_key(t, c);
-        let payload = serde_json::to_vec(&msg).map_err(ApiError::internal)?;
-        match s.producer.send_result(
-            FutureRecord::to(&s.config.kafka.input_topic)
-                .key(&key)
-                .payload(&payload)
-                .headers(shared::kafka::trace_headers(trace.as_deref())),
-        ) {
-            Ok(f) => acks.push(f),
-            Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), _)) => {
-                return Err(ApiError::unavailable(
-                    "saturated",
-                    "the pipeline is saturated, retry shortly",
-                    1,
-                ));
-            }
-            Err((e, _)) => return Err(ApiError::internal(e)),
-        }
-    }
-    for a in acks {
-        match tokio::time::timeout(Duration::from_secs(30), a).await {
-            Ok(Ok(Ok(_))) => {}
-            Ok(Ok(Err((e, _)))) => return Err(ApiError::internal(e)),
-            _ => {
-                return Err(ApiError::unavailable(
-                    "saturated",
-                    "the broker did not acknowledge in time",
-                    1,
-                ))
-            }
-        }
-    }
-    metrics::histogram!(m::PRODUCE_DURATION).record(started.elapsed().as_secs_f64());
-    Ok(())
 }
 
 #[derive(Deserialize, IntoParams)]

@@ -9,8 +9,10 @@ pub mod catalogue;
 pub mod credits;
 pub mod error;
 pub mod events;
+pub mod ledger;
 pub mod metric;
 pub mod openapi;
+pub mod produce;
 pub mod usage;
 pub mod validate;
 pub mod webhooks;
@@ -83,6 +85,8 @@ pub struct AppState {
     pub keys: Keys,
     pub keys_cache: DashMap<Vec<u8>, auth::CachedKey>,
     pub limiters: DashMap<String, (u32, Arc<DefaultDirectRateLimiter>)>,
+    /// The payment endpoint client (top-ups), built once at start-up from the settings.
+    pub charges: shared::billing::charge::ChargeClient,
 }
 
 impl AppState {
@@ -137,7 +141,7 @@ pub fn router(state: Arc<AppState>) -> Router {
 }
 
 tokio::task_local! {
-    /// The trace id of the request being served: `events::produce` puts it on every message.
+    /// The trace id of the request being served: `produce::produce` puts it on every message.
     pub static TRACE_ID: String;
 }
 
@@ -183,7 +187,12 @@ pub async fn run(
         .context("redis")?;
     let producer = shared::kafka::producer(&config.kafka, config.linger_ms)?;
     shared::kafka::exit_on_fatal_error(producer.clone(), "ingest");
+    let charges = shared::billing::charge::ChargeClient::new(
+        Duration::from_millis(config.billing.charge_timeout_ms),
+        config.webhooks.allow_private,
+    )?;
     let state = Arc::new(AppState {
+        charges,
         keys: Keys::new(config.redis.redis_prefix.clone()),
         config,
         db,

@@ -11,12 +11,10 @@ pub mod payments;
 pub mod plans;
 pub mod recharge;
 
-use std::sync::{Arc, OnceLock};
-use std::time::Duration;
+use std::sync::Arc;
 
 use serde::Serialize;
 use serde_json::Value;
-use shared::billing::charge::ChargeClient;
 use utoipa::ToSchema;
 use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
@@ -70,20 +68,6 @@ pub struct Money {
     pub amount: String,
     /// ISO 4217.
     pub currency: String,
-}
-
-/// The charge client, built once from the settings.
-pub fn client(s: &AppState) -> Result<&'static ChargeClient, ApiError> {
-    static CLIENT: OnceLock<ChargeClient> = OnceLock::new();
-    if let Some(c) = CLIENT.get() {
-        return Ok(c);
-    }
-    let c = ChargeClient::new(
-        Duration::from_millis(s.config.billing.charge_timeout_ms),
-        s.config.webhooks.allow_private,
-    )
-    .map_err(ApiError::internal)?;
-    Ok(CLIENT.get_or_init(|| c))
 }
 
 /// An ISO 4217 currency code.

@@ -19,7 +19,7 @@ use shared::billing::{self, ChargeRow, CHARGE_COLS};
 use shared::webhook::address::{check_url, UrlError};
 use shared::webhook::sign::new_secret;
 
-use super::{client, currency, dec, Money};
+use super::{currency, dec, Money};
 use crate::auth::Tenant;
 use crate::catalogue::require_credit_type;
 use crate::credits::{grant_json, issue_grant, settled_grant, GrantView};
@@ -363,7 +363,7 @@ pub async fn top_up(
             }
         }
     };
-    let client = client(&s)?;
+    let client = &s.charges;
     let req = charge.request();
     let mut last = String::new();
     for attempt in 0..attempts {

@@ -26,7 +26,7 @@ use crate::auth::Tenant;
 use crate::catalogue::require_credit_type;
 use crate::credits::{issue_grant, GrantView};
 use crate::error::{ApiError, ApiResult, Body, ErrorReply};
-use crate::events::produce;
+use crate::produce::produce;
 use crate::validate;
 use crate::AppState;
 use utoipa::ToSchema;
