@@ -215,7 +215,11 @@ impl<S: Send + Sync, T: DeserializeOwned> FromRequestParts<S> for Q<T> {
     async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, Self::Rejection> {
         // No text column can hold NUL (Postgres refuses it): a filter carrying one is the
         // client's error, never a failed dependency.
-        if parts.uri.query().is_some_and(|q| q.to_ascii_lowercase().contains("%00")) {
+        if parts
+            .uri
+            .query()
+            .is_some_and(|q| q.to_ascii_lowercase().contains("%00"))
+        {
             return Err(ApiError::new(
                 StatusCode::BAD_REQUEST,
                 "invalid_query",
