@@ -34,7 +34,7 @@ use shared::model::{
 };
 use shared::testkit::{
     brokers, create_db, create_topics, delete_redis_prefix, delete_topics_and_groups, drop_db, free_port, kill,
-    offsets, ready, redis_url, stop,
+    offsets, redis_url, start_service, stop,
 };
 use sqlx::PgPool;
 use tokio::process::{Child, Command};
@@ -120,7 +120,7 @@ impl Ctx {
     }
 
     /// The rater binary with this test's configuration.
-    fn command(&self, commit_interval_ms: u32) -> Command {
+    fn command(&self, commit_interval_ms: u32, metrics: &str) -> Command {
         let log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
@@ -137,7 +137,7 @@ impl Ctx {
             ("REDIS_PREFIX", self.redis_prefix.clone()),
             ("RATER_GROUP_ID", self.group.clone()),
             ("LEDGER_WRITER_GROUP_ID", self.ledger_group.clone()),
-            ("RATER_METRICS_LISTEN", self.metrics.lock().unwrap().clone()),
+            ("RATER_METRICS_LISTEN", metrics.to_owned()),
             ("KAFKA_COMMIT_INTERVAL_MS", commit_interval_ms.to_string()),
             // Small batches: many of them, and a kill lands between some.
             ("RATER_MAX_BATCH", "200".into()),
@@ -151,29 +151,10 @@ impl Ctx {
     }
 
     async fn start(&self, commit_interval_ms: u32) -> Child {
-        for attempt in 1..=5 {
-            let mut child = self.command(commit_interval_ms).spawn().unwrap();
-            let started = Instant::now();
-            loop {
-                let addr = self.metrics.lock().unwrap().clone();
-                if ready(&addr) {
-                    return child;
-                }
-                if let Ok(Some(status)) = child.try_wait() {
-                    let log = std::fs::read_to_string(&self.log).unwrap_or_default();
-                    // The metrics port came from binding port 0 and letting go: another process
-                    // may have taken it. Take another one.
-                    if attempt < 5 && log.contains("in use") {
-                        *self.metrics.lock().unwrap() = format!("127.0.0.1:{}", free_port());
-                        break;
-                    }
-                    panic!("rater exited at start-up ({status}); log {}", self.log.display());
-                }
-                assert!(started.elapsed() < Duration::from_secs(60), "rater not ready in 60 s");
-                tokio::time::sleep(Duration::from_millis(50)).await;
-            }
-        }
-        unreachable!()
+        start_service("rater", &self.metrics, &self.log, |addr| {
+            self.command(commit_interval_ms, addr)
+        })
+        .await
     }
 
     /// Events with at least one fact on the ledger topic.

@@ -171,3 +171,35 @@ pub fn offsets(topic: &str, group: &str, partitions: i32) -> Vec<(i64, i64, Opti
         })
         .collect()
 }
+
+/// Start a service and wait until its `/readyz` on `metrics` answers (at most 60 s). `command`
+/// builds the process for a metrics address; the address came from binding port 0 and letting
+/// go, so when another process took it meanwhile ("in use" in `log`), a new one is tried.
+pub async fn start_service(
+    what: &str,
+    metrics: &std::sync::Mutex<String>,
+    log: &std::path::Path,
+    command: impl Fn(&str) -> tokio::process::Command,
+) -> Child {
+    for attempt in 1..=5 {
+        let addr = metrics.lock().unwrap().clone();
+        let mut child = command(&addr).spawn().unwrap();
+        let started = std::time::Instant::now();
+        loop {
+            if ready(&addr) {
+                return child;
+            }
+            if let Ok(Some(status)) = child.try_wait() {
+                let text = std::fs::read_to_string(log).unwrap_or_default();
+                if attempt < 5 && text.contains("in use") {
+                    *metrics.lock().unwrap() = format!("127.0.0.1:{}", free_port());
+                    break;
+                }
+                panic!("{what} exited at start-up ({status}); log {}", log.display());
+            }
+            assert!(started.elapsed() < Duration::from_secs(60), "{what} not ready in 60 s");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+    unreachable!()
+}
