@@ -12,6 +12,8 @@ pub mod reconcile;
 pub mod rollups;
 pub mod settle;
 pub mod sweep;
+#[cfg(test)]
+mod test_facts;
 pub mod webhooks;
 
 use std::net::SocketAddr;

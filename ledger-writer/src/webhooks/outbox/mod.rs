@@ -4,7 +4,7 @@
 //!
 //! - Grant facts give `credits.granted`, `credits.grant.updated` and `credits.expired` with ids
 //!   derived from the grant, so a redelivered batch inserts nothing new.
-//! - Pools and grants the transaction moved are run through [`threshold::cross`]: the level
+//! - Pools and grants the transaction moved are run through [`cross`]: the level
 //!   before is the level after minus what the transaction's new ledger rows moved, against the
 //!   fired set (and funding level) stored in `alert_state`, written only when they change. A
 //!   redelivered batch moves nothing and fires nothing.
@@ -14,27 +14,33 @@
 //! Messages are fanned out to endpoints later, by the sender ([`dispatch`]): a tenant with
 //! 100 endpoints writes one row per message here, not 100. Only tenants with at least one
 //! endpoint pay for any of this: the rest cost one indexed query per batch.
+//!
+//! [`plan`] decides every message and state row without I/O; this file reads and writes.
+//!
+//! [`cross`]: shared::webhook::threshold::cross
+
+mod plan;
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 
 use chrono::{DateTime, Utc};
 use rust_decimal::Decimal;
 use serde_json::{json, Value};
-use shared::model::{GrantChange, LedgerMsg, Outcome, PoolId};
-use shared::webhook::threshold::{cross, cross_path, Crossing, Level, Threshold};
+use shared::model::{LedgerMsg, PoolId};
 use shared::webhook::{self as wh};
 use sqlx::PgConnection;
 use uuid::Uuid;
 
+use self::plan::{
+    AlertState, BatchPlan, GrantDetail, GrantEventAt, GrantRead, GrantRow, PoolBatch, PoolRead, PoolRow, Rejected,
+};
 use crate::metric as m;
 use crate::settle::GrantMove;
-
-/// Namespace of message ids derived from what caused them.
-const MSG_NS: Uuid = Uuid::from_u128(0x1b7e_52c4_0f3a_4e19_9c6d_2a85_e4f1_7b30);
 
 /// The pools the outbox works on, in (tenant, customer, resource, credit type) order.
 type PoolKey = PoolId;
 
+#[derive(Debug)]
 pub struct NewMessage {
     pub id: Uuid,
     pub tenant_id: String,
@@ -55,34 +61,6 @@ pub fn message(id: Uuid, tenant_id: &str, kind: &'static str, at: DateTime<Utc>,
         tenant_id: tenant_id.to_owned(),
         kind,
         body,
-    }
-}
-
-fn dec(d: Decimal) -> String {
-    d.normalize().to_string()
-}
-
-fn pool_json(p: &PoolKey, balance: Option<Decimal>) -> serde_json::Map<String, Value> {
-    let mut m = serde_json::Map::new();
-    m.insert("customer_id".into(), json!(p.customer_id));
-    m.insert("credit_type".into(), json!(p.credit_type));
-    m.insert(
-        "resource_id".into(),
-        if p.resource_id.is_empty() {
-            Value::Null
-        } else {
-            json!(p.resource_id)
-        },
-    );
-    m.insert("balance".into(), json!(balance.map(dec)));
-    m
-}
-
-fn threshold_json(t: &Threshold) -> Value {
-    match t {
-        Threshold::UsagePercent(p) => json!({"type": "usage_percent", "value": p}),
-        Threshold::BalanceBelow(b) => json!({"type": "balance_below", "value": dec(*b)}),
-        Threshold::Depleted => json!({"type": "depleted"}),
     }
 }
 
@@ -137,23 +115,6 @@ pub async fn dispatch(db: &sqlx::PgPool, limit: i64) -> sqlx::Result<u64> {
     Ok(n as u64)
 }
 
-/// What the batch did to one pool.
-#[derive(Default)]
-struct PoolBatch {
-    /// What this transaction moved the balance by (set from [`Moved`]).
-    moved: Decimal,
-    /// Grant amounts that entered the pool in this batch (new active grants, activations).
-    granted: Decimal,
-    /// The batch has grant facts for the pool: its funding may change without its balance
-    /// moving (a depleted grant voided or expired), so it is evaluated even if nothing moved.
-    grant_facts: bool,
-}
-
-enum GrantEvent {
-    Granted,
-    Changed(GrantChange, Decimal),
-}
-
 /// What one settle transaction's new ledger rows did to one pool.
 #[derive(Default)]
 pub struct PoolMove {
@@ -174,11 +135,34 @@ pub struct Moved<'a> {
     pub new_usage: &'a HashSet<Uuid>,
 }
 
-/// Write the outbox rows of one settled batch (inside its transaction).
-pub async fn record(tx: &mut PgConnection, facts: &[&LedgerMsg], moved: &Moved<'_>) -> anyhow::Result<()> {
-    let tenants: BTreeSet<&str> = facts.iter().map(|f| tenant_of(f)).collect();
-    if tenants.is_empty() {
+/// Write the outbox rows of one settled batch (inside its transaction); denied and unpriced
+/// events are counted into windows of `rejected_window_s`.
+pub async fn record(
+    tx: &mut PgConnection,
+    facts: &[&LedgerMsg],
+    moved: &Moved<'_>,
+    rejected_window_s: u32,
+) -> anyhow::Result<()> {
+    let with = tenants_with_endpoints(tx, facts).await?;
+    if with.is_empty() {
         return Ok(());
+    }
+    let plan = BatchPlan::new(facts, &with, moved);
+    let mut msgs: Vec<NewMessage> = Vec::new();
+    let now = Utc::now();
+    let balances = pool_thresholds(tx, &plan.pools, moved.pools, now, &mut msgs).await?;
+    grant_thresholds(tx, &plan.consumed, &balances, now, &mut msgs).await?;
+    grant_messages(tx, &plan.grant_events, &balances, &mut msgs).await?;
+    count_rejections(tx, &plan.rejected, rejected_window_s).await?;
+    insert(tx, &msgs).await?;
+    Ok(())
+}
+
+/// The tenants of the batch that have at least one endpoint (none of the batch's: no query).
+async fn tenants_with_endpoints(tx: &mut PgConnection, facts: &[&LedgerMsg]) -> sqlx::Result<HashSet<String>> {
+    let tenants: BTreeSet<&str> = facts.iter().map(|f| plan::tenant_of(f)).collect();
+    if tenants.is_empty() {
+        return Ok(HashSet::new());
     }
     let tenants: Vec<&str> = tenants.into_iter().collect();
     let with: Vec<String> =
@@ -186,149 +170,28 @@ pub async fn record(tx: &mut PgConnection, facts: &[&LedgerMsg], moved: &Moved<'
             .bind(&tenants)
             .fetch_all(&mut *tx)
             .await?;
-    if with.is_empty() {
-        return Ok(());
-    }
-    let with: HashSet<String> = with.into_iter().collect();
-
-    let mut pools: BTreeMap<PoolKey, PoolBatch> = BTreeMap::new();
-    // (tenant, grant) -> (pool, sum of consumption entries)
-    let mut consumed: BTreeMap<(String, Uuid), (PoolKey, Decimal)> = BTreeMap::new();
-    let mut grant_events: Vec<(String, Uuid, DateTime<Utc>, GrantEvent)> = Vec::new();
-    // (pool with credit type '' when unpriced, key, uid, denied?)
-    let mut rejected: Vec<(PoolKey, &str, Uuid, bool)> = Vec::new();
-    for f in facts.iter().filter(|f| with.contains(tenant_of(f))) {
-        match f {
-            LedgerMsg::Usage(u) => {
-                let ev = &u.event;
-                let key = |ct: &str| PoolId {
-                    tenant_id: ev.tenant_id.clone(),
-                    customer_id: ev.customer_id.clone(),
-                    resource_id: ev.resource_id.clone(),
-                    credit_type: ct.to_owned(),
-                };
-                match &u.outcome {
-                    Outcome::Settled {
-                        credit_type, entries, ..
-                    } => {
-                        let pk = key(credit_type);
-                        pools.entry(pk.clone()).or_default();
-                        for e in entries {
-                            if let Some(g) = e.grant_id {
-                                consumed
-                                    .entry((ev.tenant_id.clone(), g))
-                                    .or_insert_with(|| (pk.clone(), Decimal::ZERO))
-                                    .1 += e.amount;
-                            }
-                        }
-                    }
-                    Outcome::Denied { credit_type, .. } => {
-                        pools.entry(key(credit_type)).or_default();
-                        rejected.push((key(credit_type), &ev.idempotency_key, ev.event_uid, true));
-                    }
-                    Outcome::Unpriced { .. } => {
-                        rejected.push((key(""), &ev.idempotency_key, ev.event_uid, false));
-                    }
-                    Outcome::Duplicate => {}
-                }
-            }
-            LedgerMsg::Grant(g) => {
-                let s = &g.grant;
-                let pk = PoolId {
-                    tenant_id: g.tenant_id.clone(),
-                    customer_id: s.customer_id.clone(),
-                    resource_id: s.resource_id.clone(),
-                    credit_type: s.credit_type.clone(),
-                };
-                let p = pools.entry(pk).or_default();
-                p.grant_facts = true;
-                if !s.scheduled() {
-                    p.granted += s.amount;
-                }
-                grant_events.push((g.tenant_id.clone(), s.id, s.created_at, GrantEvent::Granted));
-            }
-            // A give-back moves the pool: its thresholds are evaluated (a recovery); so does a
-            // dead-lettered event's charge (its give-back follows).
-            LedgerMsg::Reversal(v) | LedgerMsg::DeadLetteredCharge(v) => {
-                pools.entry(v.pool.clone()).or_default();
-            }
-            // A limit change moves no balance.
-            LedgerMsg::Limit(_) => {}
-            LedgerMsg::GrantChange(v) => {
-                let pk = v.pool.clone();
-                let moved: Decimal = v.entries.iter().map(|e| e.amount).sum();
-                let p = pools.entry(pk).or_default();
-                p.grant_facts = true;
-                if v.change == GrantChange::Activate {
-                    p.granted += moved + v.repaid;
-                }
-                grant_events.push((
-                    v.pool.tenant_id.clone(),
-                    v.grant_id,
-                    v.at,
-                    GrantEvent::Changed(v.change, -moved),
-                ));
-            }
-        }
-    }
-
-    // Thresholds see only what this transaction moved, exactly; pools and grants it did not move
-    // (a redelivery) were evaluated by the transaction that did.
-    pools.retain(|k, p| match moved.pools.get(k) {
-        Some(m) => {
-            p.moved = m.balance;
-            true
-        }
-        None => p.grant_facts,
-    });
-    consumed.retain(|k, (_, m)| match moved.grants.get(k) {
-        Some(g) => {
-            *m = g.delta;
-            true
-        }
-        None => false,
-    });
-    rejected.retain(|r| moved.new_usage.contains(&r.2));
-
-    let mut msgs: Vec<NewMessage> = Vec::new();
-    let now = Utc::now();
-    let balances = pool_thresholds(tx, &pools, moved.pools, now, &mut msgs).await?;
-    grant_thresholds(tx, &consumed, &balances, now, &mut msgs).await?;
-    grant_messages(tx, &grant_events, &balances, &mut msgs).await?;
-    count_rejections(tx, &rejected).await?;
-    insert(tx, &msgs).await?;
-    Ok(())
-}
-
-fn tenant_of(f: &LedgerMsg) -> &str {
-    match f {
-        LedgerMsg::Usage(u) => &u.event.tenant_id,
-        LedgerMsg::Grant(g) => &g.tenant_id,
-        LedgerMsg::GrantChange(v) => &v.pool.tenant_id,
-        LedgerMsg::Reversal(v) | LedgerMsg::DeadLetteredCharge(v) => &v.pool.tenant_id,
-        LedgerMsg::Limit(v) => &v.pool.tenant_id,
-    }
+    Ok(with.into_iter().collect())
 }
 
 /// Store the fired set (and the pool's funding level) of keys whose state changed, creating
 /// rows as needed. Rows go in key order (callers pass BTreeMap order); a state row is only
 /// written while the pool or grant row it belongs to is locked by this transaction (the settle
 /// transaction moved it), so two ledger-writers never race on one.
-async fn save_state(tx: &mut PgConnection, rows: &[(&PoolKey, Uuid, Level, BTreeSet<String>)]) -> sqlx::Result<()> {
+async fn save_state(tx: &mut PgConnection, rows: &[AlertState]) -> sqlx::Result<()> {
     if rows.is_empty() {
         return Ok(());
     }
     let (mut t, mut c, mut r, mut ct, mut g, mut b, mut gr, mut f) =
         (vec![], vec![], vec![], vec![], vec![], vec![], vec![], vec![]);
-    for (pk, gid, l, fired) in rows {
-        t.push(pk.tenant_id.as_str());
-        c.push(pk.customer_id.as_str());
-        r.push(pk.resource_id.as_str());
-        ct.push(pk.credit_type.as_str());
-        g.push(*gid);
-        b.push(l.balance);
-        gr.push(l.granted);
-        f.push(fired.iter().cloned().collect::<Vec<_>>().join(","));
+    for s in rows {
+        t.push(s.pool.tenant_id.as_str());
+        c.push(s.pool.customer_id.as_str());
+        r.push(s.pool.resource_id.as_str());
+        ct.push(s.pool.credit_type.as_str());
+        g.push(s.grant);
+        b.push(s.level.balance);
+        gr.push(s.level.granted);
+        f.push(s.fired.iter().cloned().collect::<Vec<_>>().join(","));
     }
     sqlx::query(
         "INSERT INTO alert_state AS s (tenant_id, customer_id, resource_id, credit_type, grant_id, balance, granted, fired)
@@ -351,27 +214,13 @@ async fn save_state(tx: &mut PgConnection, rows: &[(&PoolKey, Uuid, Level, BTree
     Ok(())
 }
 
-type PoolRow = (
-    String,
-    String,
-    String,
-    String,
-    Option<Decimal>,
-    Option<Vec<String>>,
-    Decimal,
-    Decimal,
-    Vec<i32>,
-    Vec<Decimal>,
-);
-
-/// Balance thresholds of every pool the batch moved. Returns each pool's settled balance.
+/// Balance thresholds of every pool the batch moved ([`plan::pool_alerts`]). Returns each
+/// pool's settled balance.
 ///
-/// The level before the batch is the level after it minus what this transaction moved (exact:
-/// taken from the ledger rows it inserted); the funding level before it is the stored one (it
-/// is stored whenever it changes). So a batch reads one row per pool and writes `alert_state`
-/// only when a threshold fires or recovers or the funding changes, not for every pool it
-/// touches. No lock is taken here: the settle transaction already holds the pool's row (it
-/// moved its balance), which orders two transactions on one pool.
+/// A batch reads one row per pool and writes `alert_state` only when a threshold fires or
+/// recovers or the funding changes, not for every pool it touches. No lock is taken here: the
+/// settle transaction already holds the pool's row (it moved its balance), which orders two
+/// transactions on one pool.
 async fn pool_thresholds(
     tx: &mut PgConnection,
     pools: &BTreeMap<PoolKey, PoolBatch>,
@@ -382,6 +231,15 @@ async fn pool_thresholds(
     if pools.is_empty() {
         return Ok(HashMap::new());
     }
+    let rows = read_pools(tx, pools).await?;
+    let alerts = plan::pool_alerts(rows, pools, moved, now);
+    save_state(tx, &alerts.states).await?;
+    msgs.extend(alerts.msgs);
+    Ok(alerts.balances)
+}
+
+/// Each pool's balance, funding, stored alert state and configured thresholds, in key order.
+async fn read_pools(tx: &mut PgConnection, pools: &BTreeMap<PoolKey, PoolBatch>) -> sqlx::Result<Vec<PoolRead>> {
     let (mut t, mut c, mut r, mut ct) = (vec![], vec![], vec![], vec![]);
     for pk in pools.keys() {
         t.push(pk.tenant_id.as_str());
@@ -413,70 +271,12 @@ async fn pool_thresholds(
     .bind(&ct)
     .fetch_all(&mut *tx)
     .await?;
-    let mut balances = HashMap::new();
-    let mut states = Vec::new();
-    let mut emitted = Vec::new();
-    for (t, c, r, ct, stored_granted, fired, balance, granted, usage, below) in rows {
-        let pk = PoolId {
-            tenant_id: t,
-            customer_id: c,
-            resource_id: r,
-            credit_type: ct,
-        };
-        let after = Level { balance, granted };
-        let batch = &pools[&pk];
-        let before = Level {
-            balance: balance - batch.moved,
-            // Never stored: what the batch's grants added is all that changed it.
-            granted: stored_granted.unwrap_or(granted - batch.granted),
-        };
-        let mut th: Vec<Threshold> = usage.iter().map(|p| Threshold::UsagePercent(*p as u32)).collect();
-        th.extend(below.iter().map(|b| Threshold::BalanceBelow(*b)));
-        th.push(Threshold::Depleted);
-        let fired: BTreeSet<String> = fired.unwrap_or_default().into_iter().collect();
-        // The levels after each of the batch's entries, ending exactly at `after` (a grant
-        // and the usage that drains it in one batch still cross every threshold between).
-        let mut path = Vec::new();
-        let mut l = before;
-        for (b, g) in moved.get(&pk).map(|m| m.steps.as_slice()).unwrap_or_default() {
-            l.balance += b;
-            l.granted += g;
-            path.push(l);
-        }
-        match path.last_mut() {
-            Some(last) => *last = after,
-            None => path.push(after),
-        }
-        let (crossings, next) = cross_path(&before, &path, &th, &fired);
-        for x in crossings {
-            let (kind, t) = match &x {
-                Crossing::Fired(t @ Threshold::Depleted) => (wh::BALANCE_DEPLETED, t),
-                Crossing::Fired(t) => (wh::BALANCE_USAGE_LOW, t),
-                Crossing::Recovered(t) => (wh::BALANCE_RECOVERED, t),
-            };
-            let mut data = pool_json(&pk, Some(balance));
-            data.insert("granted".into(), json!(dec(granted)));
-            data.insert("threshold".into(), threshold_json(t));
-            emitted.push(message(Uuid::now_v7(), &pk.tenant_id, kind, now, Value::Object(data)));
-        }
-        balances.insert(pk.clone(), balance);
-        if next != fired || stored_granted != Some(granted) {
-            states.push((pk, after, next));
-        }
-    }
-    let refs: Vec<(&PoolKey, Uuid, Level, BTreeSet<String>)> =
-        states.iter().map(|(k, l, f)| (k, Uuid::nil(), *l, f.clone())).collect();
-    save_state(tx, &refs).await?;
-    msgs.extend(emitted);
-    Ok(balances)
+    Ok(rows.into_iter().map(PoolRead::from).collect())
 }
 
-type GrantRow = (String, Uuid, Decimal, Decimal, String, Option<Vec<String>>, Vec<i32>);
-
-/// Grant-level thresholds (grant_usage_percent) and depletion of every grant the batch consumed
-/// from. As for pools: the remaining before is the remaining after minus what this transaction
-/// moved, the grant's row is locked by the settle transaction, and state is written only when
-/// the fired set changes.
+/// Grant-level thresholds and depletion of every grant the batch consumed from
+/// ([`plan::grant_alerts`]). As for pools, the grant's row is locked by the settle transaction,
+/// and state is written only when the fired set changes.
 async fn grant_thresholds(
     tx: &mut PgConnection,
     consumed: &BTreeMap<(String, Uuid), (PoolKey, Decimal)>,
@@ -487,6 +287,18 @@ async fn grant_thresholds(
     if consumed.is_empty() {
         return Ok(());
     }
+    let rows = read_grants(tx, consumed).await?;
+    let (fired, states) = plan::grant_alerts(rows, consumed, balances, now);
+    msgs.extend(fired);
+    save_state(tx, &states).await?;
+    Ok(())
+}
+
+/// Each consumed grant's amount, remaining, status, stored fired set and usage thresholds.
+async fn read_grants(
+    tx: &mut PgConnection,
+    consumed: &BTreeMap<(String, Uuid), (PoolKey, Decimal)>,
+) -> sqlx::Result<Vec<GrantRead>> {
     let t: Vec<&str> = consumed.keys().map(|(t, _)| t.as_str()).collect();
     let g: Vec<Uuid> = consumed.keys().map(|(_, g)| *g).collect();
     let rows: Vec<GrantRow> = sqlx::query_as(
@@ -506,83 +318,21 @@ async fn grant_thresholds(
     .bind(&g)
     .fetch_all(&mut *tx)
     .await?;
-    let mut states = Vec::new();
-    for (tenant, gid, amount, remaining, status, fired, usage) in rows {
-        let (pk, moved) = &consumed[&(tenant.clone(), gid)];
-        let after = Level {
-            balance: remaining,
-            granted: amount,
-        };
-        let before = Level {
-            balance: remaining - moved,
-            granted: amount,
-        };
-        let mut th: Vec<Threshold> = usage.iter().map(|p| Threshold::UsagePercent(*p as u32)).collect();
-        th.push(Threshold::Depleted);
-        let fired: BTreeSet<String> = fired.unwrap_or_default().into_iter().collect();
-        let (crossings, next) = cross(&before, &after, &th, &fired);
-        // A voided or expired grant is not "used up"; its thresholds stay quiet.
-        if status != "voided" && status != "expired" {
-            for x in crossings {
-                let Crossing::Fired(t) = x else { continue };
-                let kind = if t == Threshold::Depleted {
-                    wh::GRANT_DEPLETED
-                } else {
-                    wh::GRANT_USAGE_LOW
-                };
-                let mut data = pool_json(pk, balances.get(pk).copied());
-                data.insert(
-                    "grant".into(),
-                    json!({"id": gid, "amount": dec(amount), "remaining": dec(remaining), "status": status}),
-                );
-                data.insert("threshold".into(), threshold_json(&t));
-                msgs.push(message(Uuid::now_v7(), &tenant, kind, now, Value::Object(data)));
-            }
-        }
-        if next != fired {
-            states.push((pk, gid, after, next));
-        }
-    }
-    save_state(tx, &states).await?;
-    Ok(())
+    Ok(rows.into_iter().map(GrantRead::from).collect())
 }
 
-#[derive(sqlx::FromRow)]
-struct GrantDetail {
-    tenant_id: String,
-    id: Uuid,
-    customer_id: String,
-    resource_id: String,
-    credit_type: String,
-    amount: Decimal,
-    remaining: Decimal,
-    status: String,
-    category: String,
-    priority: i32,
-    cost_amount: Option<Decimal>,
-    cost_currency: Option<String>,
-    effective_at: DateTime<Utc>,
-    expires_at: Option<DateTime<Utc>>,
-    display_name: String,
-    description: Option<String>,
-    metadata: Option<Value>,
-    source: String,
-    created_at: DateTime<Utc>,
-    voided_at: Option<DateTime<Utc>>,
-}
-
-/// credits.granted, credits.grant.updated and credits.expired, with ids derived from the grant.
+/// credits.granted, credits.grant.updated and credits.expired ([`plan::grant_messages`]).
 async fn grant_messages(
     tx: &mut PgConnection,
-    events: &[(String, Uuid, DateTime<Utc>, GrantEvent)],
+    events: &[GrantEventAt],
     balances: &HashMap<PoolKey, Decimal>,
     msgs: &mut Vec<NewMessage>,
 ) -> anyhow::Result<()> {
     if events.is_empty() {
         return Ok(());
     }
-    let t: Vec<&str> = events.iter().map(|e| e.0.as_str()).collect();
-    let g: Vec<Uuid> = events.iter().map(|e| e.1).collect();
+    let t: Vec<&str> = events.iter().map(|e| e.tenant.as_str()).collect();
+    let g: Vec<Uuid> = events.iter().map(|e| e.grant).collect();
     let rows: Vec<GrantDetail> = sqlx::query_as(
         "SELECT DISTINCT ON (gr.tenant_id, gr.id) gr.tenant_id, gr.id, gr.customer_id, gr.resource_id, gr.credit_type,
             gr.amount, gr.remaining, gr.status, gr.category, gr.priority, gr.cost_amount, gr.cost_currency,
@@ -594,87 +344,19 @@ async fn grant_messages(
     .bind(&g)
     .fetch_all(&mut *tx)
     .await?;
-    let by_id: HashMap<(String, Uuid), GrantDetail> =
-        rows.into_iter().map(|r| ((r.tenant_id.clone(), r.id), r)).collect();
-    for (tenant, gid, at, ev) in events {
-        let Some(r) = by_id.get(&(tenant.clone(), *gid)) else {
-            continue;
-        };
-        let pk = PoolId {
-            tenant_id: r.tenant_id.clone(),
-            customer_id: r.customer_id.clone(),
-            resource_id: r.resource_id.clone(),
-            credit_type: r.credit_type.clone(),
-        };
-        let status = if r.status == "active" && r.effective_at > Utc::now() {
-            "scheduled"
-        } else {
-            r.status.as_str()
-        };
-        let grant = json!({
-            "id": r.id, "customer_id": r.customer_id, "credit_type": r.credit_type,
-            "resource_id": if r.resource_id.is_empty() { None } else { Some(&r.resource_id) },
-            "amount": dec(r.amount), "remaining": dec(r.remaining), "status": status, "category": r.category,
-            "priority": r.priority,
-            "cost": r.cost_amount.map(|a| json!({"amount": dec(a), "currency": r.cost_currency})),
-            "effective_at": r.effective_at, "expires_at": r.expires_at, "display_name": r.display_name,
-            "description": r.description, "metadata": r.metadata, "source": r.source, "created_at": r.created_at,
-            "voided_at": r.voided_at,
-        });
-        let mut data = pool_json(&pk, balances.get(&pk).copied());
-        data.insert("grant".into(), grant);
-        match ev {
-            GrantEvent::Granted => {
-                let id = Uuid::new_v5(&MSG_NS, format!("{}/{tenant}/{gid}", wh::GRANTED).as_bytes());
-                msgs.push(message(id, tenant, wh::GRANTED, *at, Value::Object(data)));
-            }
-            GrantEvent::Changed(change, left) => {
-                let name = match change {
-                    GrantChange::Void => "voided",
-                    GrantChange::Expire => "expired",
-                    GrantChange::Activate => "activated",
-                };
-                if *change == GrantChange::Expire {
-                    let mut d = data.clone();
-                    d.insert("expired_amount".into(), json!(dec(*left)));
-                    let id = Uuid::new_v5(&MSG_NS, format!("{}/{tenant}/{gid}", wh::EXPIRED).as_bytes());
-                    msgs.push(message(id, tenant, wh::EXPIRED, *at, Value::Object(d)));
-                }
-                data.insert("change".into(), json!(name));
-                let id = Uuid::new_v5(
-                    &MSG_NS,
-                    format!("{}/{name}/{tenant}/{gid}", wh::GRANT_UPDATED).as_bytes(),
-                );
-                msgs.push(message(id, tenant, wh::GRANT_UPDATED, *at, Value::Object(data)));
-            }
-        }
-    }
+    msgs.extend(plan::grant_messages(events, rows, balances, Utc::now()));
     Ok(())
 }
 
-/// Count the denied and unpriced events this transaction inserted (the caller keeps only those:
-/// a redelivered one was counted by the transaction that inserted it) into their pool's window.
-async fn count_rejections(tx: &mut PgConnection, rejected: &[(PoolKey, &str, Uuid, bool)]) -> anyhow::Result<()> {
+/// Count the denied and unpriced events this transaction inserted (the plan keeps only those:
+/// a redelivered one was counted by the transaction that inserted it) into their pool's window
+/// of `window_s` seconds.
+async fn count_rejections(tx: &mut PgConnection, rejected: &[Rejected<'_>], window_s: u32) -> anyhow::Result<()> {
     if rejected.is_empty() {
         return Ok(());
     }
-    let mut per: BTreeMap<&PoolKey, (i64, i64, Vec<&str>)> = BTreeMap::new();
-    for (pk, key, _, denied) in rejected {
-        let e = per.entry(pk).or_default();
-        if *denied {
-            e.0 += 1;
-        } else {
-            e.1 += 1;
-        }
-        if e.2.len() < 10 {
-            e.2.push(key);
-        }
-    }
-    if per.is_empty() {
-        return Ok(());
-    }
     let (mut t, mut c, mut r, mut ct, mut d, mut un, mut s) = (vec![], vec![], vec![], vec![], vec![], vec![], vec![]);
-    for (pk, (dn, up, samples)) in per {
+    for (pk, (dn, up, samples)) in plan::rejection_counts(rejected) {
         t.push(pk.tenant_id.as_str());
         c.push(pk.customer_id.as_str());
         r.push(pk.resource_id.as_str());
@@ -700,7 +382,7 @@ async fn count_rejections(tx: &mut PgConnection, rejected: &[(PoolKey, &str, Uui
     .bind(&d)
     .bind(&un)
     .bind(&s)
-    .bind(f64::from(super::rejected_window_s()))
+    .bind(f64::from(window_s))
     .execute(&mut *tx)
     .await?;
     Ok(())
