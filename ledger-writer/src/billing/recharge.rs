@@ -26,7 +26,7 @@ use rust_decimal::Decimal;
 use serde_json::{json, Value};
 use shared::billing::charge::{ChargeClient, ChargeOutcome};
 use shared::billing::period::spend_period;
-use shared::billing::{self, ChargeRow, CHARGE_COLS};
+use shared::billing::{self, AutoRechargeSettings, ChargeRow, CHARGE_COLS};
 use sqlx::{PgConnection, PgPool};
 use uuid::Uuid;
 
@@ -51,17 +51,8 @@ pub struct Worker {
 #[derive(sqlx::FromRow)]
 struct Candidate {
     tenant_id: String,
-    customer_id: String,
-    resource_id: String,
-    credit_type: String,
-    threshold: Decimal,
-    target_balance: Decimal,
-    spend_limit: Decimal,
-    currency: String,
-    reset_day: i16,
-    grant_expiration_days: Option<i32>,
-    payment_method_id: String,
-    paused_reason: Option<String>,
+    #[sqlx(flatten)]
+    settings: AutoRechargeSettings,
     paused_period_start: Option<DateTime<Utc>>,
     balance: Decimal,
     unit_price: Decimal,
@@ -164,7 +155,7 @@ impl Worker {
         // Only the pools below their threshold or with new denials.
         let rows: Vec<Candidate> = rows
             .into_iter()
-            .filter(|c| c.balance < c.threshold || c.deny_id.is_some())
+            .filter(|c| c.balance < c.settings.threshold || c.deny_id.is_some())
             .collect();
         for c in rows {
             self.claim_one(&mut tx, &c, now).await?;
@@ -174,20 +165,21 @@ impl Worker {
     }
 
     async fn claim_one(&self, tx: &mut PgConnection, c: &Candidate, now: DateTime<Utc>) -> anyhow::Result<()> {
-        let (start, _) = spend_period(c.reset_day as u32, now);
+        let s = &c.settings;
+        let (start, _) = spend_period(s.reset_day as u32, now);
         let key = (
             c.tenant_id.as_str(),
-            c.customer_id.as_str(),
-            c.credit_type.as_str(),
-            c.resource_id.as_str(),
+            s.customer_id.as_str(),
+            s.credit_type.as_str(),
+            s.resource_id.as_str(),
         );
         // Paused for this spend period: wait for the next one (or new settings).
-        if c.paused_reason.is_some() && c.paused_period_start == Some(start) {
+        if s.paused_reason.is_some() && c.paused_period_start == Some(start) {
             mark_seen(tx, key, c.deny_id).await?;
             return Ok(());
         }
-        let credits = c.target_balance - c.balance;
-        if credits <= Decimal::ZERO || c.price_currency != c.currency {
+        let credits = s.target_balance - c.balance;
+        if credits <= Decimal::ZERO || c.price_currency != s.currency {
             mark_seen(tx, key, c.deny_id).await?;
             return Ok(());
         }
@@ -204,7 +196,7 @@ impl Worker {
         .bind(start)
         .fetch_one(&mut *tx)
         .await?;
-        if spent + amount > c.spend_limit {
+        if spent + amount > s.spend_limit {
             sqlx::query(
                 "UPDATE auto_recharge SET paused_reason = 'spend_limit_reached', paused_at = now(),
                     paused_period_start = $5, updated_at = now()
@@ -218,18 +210,18 @@ impl Worker {
             .execute(&mut *tx)
             .await?;
             mark_seen(tx, key, c.deny_id).await?;
-            tracing::info!(customer = %c.customer_id, credit_type = %c.credit_type, %spent, %amount,
+            tracing::info!(customer = %s.customer_id, credit_type = %s.credit_type, %spent, %amount,
                 "auto-recharge paused: spend limit reached");
             emit(
                 tx,
                 &c.tenant_id,
                 billing::AUTO_RECHARGE_PAUSED,
-                &format!("{}/{}/{}/{}", c.customer_id, c.credit_type, c.resource_id, start.timestamp()),
+                &format!("{}/{}/{}/{}", s.customer_id, s.credit_type, s.resource_id, start.timestamp()),
                 pool_data(
-                    (&c.customer_id, &c.resource_id, &c.credit_type),
+                    (&s.customer_id, &s.resource_id, &s.credit_type),
                     json!({"paused_reason": "spend_limit_reached",
-                        "spent_this_period": {"amount": spent.normalize().to_string(), "currency": c.currency},
-                        "monthly_spend_limit": {"amount": c.spend_limit.normalize().to_string(), "currency": c.currency},
+                        "spent_this_period": {"amount": spent.normalize().to_string(), "currency": s.currency},
+                        "monthly_spend_limit": {"amount": s.spend_limit.normalize().to_string(), "currency": s.currency},
                         "balance": c.balance.normalize().to_string()}),
                 ),
             )
@@ -249,9 +241,9 @@ impl Worker {
         .bind(key.2)
         .bind(credits)
         .bind(amount)
-        .bind(&c.currency)
-        .bind(&c.payment_method_id)
-        .bind(c.grant_expiration_days)
+        .bind(&s.currency)
+        .bind(&s.payment_method_id)
+        .bind(s.grant_expiration_days)
         .bind(billing::charge_grant_id(key.0, &charge_id))
         .bind(now)
         .execute(&mut *tx)
@@ -269,7 +261,7 @@ impl Worker {
         .execute(&mut *tx)
         .await?;
         mark_seen(tx, key, c.deny_id).await?;
-        tracing::info!(customer = %c.customer_id, credit_type = %c.credit_type, %credits, %amount, %charge_id,
+        tracing::info!(customer = %s.customer_id, credit_type = %s.credit_type, %credits, %amount, %charge_id,
             balance = %c.balance, "auto-recharge started");
         Ok(())
     }
