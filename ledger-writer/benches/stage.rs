@@ -251,6 +251,7 @@ async fn run(args: &Args, name: &str) -> Result<()> {
         db: db.clone(),
         producer: shared::kafka::producer(&kafka, 1)?,
         input_topic: kafka.input_topic.clone(),
+        rejected_window_s: ledger_writer::webhooks::DEFAULT_REJECTED_WINDOW_S,
     });
     let mut rng = StdRng::seed_from_u64(11);
     let (all, unique, dups, total) = facts(args, &grants, &mut rng);

@@ -23,7 +23,7 @@ use shared::model::{partition_key, InputMsg, LedgerMsg, Outcome, PoolId, Reversa
 use crate::metric as m;
 use crate::settle::Mode;
 use crate::settle::Settler;
-use crate::webhooks::SettleDuty;
+use crate::webhooks::DutyMeter;
 
 /// One fact of a consumed ledger message (or the whole message, if it does not decode).
 pub struct FactUnit {
@@ -81,7 +81,7 @@ pub struct SettleStep {
     pub producer: FutureProducer,
     pub kafka: KafkaArgs,
     /// How much of its time settlement spends settling (the webhook sender yields when it is most).
-    pub duty: SettleDuty,
+    pub duty: DutyMeter,
 }
 
 impl Step for SettleStep {

@@ -12,6 +12,8 @@ pub mod reconcile;
 pub mod rollups;
 pub mod settle;
 pub mod sweep;
+#[cfg(test)]
+mod test_facts;
 pub mod webhooks;
 
 use std::net::SocketAddr;
@@ -186,6 +188,7 @@ pub async fn run(config: Config, ready: Ready, shutdown: CancellationToken) -> a
         db,
         producer: producer.clone(),
         input_topic: config.kafka.input_topic.clone(),
+        rejected_window_s: config.webhooks.rejected_window_s,
     };
     tokio::spawn(sweep::run(
         settler.db.clone(),
@@ -194,7 +197,9 @@ pub async fn run(config: Config, ready: Ready, shutdown: CancellationToken) -> a
         Duration::from_millis(config.sweep_interval_ms),
         shutdown.clone(),
     ));
-    let sender = webhooks::spawn(&config.webhooks, &config.db, shutdown.clone()).await?;
+    // Settlement's duty cycle: the settle loop measures it, the webhook sender yields to it.
+    let duty = webhooks::SettleDuty::default();
+    let sender = webhooks::spawn(&config.webhooks, &config.db, duty.clone(), shutdown.clone()).await?;
     billing::spawn(
         config.billing.clone(),
         settler.db.clone(),
@@ -226,7 +231,7 @@ pub async fn run(config: Config, ready: Ready, shutdown: CancellationToken) -> a
         settler,
         producer,
         kafka: config.kafka.clone(),
-        duty: webhooks::SettleDuty::default(),
+        duty: duty.meter(),
     };
     let result = driver.run(&mut step).await;
     ready.set(false);

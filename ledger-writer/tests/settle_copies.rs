@@ -97,6 +97,7 @@ async fn two_copies_of_a_fact_in_one_batch_settle_once_on_the_fast_path() {
         db: db.clone(),
         producer: shared::kafka::producer(&kafka, 1).unwrap(),
         input_topic: "unused".into(),
+        rejected_window_s: ledger_writer::webhooks::DEFAULT_REJECTED_WINDOW_S,
     };
     let (a, b) = (usage(grant, "k-a", 3, 97), usage(grant, "k-b", 4, 93));
     settler

@@ -507,18 +507,27 @@ impl PoolStore {
     /// Create the pool hash from its settled state in Postgres.
     async fn rebuild(&self, b: &PoolOps) -> Result<(), PoolError> {
         let p = &b.pool;
-        type Row = (
-            Uuid,
-            i32,
-            Option<DateTime<Utc>>,
-            String,
-            DateTime<Utc>,
-            DateTime<Utc>,
-            Decimal,
-            String,
-            bool,
-        );
-        let rows: Vec<Row> = sqlx::query_as(
+        let settled = self.settled(p).await?;
+        let argv = init_argv(&settled, b.decimals)?;
+        let pool_key = self
+            .keys
+            .pool(&p.tenant_id, &p.customer_id, &p.credit_type, &p.resource_id);
+        let mut inv = INIT.prepare_invoke();
+        inv.key(&pool_key);
+        for v in &argv {
+            inv.arg(&v[..]);
+        }
+        let mut con = self.redis.clone();
+        let created: i64 = inv.invoke_async(&mut con).await?;
+        if created == 1 {
+            metrics::counter!(m::POOL_REBUILDS).increment(1);
+        }
+        Ok(())
+    }
+
+    /// The pool's settled state: its grants, overdraft and limit override.
+    async fn settled(&self, p: &PoolId) -> Result<SettledPool, PoolError> {
+        let grants: Vec<SettledGrant> = sqlx::query_as(
             "SELECT id, priority, expires_at, category, effective_at, created_at, remaining, status, activated
              FROM grants WHERE tenant_id = $1 AND customer_id = $2 AND credit_type = $3 AND resource_id = $4",
         )
@@ -547,43 +556,68 @@ impl PoolStore {
         .bind(&p.resource_id)
         .fetch_optional(&self.db)
         .await?;
-        let fixed = |d: Decimal| {
-            to_fixed_signed(d, b.decimals).map_err(|e| PoolError::Reply(format!("settled amount {d}: {e}")))
-        };
-        let pool_key = self
-            .keys
-            .pool(&p.tenant_id, &p.customer_id, &p.credit_type, &p.resource_id);
-        let mut inv = INIT.prepare_invoke();
-        inv.key(&pool_key)
-            .arg(fixed(overdraft.unwrap_or_default())?)
-            .arg(limit.unwrap_or_default())
-            .arg(rows.len());
-        for (id, prio, exp, cat, eff, created, remaining, status, activated) in rows {
-            let cat = if cat == "promo" {
-                Category::Promo
-            } else {
-                Category::Paid
-            };
-            inv.arg(id.to_string())
-                .arg(OrderKey::new(prio as u32, exp, cat, eff, created, id).to_string());
-            if status == "voided" || status == "expired" {
-                inv.arg("v");
-            } else if activated && eff > created {
-                inv.arg(format!("a{}", fixed(remaining)?));
-            } else {
-                inv.arg(fixed(remaining)?);
-            }
-        }
-        let mut con = self.redis.clone();
-        let created: i64 = match inv.invoke_async(&mut con).await {
-            Ok(v) => v,
-            Err(e) => return Err(e.into()),
-        };
-        if created == 1 {
-            metrics::counter!(m::POOL_REBUILDS).increment(1);
-        }
-        Ok(())
+        Ok(SettledPool {
+            grants,
+            overdraft,
+            limit,
+        })
     }
+}
+
+/// A grant of a pool as Postgres settled it.
+#[derive(Debug, Clone, sqlx::FromRow)]
+struct SettledGrant {
+    id: Uuid,
+    priority: i32,
+    expires_at: Option<DateTime<Utc>>,
+    category: String,
+    effective_at: DateTime<Utc>,
+    created_at: DateTime<Utc>,
+    remaining: Decimal,
+    status: String,
+    activated: bool,
+}
+
+/// A pool as Postgres settled it (what a rebuild puts back in Redis).
+#[derive(Debug, Clone, Default)]
+struct SettledPool {
+    grants: Vec<SettledGrant>,
+    /// None: no pool row yet.
+    overdraft: Option<Decimal>,
+    /// The limit override ("hard" or "soft"); None: the credit type's.
+    limit: Option<String>,
+}
+
+/// init.lua's whole ARGV for a settled pool, byte for byte as its header documents it: the
+/// overdraft (fixed int), the limit override ("" = none), the number of grants, then per grant
+/// its id, order key and remaining: "v" once ended, "a<fixed>" for a scheduled grant already
+/// activated, else the fixed amount. An amount that does not fit `decimals` is an error.
+fn init_argv(s: &SettledPool, decimals: u32) -> Result<Vec<Vec<u8>>, PoolError> {
+    let fixed =
+        |d: Decimal| to_fixed_signed(d, decimals).map_err(|e| PoolError::Reply(format!("settled amount {d}: {e}")));
+    let text = |s: String| s.into_bytes();
+    let mut argv = vec![
+        text(fixed(s.overdraft.unwrap_or_default())?.to_string()),
+        text(s.limit.clone().unwrap_or_default()),
+        text(s.grants.len().to_string()),
+    ];
+    for g in &s.grants {
+        let cat = if g.category == "promo" {
+            Category::Promo
+        } else {
+            Category::Paid
+        };
+        let order = OrderKey::new(g.priority as u32, g.expires_at, cat, g.effective_at, g.created_at, g.id);
+        let remaining = if g.status == "voided" || g.status == "expired" {
+            "v".to_owned()
+        } else if g.activated && g.effective_at > g.created_at {
+            format!("a{}", fixed(g.remaining)?)
+        } else {
+            fixed(g.remaining)?.to_string()
+        };
+        argv.extend([text(g.id.to_string()), text(order.to_string()), text(remaining)]);
+    }
+    Ok(argv)
 }
 
 /// The decimal value of a fixed amount (re-exported for the batch step).
@@ -613,6 +647,60 @@ mod tests {
             k(1000, None, Category::Paid, t(0)).len(),
             k(0, None, Category::Paid, t(0)).len()
         );
+    }
+
+    /// init.lua's ARGV for a settled pool, byte for byte as its header documents it.
+    #[test]
+    fn init_argv_is_pinned() {
+        let t = |s| DateTime::from_timestamp(s, 0).unwrap();
+        let grant = |id: u128, category: &str, status: &str, effective: i64, activated: bool| SettledGrant {
+            id: Uuid::from_u128(id),
+            priority: 7,
+            expires_at: Some(t(900)),
+            category: category.into(),
+            effective_at: t(effective),
+            created_at: t(100),
+            remaining: Decimal::new(1255, 2),
+            status: status.into(),
+            activated,
+        };
+        let settled = SettledPool {
+            grants: vec![
+                grant(1, "paid", "active", 100, true),
+                grant(2, "promo", "depleted", 100, true),
+                grant(3, "paid", "voided", 100, true),
+                grant(4, "paid", "expired", 200, true),
+                // Scheduled: activated carries "a", not yet activated is plain.
+                grant(5, "paid", "active", 200, true),
+                grant(6, "paid", "active", 200, false),
+            ],
+            overdraft: Some(Decimal::new(-3, 1)),
+            limit: Some("soft".into()),
+        };
+        let order = |id: u128, cat, effective| {
+            OrderKey::new(7, Some(t(900)), cat, t(effective), t(100), Uuid::from_u128(id)).to_string()
+        };
+        let s = |x: &str| x.as_bytes().to_vec();
+        let mut want = vec![s("-30"), s("soft"), s("6")];
+        for (id, cat, effective, remaining) in [
+            (1, Category::Paid, 100, "1255"),
+            (2, Category::Promo, 100, "1255"),
+            (3, Category::Paid, 100, "v"),
+            (4, Category::Paid, 200, "v"),
+            (5, Category::Paid, 200, "a1255"),
+            (6, Category::Paid, 200, "1255"),
+        ] {
+            want.extend([
+                s(&Uuid::from_u128(id).to_string()),
+                s(&order(id, cat, effective)),
+                s(remaining),
+            ]);
+        }
+        assert_eq!(init_argv(&settled, 2).unwrap(), want);
+        // A pool Postgres has no row for: no overdraft, the credit type's limit, no grants.
+        assert_eq!(init_argv(&SettledPool::default(), 2).unwrap(), [s("0"), s(""), s("0")]);
+        // A settled amount finer than the credit type's decimals is refused, not rounded.
+        assert!(matches!(init_argv(&settled, 1), Err(PoolError::Reply(_))));
     }
 
     /// The ARGV of every kind, byte for byte as apply.lua's header documents it.

@@ -13,6 +13,7 @@ use rust_decimal::Decimal;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use shared::billing::period::spend_period;
+use shared::billing::AutoRechargeSettings;
 use utoipa::{IntoParams, ToSchema};
 
 use super::{currency, dec, money, Money};
@@ -55,18 +56,9 @@ pub struct Settings {
 
 #[derive(sqlx::FromRow)]
 struct Row {
-    customer_id: String,
-    resource_id: String,
-    credit_type: String,
+    #[sqlx(flatten)]
+    settings: AutoRechargeSettings,
     enabled: bool,
-    threshold: Decimal,
-    target_balance: Decimal,
-    spend_limit: Decimal,
-    currency: String,
-    reset_day: i16,
-    grant_expiration_days: Option<i32>,
-    payment_method_id: String,
-    paused_reason: Option<String>,
     paused_at: Option<DateTime<Utc>>,
     in_flight_charge: Option<String>,
     last_recharge_at: Option<DateTime<Utc>>,
@@ -104,7 +96,8 @@ pub struct AutoRecharge {
     updated_at: DateTime<Utc>,
 }
 
-async fn render(s: &AppState, tenant: &str, r: &Row) -> ApiResult<AutoRecharge> {
+async fn render(s: &AppState, tenant: &str, row: &Row) -> ApiResult<AutoRecharge> {
+    let r = &row.settings;
     let (start, end) = spend_period(r.reset_day as u32, s.config.billing.now());
     // Spend counts every charge that may have moved money: succeeded, and not yet concluded.
     let spent: Decimal = sqlx::query_scalar(
@@ -126,7 +119,7 @@ async fn render(s: &AppState, tenant: &str, r: &Row) -> ApiResult<AutoRecharge> 
         } else {
             Some(r.resource_id.clone())
         },
-        enabled: r.enabled,
+        enabled: row.enabled,
         threshold: dec(r.threshold),
         target_balance: dec(r.target_balance),
         monthly_spend_limit: Money {
@@ -144,10 +137,10 @@ async fn render(s: &AppState, tenant: &str, r: &Row) -> ApiResult<AutoRecharge> 
         period_resets_at: end,
         paused: r.paused_reason.is_some(),
         paused_reason: r.paused_reason.clone(),
-        paused_at: r.paused_at,
-        recharge_in_flight: r.in_flight_charge.is_some(),
-        last_recharge_at: r.last_recharge_at,
-        updated_at: r.updated_at,
+        paused_at: row.paused_at,
+        recharge_in_flight: row.in_flight_charge.is_some(),
+        last_recharge_at: row.last_recharge_at,
+        updated_at: row.updated_at,
     })
 }
 

@@ -26,7 +26,7 @@ use rust_decimal::Decimal;
 use serde_json::{json, Value};
 use shared::billing::charge::{ChargeClient, ChargeOutcome};
 use shared::billing::period::spend_period;
-use shared::billing::{self, ChargeRow, CHARGE_COLS};
+use shared::billing::{self, AutoRechargeSettings, ChargeRow, CHARGE_COLS};
 use sqlx::{PgConnection, PgPool};
 use uuid::Uuid;
 
@@ -51,17 +51,8 @@ pub struct Worker {
 #[derive(sqlx::FromRow)]
 struct Candidate {
     tenant_id: String,
-    customer_id: String,
-    resource_id: String,
-    credit_type: String,
-    threshold: Decimal,
-    target_balance: Decimal,
-    spend_limit: Decimal,
-    currency: String,
-    reset_day: i16,
-    grant_expiration_days: Option<i32>,
-    payment_method_id: String,
-    paused_reason: Option<String>,
+    #[sqlx(flatten)]
+    settings: AutoRechargeSettings,
     paused_period_start: Option<DateTime<Utc>>,
     balance: Decimal,
     unit_price: Decimal,
@@ -119,6 +110,145 @@ async fn emit(conn: &mut PgConnection, tenant: &str, kind: &'static str, cause: 
     Ok(())
 }
 
+impl Candidate {
+    fn key(&self) -> PoolRef<'_> {
+        let s = &self.settings;
+        (&self.tenant_id, &s.customer_id, &s.credit_type, &s.resource_id)
+    }
+}
+
+/// A recharge to make: credits to grant and what they cost.
+#[derive(Debug, PartialEq)]
+struct Recharge {
+    credits: Decimal,
+    amount: Decimal,
+}
+
+/// The recharge a candidate pool needs in the spend period starting at `start`: up to its
+/// target, priced like a top-up. None while it is paused for this period (it waits for the
+/// next one, or new settings), when it is at or above its target, or when its top-up price is
+/// in another currency than its spend limit.
+fn recharge_of(c: &Candidate, start: DateTime<Utc>) -> Option<Recharge> {
+    let s = &c.settings;
+    if s.paused_reason.is_some() && c.paused_period_start == Some(start) {
+        return None;
+    }
+    let credits = s.target_balance - c.balance;
+    if credits <= Decimal::ZERO || c.price_currency != s.currency {
+        return None;
+    }
+    Some(Recharge {
+        credits,
+        amount: billing::price(credits, c.unit_price),
+    })
+}
+
+/// What recharges of the pool charged in the spend period from `start` (succeeded, and not yet
+/// concluded: every charge that may have moved money).
+async fn spent_in_period(tx: &mut PgConnection, key: PoolRef<'_>, start: DateTime<Utc>) -> sqlx::Result<Decimal> {
+    sqlx::query_scalar(
+        "SELECT COALESCE(sum(amount), 0) FROM charges WHERE tenant_id = $1 AND customer_id = $2
+            AND credit_type = $3 AND resource_id = $4 AND reason = 'auto_recharge' AND status <> 'failed'
+            AND billed_at >= $5",
+    )
+    .bind(key.0)
+    .bind(key.1)
+    .bind(key.2)
+    .bind(key.3)
+    .bind(start)
+    .fetch_one(&mut *tx)
+    .await
+}
+
+/// The recharge would pass the spend limit: pause the pool until the period from `start` ends
+/// (or the settings are saved), and say so once per period.
+async fn pause_at_spend_limit(
+    tx: &mut PgConnection,
+    c: &Candidate,
+    start: DateTime<Utc>,
+    spent: Decimal,
+    amount: Decimal,
+) -> anyhow::Result<()> {
+    let (s, key) = (&c.settings, c.key());
+    sqlx::query(
+        "UPDATE auto_recharge SET paused_reason = 'spend_limit_reached', paused_at = now(),
+            paused_period_start = $5, updated_at = now()
+         WHERE tenant_id = $1 AND customer_id = $2 AND credit_type = $3 AND resource_id = $4",
+    )
+    .bind(key.0)
+    .bind(key.1)
+    .bind(key.2)
+    .bind(key.3)
+    .bind(start)
+    .execute(&mut *tx)
+    .await?;
+    mark_seen(tx, key, c.deny_id).await?;
+    tracing::info!(customer = %s.customer_id, credit_type = %s.credit_type, %spent, %amount,
+        "auto-recharge paused: spend limit reached");
+    emit(
+        tx,
+        &c.tenant_id,
+        billing::AUTO_RECHARGE_PAUSED,
+        &format!(
+            "{}/{}/{}/{}",
+            s.customer_id,
+            s.credit_type,
+            s.resource_id,
+            start.timestamp()
+        ),
+        pool_data(
+            (&s.customer_id, &s.resource_id, &s.credit_type),
+            json!({"paused_reason": "spend_limit_reached",
+                "spent_this_period": {"amount": spent.normalize().to_string(), "currency": s.currency},
+                "monthly_spend_limit": {"amount": s.spend_limit.normalize().to_string(), "currency": s.currency},
+                "balance": c.balance.normalize().to_string()}),
+        ),
+    )
+    .await?;
+    Ok(())
+}
+
+/// Write the recharge's charge row (sent by `attempt_due`) and set the pool's in-flight guard.
+async fn start_recharge(tx: &mut PgConnection, c: &Candidate, r: &Recharge, now: DateTime<Utc>) -> anyhow::Result<()> {
+    let (s, key) = (&c.settings, c.key());
+    let charge_id = billing::new_charge_id();
+    sqlx::query(
+        "INSERT INTO charges (tenant_id, id, reason, customer_id, resource_id, credit_type, credits, amount,
+            currency, payment_method_id, grant_expiration_days, grant_id, billed_at)
+         VALUES ($1, $2, 'auto_recharge', $3, $4, $5, $6, $7, $8, $9, $10, $11, $12)",
+    )
+    .bind(key.0)
+    .bind(&charge_id)
+    .bind(key.1)
+    .bind(key.3)
+    .bind(key.2)
+    .bind(r.credits)
+    .bind(r.amount)
+    .bind(&s.currency)
+    .bind(&s.payment_method_id)
+    .bind(s.grant_expiration_days)
+    .bind(billing::charge_grant_id(key.0, &charge_id))
+    .bind(now)
+    .execute(&mut *tx)
+    .await?;
+    sqlx::query(
+        "UPDATE auto_recharge SET in_flight_charge = $5, in_flight_since = now(), paused_reason = NULL,
+            paused_at = NULL, paused_period_start = NULL, updated_at = now()
+         WHERE tenant_id = $1 AND customer_id = $2 AND credit_type = $3 AND resource_id = $4",
+    )
+    .bind(key.0)
+    .bind(key.1)
+    .bind(key.2)
+    .bind(key.3)
+    .bind(&charge_id)
+    .execute(&mut *tx)
+    .await?;
+    mark_seen(tx, key, c.deny_id).await?;
+    tracing::info!(customer = %s.customer_id, credit_type = %s.credit_type, credits = %r.credits,
+        amount = %r.amount, %charge_id, balance = %c.balance, "auto-recharge started");
+    Ok(())
+}
+
 impl Worker {
     pub async fn tick(&self) -> anyhow::Result<()> {
         self.release().await?;
@@ -164,7 +294,7 @@ impl Worker {
         // Only the pools below their threshold or with new denials.
         let rows: Vec<Candidate> = rows
             .into_iter()
-            .filter(|c| c.balance < c.threshold || c.deny_id.is_some())
+            .filter(|c| c.balance < c.settings.threshold || c.deny_id.is_some())
             .collect();
         for c in rows {
             self.claim_one(&mut tx, &c, now).await?;
@@ -173,105 +303,20 @@ impl Worker {
         Ok(())
     }
 
+    /// Recharge one candidate pool, pause it at its spend limit, or only note its denials seen.
     async fn claim_one(&self, tx: &mut PgConnection, c: &Candidate, now: DateTime<Utc>) -> anyhow::Result<()> {
-        let (start, _) = spend_period(c.reset_day as u32, now);
-        let key = (
-            c.tenant_id.as_str(),
-            c.customer_id.as_str(),
-            c.credit_type.as_str(),
-            c.resource_id.as_str(),
-        );
-        // Paused for this spend period: wait for the next one (or new settings).
-        if c.paused_reason.is_some() && c.paused_period_start == Some(start) {
+        let (start, _) = spend_period(c.settings.reset_day as u32, now);
+        let key = c.key();
+        let Some(r) = recharge_of(c, start) else {
             mark_seen(tx, key, c.deny_id).await?;
             return Ok(());
+        };
+        let spent = spent_in_period(tx, key, start).await?;
+        if spent + r.amount > c.settings.spend_limit {
+            pause_at_spend_limit(tx, c, start, spent, r.amount).await
+        } else {
+            start_recharge(tx, c, &r, now).await
         }
-        let credits = c.target_balance - c.balance;
-        if credits <= Decimal::ZERO || c.price_currency != c.currency {
-            mark_seen(tx, key, c.deny_id).await?;
-            return Ok(());
-        }
-        let amount = billing::price(credits, c.unit_price);
-        let spent: Decimal = sqlx::query_scalar(
-            "SELECT COALESCE(sum(amount), 0) FROM charges WHERE tenant_id = $1 AND customer_id = $2
-                AND credit_type = $3 AND resource_id = $4 AND reason = 'auto_recharge' AND status <> 'failed'
-                AND billed_at >= $5",
-        )
-        .bind(key.0)
-        .bind(key.1)
-        .bind(key.2)
-        .bind(key.3)
-        .bind(start)
-        .fetch_one(&mut *tx)
-        .await?;
-        if spent + amount > c.spend_limit {
-            sqlx::query(
-                "UPDATE auto_recharge SET paused_reason = 'spend_limit_reached', paused_at = now(),
-                    paused_period_start = $5, updated_at = now()
-                 WHERE tenant_id = $1 AND customer_id = $2 AND credit_type = $3 AND resource_id = $4",
-            )
-            .bind(key.0)
-            .bind(key.1)
-            .bind(key.2)
-            .bind(key.3)
-            .bind(start)
-            .execute(&mut *tx)
-            .await?;
-            mark_seen(tx, key, c.deny_id).await?;
-            tracing::info!(customer = %c.customer_id, credit_type = %c.credit_type, %spent, %amount,
-                "auto-recharge paused: spend limit reached");
-            emit(
-                tx,
-                &c.tenant_id,
-                billing::AUTO_RECHARGE_PAUSED,
-                &format!("{}/{}/{}/{}", c.customer_id, c.credit_type, c.resource_id, start.timestamp()),
-                pool_data(
-                    (&c.customer_id, &c.resource_id, &c.credit_type),
-                    json!({"paused_reason": "spend_limit_reached",
-                        "spent_this_period": {"amount": spent.normalize().to_string(), "currency": c.currency},
-                        "monthly_spend_limit": {"amount": c.spend_limit.normalize().to_string(), "currency": c.currency},
-                        "balance": c.balance.normalize().to_string()}),
-                ),
-            )
-            .await?;
-            return Ok(());
-        }
-        let charge_id = billing::new_charge_id();
-        sqlx::query(
-            "INSERT INTO charges (tenant_id, id, reason, customer_id, resource_id, credit_type, credits, amount,
-                currency, payment_method_id, grant_expiration_days, grant_id, billed_at)
-             VALUES ($1, $2, 'auto_recharge', $3, $4, $5, $6, $7, $8, $9, $10, $11, $12)",
-        )
-        .bind(key.0)
-        .bind(&charge_id)
-        .bind(key.1)
-        .bind(key.3)
-        .bind(key.2)
-        .bind(credits)
-        .bind(amount)
-        .bind(&c.currency)
-        .bind(&c.payment_method_id)
-        .bind(c.grant_expiration_days)
-        .bind(billing::charge_grant_id(key.0, &charge_id))
-        .bind(now)
-        .execute(&mut *tx)
-        .await?;
-        sqlx::query(
-            "UPDATE auto_recharge SET in_flight_charge = $5, in_flight_since = now(), paused_reason = NULL,
-                paused_at = NULL, paused_period_start = NULL, updated_at = now()
-             WHERE tenant_id = $1 AND customer_id = $2 AND credit_type = $3 AND resource_id = $4",
-        )
-        .bind(key.0)
-        .bind(key.1)
-        .bind(key.2)
-        .bind(key.3)
-        .bind(&charge_id)
-        .execute(&mut *tx)
-        .await?;
-        mark_seen(tx, key, c.deny_id).await?;
-        tracing::info!(customer = %c.customer_id, credit_type = %c.credit_type, %credits, %amount, %charge_id,
-            balance = %c.balance, "auto-recharge started");
-        Ok(())
     }
 
     async fn attempt_due(&self) -> anyhow::Result<()> {
@@ -463,5 +508,71 @@ impl Worker {
                 .await?;
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn t(s: &str) -> DateTime<Utc> {
+        s.parse().unwrap()
+    }
+
+    fn candidate(balance: i64) -> Candidate {
+        Candidate {
+            tenant_id: "t".into(),
+            settings: AutoRechargeSettings {
+                customer_id: "c".into(),
+                resource_id: String::new(),
+                credit_type: "credits".into(),
+                threshold: Decimal::from(10),
+                target_balance: Decimal::from(100),
+                spend_limit: Decimal::from(50),
+                currency: "USD".into(),
+                reset_day: 1,
+                grant_expiration_days: None,
+                payment_method_id: "pm".into(),
+                paused_reason: None,
+            },
+            paused_period_start: None,
+            balance: Decimal::from(balance),
+            // 0.333 USD a credit: a recharge of 97 credits costs 32.301, 32.30 in cents.
+            unit_price: Decimal::new(333, 3),
+            price_currency: "USD".into(),
+            deny_id: None,
+        }
+    }
+
+    #[test]
+    fn a_recharge_fills_up_to_the_target_at_the_top_up_price() {
+        let start = t("2024-03-01T00:00:00Z");
+        assert_eq!(
+            recharge_of(&candidate(3), start),
+            Some(Recharge {
+                credits: Decimal::from(97),
+                amount: Decimal::new(3230, 2),
+            })
+        );
+        // Under an overdraft the recharge covers it too.
+        assert_eq!(recharge_of(&candidate(-5), start).unwrap().credits, Decimal::from(105));
+        // At or above the target (a denial with the balance high): nothing to recharge.
+        assert_eq!(recharge_of(&candidate(100), start), None);
+        assert_eq!(recharge_of(&candidate(120), start), None);
+        // The top-up price in another currency than the spend limit: never charged.
+        let mut c = candidate(3);
+        c.price_currency = "EUR".into();
+        assert_eq!(recharge_of(&c, start), None);
+    }
+
+    #[test]
+    fn a_pool_paused_at_its_spend_limit_waits_for_the_next_period() {
+        let start = t("2024-03-01T00:00:00Z");
+        let mut c = candidate(3);
+        c.settings.paused_reason = Some("spend_limit_reached".into());
+        c.paused_period_start = Some(start);
+        assert_eq!(recharge_of(&c, start), None);
+        // The next period: recharged again (the claim lifts the pause).
+        assert!(recharge_of(&c, t("2024-04-01T00:00:00Z")).is_some());
     }
 }

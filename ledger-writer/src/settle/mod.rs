@@ -41,6 +41,9 @@ pub struct Settler {
     pub db: PgPool,
     pub producer: FutureProducer,
     pub input_topic: String,
+    /// The window of credits.event.rejected in seconds (`webhooks::Config::rejected_window_s`):
+    /// the outbox counts each batch's rejections into the window it falls in.
+    pub rejected_window_s: u32,
 }
 
 impl Settler {
@@ -84,7 +87,7 @@ impl Settler {
             grants: &moves.grants,
             new_usage: &known.new_uids,
         };
-        crate::webhooks::outbox::record(&mut tx, facts, &moved).await?;
+        crate::webhooks::outbox::record(&mut tx, facts, &moved, self.rejected_window_s).await?;
         tx.commit().await?;
         metrics::histogram!(m::TX_DURATION).record(started.elapsed().as_secs_f64());
         for s in entries.e2e {

@@ -589,11 +589,8 @@ pub fn moves(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use shared::model::{Category, GrantChangeFact, GrantFact, GrantSpec, ReversalFact, UsageEvent};
-
-    fn t(s: i64) -> DateTime<Utc> {
-        DateTime::from_timestamp(s, 0).unwrap()
-    }
+    use crate::test_facts::{entry, grant, settled, t, usage};
+    use shared::model::{GrantChangeFact, ReversalFact};
 
     fn pool() -> PoolId {
         PoolId {
@@ -602,66 +599,6 @@ mod tests {
             resource_id: String::new(),
             credit_type: "credits".into(),
         }
-    }
-
-    fn entry(g: Option<u128>, amount: i64, end: i64) -> Entry {
-        Entry {
-            grant_id: g.map(Uuid::from_u128),
-            amount: Decimal::from(amount),
-            end_balance: Decimal::from(end),
-        }
-    }
-
-    fn usage(n: u128, outcome: Outcome) -> LedgerMsg {
-        LedgerMsg::Usage(UsageFact {
-            event: UsageEvent {
-                tenant_id: "t".into(),
-                event_uid: Uuid::from_u128(n),
-                customer_id: "c".into(),
-                resource_id: String::new(),
-                event_name: "e".into(),
-                idempotency_key: format!("k{n}"),
-                timestamp: t(100),
-                dimensions: Default::default(),
-                accepted_at: t(100),
-            },
-            outcome,
-        })
-    }
-
-    fn settled(entries: Vec<Entry>) -> Outcome {
-        Outcome::Settled {
-            credit_type: "credits".into(),
-            cost: entries.iter().map(|e| -e.amount).sum(),
-            entries,
-        }
-    }
-
-    fn grant(id: u128, amount: i64, remaining: i64) -> LedgerMsg {
-        LedgerMsg::Grant(GrantFact {
-            tenant_id: "t".into(),
-            grant: GrantSpec {
-                id: Uuid::from_u128(id),
-                customer_id: "c".into(),
-                resource_id: String::new(),
-                credit_type: "credits".into(),
-                decimals: 0,
-                amount: Decimal::from(amount),
-                category: Category::Paid,
-                priority: 1,
-                cost: None,
-                effective_at: t(50),
-                expires_at: None,
-                display_name: "g".into(),
-                description: None,
-                metadata: None,
-                source: "api".into(),
-                created_at: t(50),
-            },
-            actor: "api".into(),
-            entries: vec![entry(Some(id), amount, amount)],
-            remaining: Decimal::from(remaining),
-        })
     }
 
     fn uid(f: &LedgerMsg) -> Uuid {

@@ -7,7 +7,7 @@ pub mod outbox;
 pub mod send;
 
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::OnceLock;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use tokio_util::sync::CancellationToken;
@@ -36,7 +36,8 @@ pub struct Config {
     pub poll_ms: u64,
     /// Denied and unpriced events of one pool are reported in one credits.event.rejected
     /// message per window of this many seconds.
-    #[arg(long = "webhook-rejected-window-s", env = "WEBHOOK_REJECTED_WINDOW_S", default_value_t = 60,
+    #[arg(long = "webhook-rejected-window-s", env = "WEBHOOK_REJECTED_WINDOW_S",
+          default_value_t = DEFAULT_REJECTED_WINDOW_S,
           value_parser = clap::value_parser!(u32).range(1..=3600))]
     pub rejected_window_s: u32,
     /// Connections of the sender's own Postgres pool.
@@ -67,6 +68,9 @@ pub struct Config {
     pub nice: i32,
 }
 
+/// The default of [`Config::rejected_window_s`].
+pub const DEFAULT_REJECTED_WINDOW_S: u32 = 60;
+
 /// Retry delays, in order.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Schedule(pub Vec<Duration>);
@@ -92,82 +96,99 @@ pub fn parse_schedule(s: &str) -> Result<Schedule, String> {
     Ok(Schedule(out))
 }
 
-/// Settlement's duty cycle, measured by the settle loop over windows of [`DUTY_WINDOW`]: the
-/// share of the time spent settling rather than waiting for messages, in permille, and when the
-/// window closed (milliseconds since [`epoch`]). The sender of the same process reads it.
-static SETTLE_DUTY_PERMILLE: AtomicU64 = AtomicU64::new(0);
-static SETTLE_DUTY_AT_MS: AtomicU64 = AtomicU64::new(0);
-/// When the batch being settled now began (milliseconds since [`epoch`]); 0 = none.
-static SETTLE_BATCH_SINCE_MS: AtomicU64 = AtomicU64::new(0);
+/// Settlement's duty cycle, measured by the settle loop over windows of [`DUTY_WINDOW`] (the
+/// share of the time spent settling rather than waiting for messages) and read by the webhook
+/// sender, which yields while settlement is busy. Made once at start-up and handed to both:
+/// the settle loop writes it through a [`DutyMeter`], the sender reads [`SettleDuty::busy`].
+#[derive(Clone, Debug)]
+pub struct SettleDuty(Arc<DutySignal>);
+
+#[derive(Debug)]
+struct DutySignal {
+    /// What the millisecond stamps below count from.
+    epoch: Instant,
+    /// The last closed window's duty cycle, in permille.
+    permille: AtomicU64,
+    /// When that window closed (milliseconds since `epoch`); 0 = none yet.
+    at_ms: AtomicU64,
+    /// When the batch being settled now began (milliseconds since `epoch`); 0 = none.
+    batch_since_ms: AtomicU64,
+}
+
 const DUTY_WINDOW: Duration = Duration::from_millis(250);
 /// A duty cycle at or above this means settlement is the bottleneck: the sender yields.
 const BUSY_PERMILLE: u64 = 500;
 /// A measurement older than this is stale (the loop is waiting for messages: not busy).
 const DUTY_FRESH: Duration = Duration::from_secs(1);
 
-fn epoch() -> Instant {
-    static EPOCH: OnceLock<Instant> = OnceLock::new();
-    *EPOCH.get_or_init(Instant::now)
-}
-
-fn now_ms() -> u64 {
-    epoch().elapsed().as_millis() as u64
-}
-
-/// Kept by the settle loop: add the time each batch took to settle.
-pub struct SettleDuty {
-    start: Instant,
-    busy: Duration,
-}
-
 impl Default for SettleDuty {
     fn default() -> Self {
-        SettleDuty {
-            start: Instant::now(),
-            busy: Duration::ZERO,
-        }
+        SettleDuty(Arc::new(DutySignal {
+            epoch: Instant::now(),
+            permille: AtomicU64::new(0),
+            at_ms: AtomicU64::new(0),
+            batch_since_ms: AtomicU64::new(0),
+        }))
     }
 }
 
 impl SettleDuty {
+    /// Never 0 (0 marks "none" in the stamps).
+    fn now_ms(&self) -> u64 {
+        (self.0.epoch.elapsed().as_millis() as u64).max(1)
+    }
+
+    /// The settle loop's side: measures windows and publishes them here.
+    pub fn meter(&self) -> DutyMeter {
+        DutyMeter {
+            signal: self.clone(),
+            start: Instant::now(),
+            busy: Duration::ZERO,
+        }
+    }
+
+    /// Whether settlement spent at least half of its last measured window settling (within the
+    /// last second), or has been settling one batch for longer than a window.
+    pub fn busy(&self) -> bool {
+        let now = self.now_ms();
+        let since = self.0.batch_since_ms.load(Ordering::Relaxed);
+        if since != 0 && now >= since + DUTY_WINDOW.as_millis() as u64 {
+            return true;
+        }
+        let at = self.0.at_ms.load(Ordering::Relaxed);
+        at != 0 && now <= at + DUTY_FRESH.as_millis() as u64 && self.0.permille.load(Ordering::Relaxed) >= BUSY_PERMILLE
+    }
+}
+
+/// Kept by the settle loop: adds the time each batch took to settle and publishes each closed
+/// window's duty cycle to its [`SettleDuty`].
+pub struct DutyMeter {
+    signal: SettleDuty,
+    start: Instant,
+    busy: Duration,
+}
+
+impl DutyMeter {
     /// A batch starts settling.
     pub fn begin(&mut self) {
-        SETTLE_BATCH_SINCE_MS.store(now_ms().max(1), Ordering::Relaxed);
+        let s = &self.signal;
+        s.0.batch_since_ms.store(s.now_ms(), Ordering::Relaxed);
     }
 
     /// The batch begun last took `settling` to settle.
     pub fn record(&mut self, settling: Duration) {
-        SETTLE_BATCH_SINCE_MS.store(0, Ordering::Relaxed);
+        let s = &self.signal;
+        s.0.batch_since_ms.store(0, Ordering::Relaxed);
         self.busy += settling;
         let elapsed = self.start.elapsed();
         if elapsed >= DUTY_WINDOW {
             let permille = (self.busy.as_micros() * 1000 / elapsed.as_micros().max(1)).min(1000) as u64;
-            SETTLE_DUTY_PERMILLE.store(permille, Ordering::Relaxed);
-            SETTLE_DUTY_AT_MS.store(now_ms().max(1), Ordering::Relaxed);
-            *self = SettleDuty::default();
+            s.0.permille.store(permille, Ordering::Relaxed);
+            s.0.at_ms.store(s.now_ms(), Ordering::Relaxed);
+            self.start = Instant::now();
+            self.busy = Duration::ZERO;
         }
     }
-}
-
-/// Whether settlement spent at least half of its last measured window settling (within the
-/// last second), or has been settling one batch for longer than a window.
-pub fn settle_busy() -> bool {
-    let now = now_ms();
-    let since = SETTLE_BATCH_SINCE_MS.load(Ordering::Relaxed);
-    if since != 0 && now >= since + DUTY_WINDOW.as_millis() as u64 {
-        return true;
-    }
-    let at = SETTLE_DUTY_AT_MS.load(Ordering::Relaxed);
-    at != 0
-        && now <= at + DUTY_FRESH.as_millis() as u64
-        && SETTLE_DUTY_PERMILLE.load(Ordering::Relaxed) >= BUSY_PERMILLE
-}
-
-/// The window of credits.event.rejected, read inside the settle transaction.
-static REJECTED_WINDOW_S: OnceLock<u32> = OnceLock::new();
-
-pub fn rejected_window_s() -> u32 {
-    *REJECTED_WINDOW_S.get().unwrap_or(&60)
 }
 
 /// Start the sender beside the settle loop, on a thread of its own at a lower CPU priority
@@ -178,10 +199,10 @@ pub fn rejected_window_s() -> u32 {
 pub async fn spawn(
     config: &Config,
     db: &shared::config::DbArgs,
+    duty: SettleDuty,
     shutdown: CancellationToken,
 ) -> anyhow::Result<std::thread::JoinHandle<()>> {
     crate::metric::describe_webhooks();
-    let _ = REJECTED_WINDOW_S.set(config.rejected_window_s);
     let (config, db) = (config.clone(), db.clone());
     let (started, ready) = tokio::sync::oneshot::channel::<anyhow::Result<()>>();
     let thread = std::thread::Builder::new()
@@ -203,7 +224,7 @@ pub async fn spawn(
                 .await;
                 let sender = pool
                     .map_err(anyhow::Error::from)
-                    .and_then(|pool| send::Sender::new(pool, config));
+                    .and_then(|pool| send::Sender::new(pool, config, duty));
                 match sender {
                     Ok(sender) => {
                         let _ = started.send(Ok(()));
@@ -239,28 +260,43 @@ mod tests {
 
     #[test]
     fn settlement_is_busy_while_it_settles_most_of_the_time() {
-        // One test for the process-wide signal, so no other test moves it meanwhile.
-        let mut duty = SettleDuty::default();
+        let duty = SettleDuty::default();
+        assert!(!duty.busy(), "nothing measured yet");
         // A small share of a window settling: not busy.
+        let mut meter = duty.meter();
         std::thread::sleep(DUTY_WINDOW);
-        duty.begin();
-        duty.record(Duration::from_millis(10));
-        assert!(!settle_busy());
+        meter.begin();
+        meter.record(Duration::from_millis(10));
+        assert!(!duty.busy());
         // Settling all along: busy.
-        let mut duty = SettleDuty::default();
+        let mut meter = duty.meter();
         std::thread::sleep(DUTY_WINDOW);
-        duty.begin();
-        duty.record(duty.start.elapsed());
-        assert!(settle_busy());
+        meter.begin();
+        meter.record(meter.start.elapsed());
+        assert!(duty.busy());
         // Then no window closes for a second (the loop waits for messages): not busy.
         std::thread::sleep(DUTY_FRESH + Duration::from_millis(20));
-        assert!(!settle_busy(), "a stale measurement does not count");
+        assert!(!duty.busy(), "a stale measurement does not count");
         // One long batch in progress is busy before it ends.
-        duty.begin();
-        assert!(!settle_busy(), "a batch that has only begun");
+        meter.begin();
+        assert!(!duty.busy(), "a batch that has only begun");
         std::thread::sleep(DUTY_WINDOW + Duration::from_millis(20));
-        assert!(settle_busy(), "a batch in progress for longer than a window");
-        duty.record(Duration::from_millis(10));
+        assert!(duty.busy(), "a batch in progress for longer than a window");
+        meter.record(Duration::from_millis(10));
+    }
+
+    #[test]
+    fn each_duty_signal_is_its_own() {
+        // Two services in one process (the tests start several) do not see each other's load.
+        let (a, b) = (SettleDuty::default(), SettleDuty::default());
+        let mut meter = a.meter();
+        std::thread::sleep(DUTY_WINDOW);
+        meter.begin();
+        meter.record(meter.start.elapsed());
+        assert!(a.busy());
+        assert!(!b.busy());
+        // A clone is the same signal (the sender's copy of the settle loop's).
+        assert!(a.clone().busy());
     }
 
     #[test]

@@ -26,7 +26,7 @@ use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
 use super::outbox::{dispatch, flush_rejections, public_id};
-use super::Config;
+use super::{Config, SettleDuty};
 use crate::metric as m;
 
 /// How long after a rotation the previous secret still signs.
@@ -38,6 +38,8 @@ pub struct Sender {
     db: PgPool,
     http: reqwest::Client,
     cfg: Config,
+    /// Settlement's duty cycle: the sender yields while settlement is busy.
+    duty: SettleDuty,
 }
 
 /// Deliveries in flight per endpoint, by the task that sends each.
@@ -129,7 +131,7 @@ impl Attempt {
 }
 
 impl Sender {
-    pub fn new(db: PgPool, cfg: Config) -> anyhow::Result<Self> {
+    pub fn new(db: PgPool, cfg: Config, duty: SettleDuty) -> anyhow::Result<Self> {
         let mut b = reqwest::Client::builder()
             .timeout(Duration::from_millis(cfg.timeout_ms))
             .connect_timeout(Duration::from_millis(cfg.timeout_ms.min(10_000)))
@@ -145,6 +147,7 @@ impl Sender {
             db,
             http: b.build()?,
             cfg,
+            duty,
         })
     }
 
@@ -201,7 +204,7 @@ impl Sender {
             // Settlement first, but not forever: past `max_yield_s` of overdue work the sender
             // runs at full speed until it has caught up.
             let yielding =
-                this.cfg.busy_rate > 0 && overdue < Duration::from_secs(this.cfg.max_yield_s) && super::settle_busy();
+                this.cfg.busy_rate > 0 && overdue < Duration::from_secs(this.cfg.max_yield_s) && this.duty.busy();
             if yielding {
                 metrics::counter!(m::WEBHOOK_YIELDED_POLLS).increment(1);
             }

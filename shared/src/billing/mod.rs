@@ -5,6 +5,7 @@
 
 pub mod charge;
 pub mod period;
+pub mod recharge;
 
 use chrono::{DateTime, Utc};
 use rust_decimal::Decimal;
@@ -14,6 +15,7 @@ use uuid::Uuid;
 use crate::model::{Category, Cost, GrantSpec};
 
 pub use period::Cadence;
+pub use recharge::AutoRechargeSettings;
 
 /// Grant sources of credits that billing issues.
 pub const SOURCE_TOP_UP: &str = "top-up";
