@@ -72,7 +72,7 @@ impl FromRequestParts<Arc<AppState>> for Tenant {
              WHERE k.prefix = $1 AND k.revoked_at IS NULL",
         )
         .bind(prefix)
-        .fetch_optional(&state.db)
+        .fetch_optional(&state.pg.event)
         .await?;
         let Some((tenant_id, stored, eps)) = row else {
             return Err(ApiError::unauthorized());

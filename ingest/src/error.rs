@@ -108,6 +108,42 @@ pub struct ErrorReply {
     pub errors: Vec<EventError>,
 }
 
+/// The error replies most operations share, one type per status, for the `responses(...)` of
+/// `#[utoipa::path]`: each status's description is written once, here.
+pub mod replies {
+    use super::ErrorReply;
+
+    /// 400.
+    #[derive(utoipa::IntoResponses)]
+    #[response(status = 400, description = "malformed request")]
+    pub struct BadRequest(pub ErrorReply);
+
+    /// 401.
+    #[derive(utoipa::IntoResponses)]
+    #[response(status = 401, description = "missing or invalid credentials")]
+    pub struct Unauthorized(pub ErrorReply);
+
+    /// 404.
+    #[derive(utoipa::IntoResponses)]
+    #[response(status = 404, description = "not found (or another tenant's)")]
+    pub struct NotFound(pub ErrorReply);
+
+    /// 409.
+    #[derive(utoipa::IntoResponses)]
+    #[response(status = 409, description = "conflict")]
+    pub struct Conflict(pub ErrorReply);
+
+    /// 422.
+    #[derive(utoipa::IntoResponses)]
+    #[response(status = 422, description = "invalid value; `field` names it")]
+    pub struct Invalid(pub ErrorReply);
+
+    /// 503.
+    #[derive(utoipa::IntoResponses)]
+    #[response(status = 503, description = "saturated or a dependency is down; see Retry-After")]
+    pub struct Unavailable(pub ErrorReply);
+}
+
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let mut r = (

@@ -1,21 +1,29 @@
-//! ingest: the HTTP front door. Validates, authenticates and rate-limits usage events and
-//! produces them to the input topic (idempotent producer, acks=all): 202 means durable in
-//! Kafka. It also serves the management and query API (catalogue, grants, balance, ledger).
+//! ingest: the HTTP front door, laid out by the data that flows through it.
+//!
+//! - [`event`]: the event path. Validates, authenticates and rate-limits usage events and
+//!   produces them to the input topic (idempotent producer, acks=all): 202 means durable in
+//!   Kafka.
+//! - [`control`]: the control plane. Tenants and keys, catalogue, grants, limits, webhook
+//!   endpoints and alerts, billing.
+//! - [`query`]: the query plane. Balance, pre-check, grants list, ledger, usage, event status.
+//!
+//! Each plane has its own Postgres pool ([`Pools`], sized by [`PoolSizes`]). What more than one
+//! plane uses sits beside them: [`auth`], [`error`], [`validate`], [`produce`] (grants and
+//! limits travel the input topic too), [`credit_type`], [`grant`] and [`page`]. The planes do
+//! not import each other, except `control::billing` issuing grants through `control::grants`.
 
-pub mod admin;
 pub mod auth;
-pub mod billing;
-pub mod catalogue;
-pub mod credits;
+pub mod control;
+pub mod credit_type;
 pub mod error;
-pub mod events;
-pub mod ledger;
+pub mod event;
+pub mod grant;
 pub mod metric;
 pub mod openapi;
+pub mod page;
 pub mod produce;
-pub mod usage;
+pub mod query;
 pub mod validate;
-pub mod webhooks;
 
 use std::net::SocketAddr;
 use std::num::NonZeroU32;
@@ -38,7 +46,6 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use utoipa::OpenApi as _;
 use utoipa_axum::router::OpenApiRouter;
-use utoipa_axum::routes;
 
 /// ingest's configuration (flags or env).
 #[derive(clap::Parser, Debug, Clone)]
@@ -69,17 +76,71 @@ pub struct Config {
     /// Producer linger, in milliseconds.
     #[arg(long, env = "INGEST_LINGER_MS", default_value_t = 5)]
     pub linger_ms: u32,
+    /// Postgres connections per plane.
+    #[command(flatten)]
+    pub pools: PoolSizes,
     /// Webhook endpoints.
     #[command(flatten)]
-    pub webhooks: webhooks::Settings,
+    pub webhooks: control::webhooks::Settings,
     /// Charges (top-ups).
     #[command(flatten)]
-    pub billing: billing::Settings,
+    pub billing: control::billing::Settings,
+}
+
+/// How many Postgres connections each plane may hold. The query plane's pool is
+/// `DATABASE_MAX_CONNECTIONS`, as the other services size theirs.
+#[derive(clap::Args, Debug, Clone)]
+pub struct PoolSizes {
+    /// Connections of the event path: API keys missing from the 10 s cache.
+    #[arg(long, env = "INGEST_DB_EVENT_CONNECTIONS", default_value_t = 2,
+          value_parser = clap::value_parser!(u32).range(1..))]
+    pub db_event_connections: u32,
+    /// Connections of the control plane: catalogue, grants, webhooks, billing.
+    #[arg(long, env = "INGEST_DB_CONTROL_CONNECTIONS", default_value_t = 4,
+          value_parser = clap::value_parser!(u32).range(1..))]
+    pub db_control_connections: u32,
+}
+
+/// One Postgres pool per plane: a burst of ledger reads or a top-up waiting on the payment
+/// endpoint never takes a connection another plane needs.
+pub struct Pools {
+    pub event: sqlx::PgPool,
+    pub control: sqlx::PgPool,
+    pub query: sqlx::PgPool,
+}
+
+impl Pools {
+    async fn connect(db: &DbArgs, sizes: &PoolSizes) -> Result<Self, sqlx::Error> {
+        let sized = |n: u32| DbArgs {
+            database_max_connections: n,
+            ..db.clone()
+        };
+        Ok(Self {
+            event: shared::db::connect(&sized(sizes.db_event_connections)).await?,
+            control: shared::db::connect(&sized(sizes.db_control_connections)).await?,
+            query: shared::db::connect(db).await?,
+        })
+    }
+
+    /// Each pool's connections in use and idle, as gauges labelled by plane.
+    fn record(&self) {
+        for (plane, pool) in [
+            ("event", &self.event),
+            ("control", &self.control),
+            ("query", &self.query),
+        ] {
+            let idle = pool.num_idle() as f64;
+            let size = f64::from(pool.size());
+            metrics::gauge!(crate::metric::DB_CONNECTIONS, "plane" => plane, "state" => "idle").set(idle);
+            metrics::gauge!(crate::metric::DB_CONNECTIONS, "plane" => plane, "state" => "in_use").set(size - idle);
+        }
+    }
 }
 
 pub struct AppState {
     pub config: Config,
-    pub db: sqlx::PgPool,
+    /// Postgres, one pool per plane.
+    pub pg: Pools,
     pub redis: redis::aio::ConnectionManager,
     pub producer: FutureProducer,
     pub keys: Keys,
@@ -109,23 +170,9 @@ impl AppState {
 /// the OpenAPI document as it routes (handlers of one path share a `routes!`).
 pub fn api() -> OpenApiRouter<Arc<AppState>> {
     OpenApiRouter::with_openapi(openapi::ApiDoc::openapi())
-        .routes(routes!(admin::create_tenant))
-        .routes(routes!(admin::create_key))
-        .routes(routes!(admin::revoke_key))
-        .routes(routes!(admin::set_limits))
-        .routes(routes!(catalogue::create_credit_type, catalogue::list_credit_types))
-        .routes(routes!(catalogue::put_mapping, catalogue::get_mapping))
-        .routes(routes!(events::post_events))
-        .routes(routes!(events::get_event))
-        .routes(routes!(credits::create_grant, credits::list_grants))
-        .routes(routes!(credits::void_grant))
-        .routes(routes!(credits::balance))
-        .routes(routes!(credits::check))
-        .routes(routes!(credits::set_limit))
-        .routes(routes!(usage::usage))
-        .routes(routes!(credits::ledger))
-        .merge(webhooks::routes())
-        .merge(billing::routes())
+        .merge(event::routes())
+        .merge(control::routes())
+        .merge(query::routes())
 }
 
 pub fn router(state: Arc<AppState>) -> Router {
@@ -181,7 +228,7 @@ pub async fn run(
         "INGEST_ADMIN_TOKEN must be at least 16 characters"
     );
     shared::kafka::partition_counts(&config.kafka, &[&config.kafka.input_topic])?;
-    let db = shared::db::connect(&config.db).await.context("postgres")?;
+    let pg = Pools::connect(&config.db, &config.pools).await.context("postgres")?;
     let redis = redis::aio::ConnectionManager::new(redis::Client::open(config.redis.redis_url.as_str())?)
         .await
         .context("redis")?;
@@ -195,18 +242,20 @@ pub async fn run(
         charges,
         keys: Keys::new(config.redis.redis_prefix.clone()),
         config,
-        db,
+        pg,
         redis,
         producer: producer.clone(),
         keys_cache: DashMap::new(),
         limiters: DashMap::new(),
     });
-    // The producer queue depth, as a gauge.
+    // The producer queue depth and each plane's Postgres connections, as gauges.
     let gauge_producer = producer.clone();
+    let gauge_state = state.clone();
     let gauge_stop = shutdown.clone();
     tokio::spawn(async move {
         while !gauge_stop.is_cancelled() {
             metrics::gauge!(crate::metric::PRODUCER_QUEUE).set(f64::from(gauge_producer.in_flight_count()));
+            gauge_state.pg.record();
             tokio::time::sleep(Duration::from_secs(1)).await;
         }
     });

@@ -10,6 +10,7 @@ pub const RATE_LIMITED: &str = "ingest_rate_limited_total";
 pub const PRODUCE_DURATION: &str = "ingest_produce_duration_seconds";
 pub const PRODUCER_QUEUE: &str = "ingest_producer_queue_messages";
 pub const COMMANDS: &str = "ingest_commands_total";
+pub const DB_CONNECTIONS: &str = "ingest_db_connections";
 
 pub fn describe() {
     describe_counter!(REQUESTS, Unit::Count, "HTTP requests, by route and status");
@@ -32,6 +33,11 @@ pub fn describe() {
     );
     describe_gauge!(PRODUCER_QUEUE, Unit::Count, "Messages waiting in the producer queue");
     describe_counter!(COMMANDS, Unit::Count, "Pool commands sent (grant, void)");
+    describe_gauge!(
+        DB_CONNECTIONS,
+        Unit::Count,
+        "Postgres connections of each plane's pool (event, control, query), by state (in_use, idle)"
+    );
     zero();
 }
 

@@ -26,7 +26,7 @@ const PINNED: [(&str, &str); 8] = [
 ];
 
 /// Every label key ingest may use: route templates (never raw paths), statuses, fixed reasons.
-const LABELS: [&str; 4] = ["route", "status", "reason", "kind"];
+const LABELS: [&str; 6] = ["route", "status", "reason", "kind", "plane", "state"];
 
 fn catalogue() -> Vec<shared::telemetry::Described> {
     shared::telemetry::described(m::describe)

@@ -14,7 +14,9 @@ use serde_json::Value;
 use utoipa::ToSchema;
 
 use crate::auth::Tenant;
-use crate::error::{ApiError, ApiResult, Body, ErrorReply};
+use crate::credit_type::{credit_type, require_credit_type, CreditType, CT_COLS};
+use crate::error::replies::{BadRequest, Conflict, Invalid, NotFound, Unauthorized};
+use crate::error::{ApiError, ApiResult, Body};
 use crate::validate;
 use crate::AppState;
 
@@ -42,24 +44,10 @@ fn hard() -> String {
     "hard".into()
 }
 
-#[derive(Serialize, sqlx::FromRow, PartialEq, ToSchema)]
-pub struct CreditType {
-    pub id: String,
-    pub name: String,
-    pub unit_singular: String,
-    pub unit_plural: String,
-    pub decimals: i16,
-    /// "hard" or "soft".
-    pub limit: String,
-    pub created_at: DateTime<Utc>,
-}
-
-const CT_COLS: &str = "id, name, unit_singular, unit_plural, decimals, limit_kind AS limit, created_at";
-
 #[utoipa::path(post, path = "/v1/credit-types", tag = "catalogue",
     security(("api_key" = [])),
     request_body(content = NewCreditType, content_type = "application/json"),
-    responses((status = 201, description = "created", body = CreditType), (status = 200, description = "the same definition again: the existing credit type", body = CreditType), (status = 400, description = "malformed request", body = ErrorReply), (status = 401, description = "missing or invalid credentials", body = ErrorReply), (status = 409, description = "conflict", body = ErrorReply), (status = 422, description = "invalid value; `field` names it", body = ErrorReply))
+    responses((status = 201, description = "created", body = CreditType), (status = 200, description = "the same definition again: the existing credit type", body = CreditType), BadRequest, Unauthorized, Conflict, Invalid)
 )]
 pub async fn create_credit_type(
     t: Tenant,
@@ -97,13 +85,13 @@ pub async fn create_credit_type(
     .bind(&b.unit_plural)
     .bind(b.decimals as i16)
     .bind(&b.limit)
-    .fetch_optional(&s.db)
+    .fetch_optional(&s.pg.control)
     .await?;
     if let Some(c) = created {
         return Ok((StatusCode::CREATED, Json(c)));
     }
     // Idempotent: the same definition again is answered with what exists.
-    let existing = credit_type(&s, &t.id, &b.id)
+    let existing = credit_type(&s.pg.control, &t.id, &b.id)
         .await?
         .ok_or_else(|| ApiError::conflict("credit type exists"))?;
     if existing.name == b.name
@@ -118,24 +106,6 @@ pub async fn create_credit_type(
     }
 }
 
-pub async fn credit_type(s: &AppState, tenant: &str, id: &str) -> Result<Option<CreditType>, ApiError> {
-    Ok(sqlx::query_as(&format!(
-        "SELECT {CT_COLS} FROM credit_types WHERE tenant_id = $1 AND id = $2"
-    ))
-    .bind(tenant)
-    .bind(id)
-    .fetch_optional(&s.db)
-    .await?)
-}
-
-/// The credit type named by `field`, or a 422 naming it.
-pub async fn require_credit_type(s: &AppState, tenant: &str, id: &str, field: &str) -> Result<CreditType, ApiError> {
-    validate::id(field, id)?;
-    credit_type(s, tenant, id)
-        .await?
-        .ok_or_else(|| ApiError::invalid(field, "unknown_credit_type", format!("no credit type {id}")))
-}
-
 #[derive(Serialize, ToSchema)]
 pub struct CreditTypes {
     credit_types: Vec<CreditType>,
@@ -143,14 +113,14 @@ pub struct CreditTypes {
 
 #[utoipa::path(get, path = "/v1/credit-types", tag = "catalogue",
     security(("api_key" = [])),
-    responses((status = 200, description = "the tenant's credit types", body = CreditTypes), (status = 401, description = "missing or invalid credentials", body = ErrorReply))
+    responses((status = 200, description = "the tenant's credit types", body = CreditTypes), Unauthorized)
 )]
 pub async fn list_credit_types(t: Tenant, State(s): State<Arc<AppState>>) -> ApiResult<Json<CreditTypes>> {
     let rows: Vec<CreditType> = sqlx::query_as(&format!(
         "SELECT {CT_COLS} FROM credit_types WHERE tenant_id = $1 ORDER BY id"
     ))
     .bind(&t.id)
-    .fetch_all(&s.db)
+    .fetch_all(&s.pg.control)
     .await?;
     Ok(Json(CreditTypes { credit_types: rows }))
 }
@@ -190,7 +160,7 @@ const MAP_COLS: &str = "event_name, credit_type, credits_per_unit, quantity_dime
     security(("api_key" = [])),
     params(("event_name" = String, Path, description = "the event name")),
     request_body(content = PutMapping, content_type = "application/json"),
-    responses((status = 200, description = "the mapping version created", body = Mapping), (status = 400, description = "malformed request", body = ErrorReply), (status = 401, description = "missing or invalid credentials", body = ErrorReply), (status = 404, description = "not found (or another tenant's)", body = ErrorReply), (status = 422, description = "invalid value; `field` names it", body = ErrorReply))
+    responses((status = 200, description = "the mapping version created", body = Mapping), BadRequest, Unauthorized, NotFound, Invalid)
 )]
 pub async fn put_mapping(
     t: Tenant,
@@ -199,7 +169,7 @@ pub async fn put_mapping(
     Body(b): Body<PutMapping>,
 ) -> ApiResult<Json<Mapping>> {
     validate::id("event_name", &event_name)?;
-    require_credit_type(&s, &t.id, &b.credit_type, "credit_type").await?;
+    require_credit_type(&s.pg.control, &t.id, &b.credit_type, "credit_type").await?;
     let cpu = match &b.credits_per_unit {
         Value::String(x) => Decimal::from_str(x.trim()).ok(),
         Value::Number(n) => Decimal::from_str(&n.to_string()).ok(),
@@ -239,7 +209,7 @@ pub async fn put_mapping(
     )
     .bind(&t.id)
     .bind(&event_name)
-    .fetch_one(&s.db)
+    .fetch_one(&s.pg.control)
     .await?;
     if in_force.is_some() && effective_at < now - chrono::Duration::seconds(MAPPING_SKEW_S) {
         return Err(ApiError::invalid(
@@ -263,7 +233,7 @@ pub async fn put_mapping(
     .bind(&b.credit_type)
     .bind(cpu.normalize())
     .bind(&b.quantity_dimension)
-    .fetch_one(&s.db)
+    .fetch_one(&s.pg.control)
     .await?;
     Ok(Json(m))
 }
@@ -280,7 +250,7 @@ pub struct MappingHistory {
 #[utoipa::path(get, path = "/v1/features/{event_name}/credit-mapping", tag = "catalogue",
     security(("api_key" = [])),
     params(("event_name" = String, Path, description = "the event name")),
-    responses((status = 200, description = "the mapping in force and its history", body = MappingHistory), (status = 401, description = "missing or invalid credentials", body = ErrorReply), (status = 404, description = "not found (or another tenant's)", body = ErrorReply), (status = 422, description = "invalid value; `field` names it", body = ErrorReply))
+    responses((status = 200, description = "the mapping in force and its history", body = MappingHistory), Unauthorized, NotFound, Invalid)
 )]
 pub async fn get_mapping(
     t: Tenant,
@@ -292,7 +262,7 @@ pub async fn get_mapping(
     ))
     .bind(&t.id)
     .bind(&event_name)
-    .fetch_all(&s.db)
+    .fetch_all(&s.pg.control)
     .await?;
     if history.is_empty() {
         return Err(ApiError::not_found("mapping"));

@@ -13,8 +13,9 @@ use serde::{Deserialize, Serialize};
 use utoipa::{IntoParams, ToSchema};
 
 use crate::auth::Tenant;
-use crate::catalogue::require_credit_type;
-use crate::error::{ApiError, ApiResult, ErrorReply, Q};
+use crate::credit_type::require_credit_type;
+use crate::error::replies::{BadRequest, Invalid, NotFound, Unauthorized};
+use crate::error::{ApiError, ApiResult, Q};
 use crate::validate;
 use crate::AppState;
 
@@ -97,7 +98,7 @@ pub fn buckets(range: &str, now: DateTime<Utc>) -> Option<(&'static str, &'stati
 #[utoipa::path(get, path = "/v1/credits/usage", tag = "credits",
     security(("api_key" = [])),
     params(UsageQuery),
-    responses((status = 200, description = "credits consumed per bucket", body = UsageReply), (status = 400, description = "malformed request", body = ErrorReply), (status = 401, description = "missing or invalid credentials", body = ErrorReply), (status = 404, description = "not found (or another tenant's)", body = ErrorReply), (status = 422, description = "invalid value; `field` names it", body = ErrorReply))
+    responses((status = 200, description = "credits consumed per bucket", body = UsageReply), BadRequest, Unauthorized, NotFound, Invalid)
 )]
 pub async fn usage(t: Tenant, State(s): State<Arc<AppState>>, Q(q): Q<UsageQuery>) -> ApiResult<Json<UsageReply>> {
     validate::id("customer_id", &q.customer_id)?;
@@ -124,7 +125,7 @@ pub async fn usage(t: Tenant, State(s): State<Arc<AppState>>, Q(q): Q<UsageQuery
             ))
         }
     };
-    require_credit_type(&s, &t.id, &q.credit_type, "credit_type").await?;
+    require_credit_type(&s.pg.query, &t.id, &q.credit_type, "credit_type").await?;
     let from = starts[0];
     let rows: Vec<(String, DateTime<Utc>, Decimal)> = sqlx::query_as(
         "SELECT key, date_bin($8::interval, bucket_start, TIMESTAMPTZ '2000-01-01 00:00:00+00') AS b, sum(credits)
@@ -144,7 +145,7 @@ pub async fn usage(t: Tenant, State(s): State<Arc<AppState>>, Q(q): Q<UsageQuery
     // Events may be stamped up to 5 minutes ahead: a bucket after the last one is not shown
     // yet, and not counted in the totals either.
     .bind(starts[starts.len() - 1])
-    .fetch_all(&s.db)
+    .fetch_all(&s.pg.query)
     .await?;
 
     // key -> bucket start -> credits; every bucket of the range is listed, zero where unused.

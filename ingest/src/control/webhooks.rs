@@ -20,8 +20,9 @@ use utoipa_axum::routes;
 use uuid::Uuid;
 
 use crate::auth::Tenant;
-use crate::catalogue::require_credit_type;
-use crate::error::{ApiError, ApiResult, Body, ErrorReply, Q};
+use crate::credit_type::require_credit_type;
+use crate::error::replies::{BadRequest, Conflict, Invalid, NotFound, Unauthorized, Unavailable};
+use crate::error::{ApiError, ApiResult, Body, Q};
 use crate::validate;
 use crate::AppState;
 
@@ -167,7 +168,7 @@ async fn endpoint(s: &AppState, tenant: &str, id: Uuid) -> ApiResult<EndpointRow
     ))
     .bind(tenant)
     .bind(id)
-    .fetch_optional(&s.db)
+    .fetch_optional(&s.pg.control)
     .await?
     .ok_or_else(|| ApiError::not_found("endpoint"))
 }
@@ -175,7 +176,7 @@ async fn endpoint(s: &AppState, tenant: &str, id: Uuid) -> ApiResult<EndpointRow
 #[utoipa::path(post, path = "/v1/webhooks/endpoints", tag = "webhooks",
     security(("api_key" = [])),
     request_body(content = NewEndpoint, content_type = "application/json"),
-    responses((status = 201, description = "the endpoint with its secret (whsec_...)", body = EndpointCreated), (status = 200, description = "the same idempotency key and body: the earlier result", body = EndpointCreated), (status = 400, description = "malformed request", body = ErrorReply), (status = 401, description = "missing or invalid credentials", body = ErrorReply), (status = 409, description = "conflict", body = ErrorReply), (status = 422, description = "invalid value; `field` names it", body = ErrorReply), (status = 503, description = "saturated or a dependency is down; see Retry-After", body = ErrorReply))
+    responses((status = 201, description = "the endpoint with its secret (whsec_...)", body = EndpointCreated), (status = 200, description = "the same idempotency key and body: the earlier result", body = EndpointCreated), BadRequest, Unauthorized, Conflict, Invalid, Unavailable)
 )]
 pub async fn create_endpoint(
     t: Tenant,
@@ -235,7 +236,7 @@ pub async fn create_endpoint(
     }
     let count: i64 = sqlx::query_scalar("SELECT count(*) FROM webhook_endpoints WHERE tenant_id = $1")
         .bind(&t.id)
-        .fetch_one(&s.db)
+        .fetch_one(&s.pg.control)
         .await?;
     if count >= MAX_ENDPOINTS {
         return Err(ApiError::invalid(
@@ -254,7 +255,7 @@ pub async fn create_endpoint(
     .bind(&b.description)
     .bind(&types)
     .bind(new_secret())
-    .fetch_optional(&s.db)
+    .fetch_optional(&s.pg.control)
     .await?;
     // Lost a race with the same idempotency key.
     let e =
@@ -271,12 +272,12 @@ pub struct Page {
     after: Option<String>,
 }
 
-use crate::credits::{decode_cursor, encode_cursor, limit};
+use crate::page::{decode_cursor, encode_cursor, limit};
 
 #[utoipa::path(get, path = "/v1/webhooks/endpoints", tag = "webhooks",
     security(("api_key" = [])),
     params(Page),
-    responses((status = 200, description = "`{endpoints, next_cursor}`", body = EndpointPage), (status = 400, description = "malformed request", body = ErrorReply), (status = 401, description = "missing or invalid credentials", body = ErrorReply), (status = 422, description = "invalid value; `field` names it", body = ErrorReply), (status = 503, description = "saturated or a dependency is down; see Retry-After", body = ErrorReply))
+    responses((status = 200, description = "`{endpoints, next_cursor}`", body = EndpointPage), BadRequest, Unauthorized, Invalid, Unavailable)
 )]
 pub async fn list_endpoints(t: Tenant, State(s): State<Arc<AppState>>, Q(q): Q<Page>) -> ApiResult<Json<EndpointPage>> {
     let limit = limit(q.limit)?;
@@ -288,7 +289,7 @@ pub async fn list_endpoints(t: Tenant, State(s): State<Arc<AppState>>, Q(q): Q<P
     .bind(&t.id)
     .bind(after)
     .bind(limit + 1)
-    .fetch_all(&s.db)
+    .fetch_all(&s.pg.control)
     .await?;
     let more = rows.len() as i64 > limit;
     let page: Vec<Endpoint> = rows.iter().take(limit as usize).map(endpoint_json).collect();
@@ -306,7 +307,7 @@ pub async fn list_endpoints(t: Tenant, State(s): State<Arc<AppState>>, Q(q): Q<P
 #[utoipa::path(get, path = "/v1/webhooks/endpoints/{id}", tag = "webhooks",
     security(("api_key" = [])),
     params(("id" = String, Path, description = "the endpoint id")),
-    responses((status = 200, description = "the endpoint", body = Endpoint), (status = 401, description = "missing or invalid credentials", body = ErrorReply), (status = 404, description = "not found (or another tenant's)", body = ErrorReply), (status = 503, description = "saturated or a dependency is down; see Retry-After", body = ErrorReply))
+    responses((status = 200, description = "the endpoint", body = Endpoint), Unauthorized, NotFound, Unavailable)
 )]
 pub async fn get_endpoint(
     t: Tenant,
@@ -320,7 +321,7 @@ pub async fn get_endpoint(
 #[utoipa::path(delete, path = "/v1/webhooks/endpoints/{id}", tag = "webhooks",
     security(("api_key" = [])),
     params(("id" = String, Path, description = "the endpoint id")),
-    responses((status = 204, description = "deleted"), (status = 401, description = "missing or invalid credentials", body = ErrorReply), (status = 404, description = "not found (or another tenant's)", body = ErrorReply), (status = 503, description = "saturated or a dependency is down; see Retry-After", body = ErrorReply))
+    responses((status = 204, description = "deleted"), Unauthorized, NotFound, Unavailable)
 )]
 pub async fn delete_endpoint(
     t: Tenant,
@@ -330,7 +331,7 @@ pub async fn delete_endpoint(
     let n = sqlx::query("DELETE FROM webhook_endpoints WHERE tenant_id = $1 AND id = $2")
         .bind(&t.id)
         .bind(endpoint_id(&id)?)
-        .execute(&s.db)
+        .execute(&s.pg.control)
         .await?
         .rows_affected();
     if n == 0 {
@@ -343,7 +344,7 @@ pub async fn delete_endpoint(
 #[utoipa::path(post, path = "/v1/webhooks/endpoints/{id}/rotate-secret", tag = "webhooks",
     security(("api_key" = [])),
     params(("id" = String, Path, description = "the endpoint id")),
-    responses((status = 200, description = "the new secret; the old one still signs for 24 h", body = SecretRotated), (status = 401, description = "missing or invalid credentials", body = ErrorReply), (status = 404, description = "not found (or another tenant's)", body = ErrorReply), (status = 503, description = "saturated or a dependency is down; see Retry-After", body = ErrorReply))
+    responses((status = 200, description = "the new secret; the old one still signs for 24 h", body = SecretRotated), Unauthorized, NotFound, Unavailable)
 )]
 pub async fn rotate_secret(
     t: Tenant,
@@ -357,7 +358,7 @@ pub async fn rotate_secret(
     .bind(&t.id)
     .bind(endpoint_id(&id)?)
     .bind(new_secret())
-    .fetch_optional(&s.db)
+    .fetch_optional(&s.pg.control)
     .await?;
     let (secret, at) = row.ok_or_else(|| ApiError::not_found("endpoint"))?;
     Ok(Json(SecretRotated {
@@ -372,7 +373,7 @@ pub async fn rotate_secret(
 #[utoipa::path(post, path = "/v1/webhooks/endpoints/{id}/enable", tag = "webhooks",
     security(("api_key" = [])),
     params(("id" = String, Path, description = "the endpoint id")),
-    responses((status = 200, description = "enabled again", body = Endpoint), (status = 401, description = "missing or invalid credentials", body = ErrorReply), (status = 404, description = "not found (or another tenant's)", body = ErrorReply), (status = 503, description = "saturated or a dependency is down; see Retry-After", body = ErrorReply))
+    responses((status = 200, description = "enabled again", body = Endpoint), Unauthorized, NotFound, Unavailable)
 )]
 pub async fn enable_endpoint(
     t: Tenant,
@@ -385,7 +386,7 @@ pub async fn enable_endpoint(
     ))
     .bind(&t.id)
     .bind(endpoint_id(&id)?)
-    .fetch_optional(&s.db)
+    .fetch_optional(&s.pg.control)
     .await?;
     let e = row.ok_or_else(|| ApiError::not_found("endpoint"))?;
     Ok(Json(endpoint_json(&e)))
@@ -471,7 +472,7 @@ struct DeliveryRow {
 #[utoipa::path(get, path = "/v1/webhooks/messages", tag = "webhooks",
     security(("api_key" = [])),
     params(MessageQuery),
-    responses((status = 200, description = "the delivery log with attempts", body = MessagePage), (status = 400, description = "malformed request", body = ErrorReply), (status = 401, description = "missing or invalid credentials", body = ErrorReply), (status = 422, description = "invalid value; `field` names it", body = ErrorReply), (status = 503, description = "saturated or a dependency is down; see Retry-After", body = ErrorReply))
+    responses((status = 200, description = "the delivery log with attempts", body = MessagePage), BadRequest, Unauthorized, Invalid, Unavailable)
 )]
 pub async fn list_messages(
     t: Tenant,
@@ -514,7 +515,7 @@ pub async fn list_messages(
     .bind(&q.kind)
     .bind(after)
     .bind(limit + 1)
-    .fetch_all(&s.db)
+    .fetch_all(&s.pg.control)
     .await?;
     let more = rows.len() as i64 > limit;
     let page: Vec<Message> = rows
@@ -568,7 +569,7 @@ pub struct Retried {
 #[utoipa::path(post, path = "/v1/webhooks/messages/{id}/retry", tag = "webhooks",
     security(("api_key" = [])),
     params(("id" = String, Path, description = "the message id"), RetryQuery),
-    responses((status = 202, description = "queued for delivery again", body = Retried), (status = 400, description = "malformed request", body = ErrorReply), (status = 401, description = "missing or invalid credentials", body = ErrorReply), (status = 404, description = "not found (or another tenant's)", body = ErrorReply), (status = 422, description = "invalid value; `field` names it", body = ErrorReply), (status = 503, description = "saturated or a dependency is down; see Retry-After", body = ErrorReply))
+    responses((status = 202, description = "queued for delivery again", body = Retried), BadRequest, Unauthorized, NotFound, Invalid, Unavailable)
 )]
 pub async fn retry_message(
     t: Tenant,
@@ -590,7 +591,7 @@ pub async fn retry_message(
     .bind(&t.id)
     .bind(mid)
     .bind(endpoint)
-    .fetch_optional(&s.db)
+    .fetch_optional(&s.pg.control)
     .await?;
     if exists.is_none() {
         return Err(ApiError::not_found("message"));
@@ -604,7 +605,7 @@ pub async fn retry_message(
     .bind(&t.id)
     .bind(mid)
     .bind(endpoint)
-    .execute(&s.db)
+    .execute(&s.pg.control)
     .await?
     .rows_affected();
     if n == 0 {
@@ -718,7 +719,7 @@ fn alert_json(
 }
 
 async fn store_alerts(s: &AppState, tenant: &str, customer: &str, resource: &str, b: &AlertBody) -> ApiResult<Alerts> {
-    let ct = require_credit_type(s, tenant, &b.credit_type, "credit_type").await?;
+    let ct = require_credit_type(&s.pg.control, tenant, &b.credit_type, "credit_type").await?;
     let usage = percents("usage_percent", &b.usage_percent)?;
     let below = amounts("balance_below", &b.balance_below, ct.decimals as u32)?;
     let grant = percents("grant_usage_percent", &b.grant_usage_percent)?;
@@ -737,7 +738,7 @@ async fn store_alerts(s: &AppState, tenant: &str, customer: &str, resource: &str
     .bind(&usage)
     .bind(&below)
     .bind(&grant)
-    .execute(&s.db)
+    .execute(&s.pg.control)
     .await?;
     let c = if customer.is_empty() { None } else { Some(customer) };
     Ok(alert_json(c, &b.credit_type, resource, &usage, &below, &grant))
@@ -747,7 +748,7 @@ async fn store_alerts(s: &AppState, tenant: &str, customer: &str, resource: &str
 #[utoipa::path(put, path = "/v1/credits/alerts", tag = "alerts",
     security(("api_key" = [])),
     request_body(content = AlertBody, content_type = "application/json"),
-    responses((status = 200, description = "the thresholds now in force for the pool", body = Alerts), (status = 400, description = "malformed request", body = ErrorReply), (status = 401, description = "missing or invalid credentials", body = ErrorReply), (status = 404, description = "not found (or another tenant's)", body = ErrorReply), (status = 422, description = "invalid value; `field` names it", body = ErrorReply), (status = 503, description = "saturated or a dependency is down; see Retry-After", body = ErrorReply))
+    responses((status = 200, description = "the thresholds now in force for the pool", body = Alerts), BadRequest, Unauthorized, NotFound, Invalid, Unavailable)
 )]
 pub async fn put_alerts(
     t: Tenant,
@@ -770,7 +771,7 @@ pub async fn put_alerts(
 #[utoipa::path(put, path = "/v1/credits/alerts/defaults", tag = "alerts",
     security(("api_key" = [])),
     request_body(content = AlertBody, content_type = "application/json"),
-    responses((status = 200, description = "the tenant default for the credit type", body = Alerts), (status = 400, description = "malformed request", body = ErrorReply), (status = 401, description = "missing or invalid credentials", body = ErrorReply), (status = 404, description = "not found (or another tenant's)", body = ErrorReply), (status = 422, description = "invalid value; `field` names it", body = ErrorReply), (status = 503, description = "saturated or a dependency is down; see Retry-After", body = ErrorReply))
+    responses((status = 200, description = "the tenant default for the credit type", body = Alerts), BadRequest, Unauthorized, NotFound, Invalid, Unavailable)
 )]
 pub async fn put_alert_defaults(
     t: Tenant,
@@ -797,7 +798,7 @@ pub async fn put_alert_defaults(
 #[utoipa::path(delete, path = "/v1/credits/alerts/defaults/{credit_type}", tag = "alerts",
     security(("api_key" = [])),
     params(("credit_type" = String, Path, description = "")),
-    responses((status = 204, description = "removed"), (status = 401, description = "missing or invalid credentials", body = ErrorReply), (status = 404, description = "not found (or another tenant's)", body = ErrorReply), (status = 422, description = "invalid value; `field` names it", body = ErrorReply), (status = 503, description = "saturated or a dependency is down; see Retry-After", body = ErrorReply))
+    responses((status = 204, description = "removed"), Unauthorized, NotFound, Invalid, Unavailable)
 )]
 pub async fn delete_alert_defaults(
     t: Tenant,
@@ -807,7 +808,7 @@ pub async fn delete_alert_defaults(
     sqlx::query("DELETE FROM credit_alerts WHERE tenant_id = $1 AND customer_id = '' AND credit_type = $2")
         .bind(&t.id)
         .bind(&credit_type)
-        .execute(&s.db)
+        .execute(&s.pg.control)
         .await?;
     Ok(StatusCode::NO_CONTENT)
 }
@@ -827,11 +828,11 @@ type AlertRow = (Option<Vec<i32>>, Option<Vec<Decimal>>, Option<Vec<i32>>);
 #[utoipa::path(get, path = "/v1/credits/alerts", tag = "alerts",
     security(("api_key" = [])),
     params(AlertQuery),
-    responses((status = 200, description = "the thresholds in force (the pool's or the tenant default)", body = Alerts), (status = 400, description = "malformed request", body = ErrorReply), (status = 401, description = "missing or invalid credentials", body = ErrorReply), (status = 404, description = "not found (or another tenant's)", body = ErrorReply), (status = 422, description = "invalid value; `field` names it", body = ErrorReply), (status = 503, description = "saturated or a dependency is down; see Retry-After", body = ErrorReply))
+    responses((status = 200, description = "the thresholds in force (the pool's or the tenant default)", body = Alerts), BadRequest, Unauthorized, NotFound, Invalid, Unavailable)
 )]
 pub async fn get_alerts(t: Tenant, State(s): State<Arc<AppState>>, Q(q): Q<AlertQuery>) -> ApiResult<Json<Alerts>> {
     validate::id("customer_id", &q.customer_id)?;
-    require_credit_type(&s, &t.id, &q.credit_type, "credit_type").await?;
+    require_credit_type(&s.pg.control, &t.id, &q.credit_type, "credit_type").await?;
     let resource = q.resource_id.unwrap_or_default();
     let row = |customer: String, resource: String| {
         let s = s.clone();
@@ -846,7 +847,7 @@ pub async fn get_alerts(t: Tenant, State(s): State<Arc<AppState>>, Q(q): Q<Alert
             .bind(customer)
             .bind(ct)
             .bind(resource)
-            .fetch_optional(&s.db)
+            .fetch_optional(&s.pg.control)
             .await
         }
     };

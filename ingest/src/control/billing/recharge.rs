@@ -18,8 +18,9 @@ use utoipa::{IntoParams, ToSchema};
 
 use super::{currency, dec, money, Money};
 use crate::auth::Tenant;
-use crate::catalogue::require_credit_type;
-use crate::error::{ApiError, ApiResult, Body, ErrorReply, Q};
+use crate::credit_type::require_credit_type;
+use crate::error::replies::{BadRequest, Invalid, NotFound, Unauthorized, Unavailable};
+use crate::error::{ApiError, ApiResult, Body, Q};
 use crate::validate;
 use crate::AppState;
 
@@ -109,7 +110,7 @@ async fn render(s: &AppState, tenant: &str, row: &Row) -> ApiResult<AutoRecharge
     .bind(&r.credit_type)
     .bind(&r.resource_id)
     .bind(start)
-    .fetch_one(&s.db)
+    .fetch_one(&s.pg.control)
     .await?;
     Ok(AutoRecharge {
         customer_id: r.customer_id.clone(),
@@ -148,7 +149,7 @@ async fn render(s: &AppState, tenant: &str, row: &Row) -> ApiResult<AutoRecharge
 #[utoipa::path(put, path = "/v1/credits/auto-recharge", tag = "billing",
     security(("api_key" = [])),
     request_body(content = Settings, content_type = "application/json"),
-    responses((status = 200, description = "the settings", body = AutoRecharge), (status = 400, description = "malformed request", body = ErrorReply), (status = 401, description = "missing or invalid credentials", body = ErrorReply), (status = 404, description = "not found (or another tenant's)", body = ErrorReply), (status = 422, description = "invalid value; `field` names it", body = ErrorReply), (status = 503, description = "saturated or a dependency is down; see Retry-After", body = ErrorReply))
+    responses((status = 200, description = "the settings", body = AutoRecharge), BadRequest, Unauthorized, NotFound, Invalid, Unavailable)
 )]
 pub async fn put_settings(
     t: Tenant,
@@ -161,7 +162,7 @@ pub async fn put_settings(
         validate::id("resource_id", &resource)?;
     }
     validate::id("payment_method_id", &b.payment_method_id)?;
-    let ct = require_credit_type(&s, &t.id, &b.credit_type, "credit_type").await?;
+    let ct = require_credit_type(&s.pg.control, &t.id, &b.credit_type, "credit_type").await?;
     let d = ct.decimals as u32;
     let threshold = validate::amount("threshold", &b.threshold, d, true)?;
     let target = validate::amount("target_balance", &b.target_balance, d, false)?;
@@ -206,7 +207,7 @@ pub async fn put_settings(
             format!("the credit type is priced in {}", price.currency),
         ));
     }
-    let mut tx = s.db.begin().await?;
+    let mut tx = s.pg.control.begin().await?;
     // deny_seen_id starts at the pool's newest ledger entry: older denials trigger nothing.
     let row: Row = sqlx::query_as(&format!(
         "INSERT INTO auto_recharge AS a (tenant_id, customer_id, resource_id, credit_type, enabled, threshold,
@@ -262,7 +263,7 @@ pub struct PoolQuery {
 #[utoipa::path(get, path = "/v1/credits/auto-recharge", tag = "billing",
     security(("api_key" = [])),
     params(PoolQuery),
-    responses((status = 200, description = "the settings and the spend period", body = AutoRecharge), (status = 400, description = "malformed request", body = ErrorReply), (status = 401, description = "missing or invalid credentials", body = ErrorReply), (status = 404, description = "not found (or another tenant's)", body = ErrorReply), (status = 422, description = "invalid value; `field` names it", body = ErrorReply), (status = 503, description = "saturated or a dependency is down; see Retry-After", body = ErrorReply))
+    responses((status = 200, description = "the settings and the spend period", body = AutoRecharge), BadRequest, Unauthorized, NotFound, Invalid, Unavailable)
 )]
 pub async fn get_settings(
     t: Tenant,
@@ -279,7 +280,7 @@ pub async fn get_settings(
     .bind(&q.customer_id)
     .bind(&q.credit_type)
     .bind(q.resource_id.unwrap_or_default())
-    .fetch_optional(&s.db)
+    .fetch_optional(&s.pg.control)
     .await?
     .ok_or_else(|| ApiError::not_found("auto-recharge settings"))?;
     Ok(Json(render(&s, &t.id, &row).await?))

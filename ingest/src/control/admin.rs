@@ -9,7 +9,8 @@ use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 
 use crate::auth::{forget, hash, new_key, Operator};
-use crate::error::{ApiError, ApiResult, Body, ErrorReply};
+use crate::error::replies::{BadRequest, Invalid, NotFound, Unauthorized};
+use crate::error::{ApiError, ApiResult, Body};
 use crate::AppState;
 
 #[derive(Deserialize, ToSchema)]
@@ -44,7 +45,7 @@ pub struct TenantLimits {
 #[utoipa::path(post, path = "/v1/admin/tenants", tag = "operator",
     security(("operator" = [])),
     request_body(content = NewTenant, content_type = "application/json"),
-    responses((status = 201, description = "the tenant and its first API key (shown once)", body = TenantCreated), (status = 400, description = "malformed request", body = ErrorReply), (status = 401, description = "missing or invalid credentials", body = ErrorReply), (status = 422, description = "invalid value; `field` names it", body = ErrorReply))
+    responses((status = 201, description = "the tenant and its first API key (shown once)", body = TenantCreated), BadRequest, Unauthorized, Invalid)
 )]
 pub async fn create_tenant(
     _: Operator,
@@ -56,7 +57,7 @@ pub async fn create_tenant(
     }
     let tenant_id = format!("t_{}", uuid::Uuid::new_v4().simple());
     let (key, prefix) = new_key();
-    let mut tx = s.db.begin().await?;
+    let mut tx = s.pg.control.begin().await?;
     sqlx::query("INSERT INTO tenants (id, name) VALUES ($1, $2)")
         .bind(&tenant_id)
         .bind(&b.name)
@@ -82,7 +83,7 @@ pub async fn create_tenant(
 #[utoipa::path(post, path = "/v1/admin/tenants/{tenant_id}/api-keys", tag = "operator",
     security(("operator" = [])),
     params(("tenant_id" = String, Path, description = "the tenant")),
-    responses((status = 201, description = "a new API key (shown once)", body = ApiKeyCreated), (status = 401, description = "missing or invalid credentials", body = ErrorReply), (status = 404, description = "not found (or another tenant's)", body = ErrorReply))
+    responses((status = 201, description = "a new API key (shown once)", body = ApiKeyCreated), Unauthorized, NotFound)
 )]
 pub async fn create_key(
     _: Operator,
@@ -91,7 +92,7 @@ pub async fn create_key(
 ) -> ApiResult<(StatusCode, Json<ApiKeyCreated>)> {
     let exists: Option<String> = sqlx::query_scalar("SELECT id FROM tenants WHERE id = $1")
         .bind(&tenant_id)
-        .fetch_optional(&s.db)
+        .fetch_optional(&s.pg.control)
         .await?;
     if exists.is_none() {
         return Err(ApiError::not_found("tenant"));
@@ -101,7 +102,7 @@ pub async fn create_key(
         .bind(&prefix)
         .bind(&tenant_id)
         .bind(hash(&key))
-        .execute(&s.db)
+        .execute(&s.pg.control)
         .await?;
     Ok((StatusCode::CREATED, Json(ApiKeyCreated { api_key: key, prefix })))
 }
@@ -109,7 +110,7 @@ pub async fn create_key(
 #[utoipa::path(delete, path = "/v1/admin/api-keys/{prefix}", tag = "operator",
     security(("operator" = [])),
     params(("prefix" = String, Path, description = "the key's prefix")),
-    responses((status = 204, description = "revoked"), (status = 401, description = "missing or invalid credentials", body = ErrorReply), (status = 404, description = "not found (or another tenant's)", body = ErrorReply))
+    responses((status = 204, description = "revoked"), Unauthorized, NotFound)
 )]
 pub async fn revoke_key(
     _: Operator,
@@ -119,7 +120,7 @@ pub async fn revoke_key(
     let prefix = prefix.strip_prefix("ck_").unwrap_or(&prefix).to_owned();
     let n = sqlx::query("UPDATE api_keys SET revoked_at = now() WHERE prefix = $1 AND revoked_at IS NULL")
         .bind(&prefix)
-        .execute(&s.db)
+        .execute(&s.pg.control)
         .await?
         .rows_affected();
     forget(&s, Some(&prefix), None);
@@ -140,7 +141,7 @@ pub struct Limits {
     security(("operator" = [])),
     params(("tenant_id" = String, Path, description = "the tenant")),
     request_body(content = Limits, content_type = "application/json"),
-    responses((status = 200, description = "the limits in force", body = TenantLimits), (status = 400, description = "malformed request", body = ErrorReply), (status = 401, description = "missing or invalid credentials", body = ErrorReply), (status = 404, description = "not found (or another tenant's)", body = ErrorReply), (status = 422, description = "invalid value; `field` names it", body = ErrorReply))
+    responses((status = 200, description = "the limits in force", body = TenantLimits), BadRequest, Unauthorized, NotFound, Invalid)
 )]
 pub async fn set_limits(
     _: Operator,
@@ -158,7 +159,7 @@ pub async fn set_limits(
     let n = sqlx::query("UPDATE tenants SET events_per_second = $2 WHERE id = $1")
         .bind(&tenant_id)
         .bind(b.events_per_second as i32)
-        .execute(&s.db)
+        .execute(&s.pg.control)
         .await?
         .rows_affected();
     if n == 0 {

@@ -23,9 +23,11 @@ use shared::model::{GrantRefCmd, InputMsg};
 
 use super::{dec, name};
 use crate::auth::Tenant;
-use crate::catalogue::require_credit_type;
-use crate::credits::{issue_grant, GrantView};
-use crate::error::{ApiError, ApiResult, Body, ErrorReply};
+use crate::control::grants::issue_grant;
+use crate::credit_type::require_credit_type;
+use crate::error::replies::{BadRequest, Conflict, Invalid, NotFound, Unauthorized, Unavailable};
+use crate::error::{ApiError, ApiResult, Body};
+use crate::grant::GrantView;
 use crate::produce::produce;
 use crate::validate;
 use crate::AppState;
@@ -113,7 +115,7 @@ async fn entitlements(s: &AppState, tenant: &str, given: &[NewEntitlement]) -> A
     let mut out = Vec::new();
     for (i, e) in given.iter().enumerate() {
         let f = |x: &str| format!("credit_entitlements[{i}].{x}");
-        let ct = require_credit_type(s, tenant, &e.credit_type, &f("credit_type")).await?;
+        let ct = require_credit_type(&s.pg.control, tenant, &e.credit_type, &f("credit_type")).await?;
         let amount = validate::amount(&f("amount"), &e.amount, ct.decimals as u32, false)?;
         let cadence = Cadence::parse(&e.cadence)
             .ok_or_else(|| ApiError::invalid(&f("cadence"), "invalid_value", "must be \"monthly\" or \"yearly\""))?;
@@ -132,7 +134,7 @@ async fn entitlements(s: &AppState, tenant: &str, given: &[NewEntitlement]) -> A
     security(("api_key" = [])),
     params(("id" = String, Path, description = "the plan id")),
     request_body(content = NewPlan, content_type = "application/json"),
-    responses((status = 200, description = "the plan", body = Plan), (status = 400, description = "malformed request", body = ErrorReply), (status = 401, description = "missing or invalid credentials", body = ErrorReply), (status = 422, description = "invalid value; `field` names it", body = ErrorReply), (status = 503, description = "saturated or a dependency is down; see Retry-After", body = ErrorReply))
+    responses((status = 200, description = "the plan", body = Plan), BadRequest, Unauthorized, Invalid, Unavailable)
 )]
 pub async fn put_plan(
     t: Tenant,
@@ -162,7 +164,7 @@ pub async fn put_plan(
     .bind(&b.name)
     .bind(period)
     .bind(&ents)
-    .execute(&s.db)
+    .execute(&s.pg.control)
     .await?;
     Ok(Json(Plan {
         id,
@@ -175,14 +177,14 @@ pub async fn put_plan(
 #[utoipa::path(get, path = "/v1/plans/{id}", tag = "billing",
     security(("api_key" = [])),
     params(("id" = String, Path, description = "the plan id")),
-    responses((status = 200, description = "the plan", body = Plan), (status = 401, description = "missing or invalid credentials", body = ErrorReply), (status = 404, description = "not found (or another tenant's)", body = ErrorReply), (status = 422, description = "invalid value; `field` names it", body = ErrorReply), (status = 503, description = "saturated or a dependency is down; see Retry-After", body = ErrorReply))
+    responses((status = 200, description = "the plan", body = Plan), Unauthorized, NotFound, Invalid, Unavailable)
 )]
 pub async fn get_plan(t: Tenant, State(s): State<Arc<AppState>>, Path(id): Path<String>) -> ApiResult<Json<Plan>> {
     let row: Option<(String, String, Value)> =
         sqlx::query_as("SELECT name, billing_period, entitlements FROM plans WHERE tenant_id = $1 AND id = $2")
             .bind(&t.id)
             .bind(&id)
-            .fetch_optional(&s.db)
+            .fetch_optional(&s.pg.control)
             .await?;
     let (n, p, e) = row.ok_or_else(|| ApiError::not_found("plan"))?;
     Ok(Json(Plan {
@@ -198,7 +200,7 @@ pub async fn get_plan(t: Tenant, State(s): State<Arc<AppState>>, Path(id): Path<
     security(("api_key" = [])),
     params(("id" = String, Path, description = "the add-on id")),
     request_body(content = NewAddOn, content_type = "application/json"),
-    responses((status = 200, description = "the add-on", body = AddOnView), (status = 400, description = "malformed request", body = ErrorReply), (status = 401, description = "missing or invalid credentials", body = ErrorReply), (status = 422, description = "invalid value; `field` names it", body = ErrorReply), (status = 503, description = "saturated or a dependency is down; see Retry-After", body = ErrorReply))
+    responses((status = 200, description = "the add-on", body = AddOnView), BadRequest, Unauthorized, Invalid, Unavailable)
 )]
 pub async fn put_addon(
     t: Tenant,
@@ -228,7 +230,7 @@ pub async fn put_addon(
     .bind(&b.name)
     .bind(behavior)
     .bind(&ents)
-    .execute(&s.db)
+    .execute(&s.pg.control)
     .await?;
     Ok(Json(AddOnView {
         id,
@@ -241,7 +243,7 @@ pub async fn put_addon(
 #[utoipa::path(get, path = "/v1/addons/{id}", tag = "billing",
     security(("api_key" = [])),
     params(("id" = String, Path, description = "the add-on id")),
-    responses((status = 200, description = "the add-on", body = AddOnView), (status = 401, description = "missing or invalid credentials", body = ErrorReply), (status = 404, description = "not found (or another tenant's)", body = ErrorReply), (status = 422, description = "invalid value; `field` names it", body = ErrorReply), (status = 503, description = "saturated or a dependency is down; see Retry-After", body = ErrorReply))
+    responses((status = 200, description = "the add-on", body = AddOnView), Unauthorized, NotFound, Invalid, Unavailable)
 )]
 pub async fn get_addon(
     t: Tenant,
@@ -252,7 +254,7 @@ pub async fn get_addon(
         sqlx::query_as("SELECT name, behavior, entitlements FROM addons WHERE tenant_id = $1 AND id = $2")
             .bind(&t.id)
             .bind(&id)
-            .fetch_optional(&s.db)
+            .fetch_optional(&s.pg.control)
             .await?;
     let (n, b, e) = row.ok_or_else(|| ApiError::not_found("add-on"))?;
     Ok(Json(AddOnView {
@@ -356,7 +358,7 @@ async fn items_of(s: &AppState, tenant: &str, customer: &str, revision: i32) -> 
     .bind(tenant)
     .bind(customer)
     .bind(revision)
-    .fetch_all(&s.db)
+    .fetch_all(&s.pg.control)
     .await?)
 }
 
@@ -395,7 +397,7 @@ fn item_json(i: &ItemRow, now: DateTime<Utc>) -> SubscriptionItem {
     security(("api_key" = [])),
     params(("customer_id" = String, Path, description = "the customer")),
     request_body(content = NewSubscription, content_type = "application/json"),
-    responses((status = 200, description = "the subscription, its items and the grants of the current period it issued", body = SubscriptionChanged), (status = 202, description = "changed; some grants of the current period are not yet applied (status pending)", body = SubscriptionChanged), (status = 400, description = "malformed request", body = ErrorReply), (status = 401, description = "missing or invalid credentials", body = ErrorReply), (status = 404, description = "not found (or another tenant's)", body = ErrorReply), (status = 409, description = "conflict", body = ErrorReply), (status = 422, description = "invalid value; `field` names it", body = ErrorReply), (status = 503, description = "saturated or a dependency is down; see Retry-After", body = ErrorReply))
+    responses((status = 200, description = "the subscription, its items and the grants of the current period it issued", body = SubscriptionChanged), (status = 202, description = "changed; some grants of the current period are not yet applied (status pending)", body = SubscriptionChanged), BadRequest, Unauthorized, NotFound, Conflict, Invalid, Unavailable)
 )]
 pub async fn put_subscription(
     t: Tenant,
@@ -418,7 +420,7 @@ pub async fn put_subscription(
         sqlx::query_as("SELECT name, entitlements FROM plans WHERE tenant_id = $1 AND id = $2")
             .bind(&t.id)
             .bind(&b.plan_id)
-            .fetch_optional(&s.db)
+            .fetch_optional(&s.pg.control)
             .await?;
     let (plan_name, plan_ents) =
         plan.ok_or_else(|| ApiError::invalid("plan_id", "unknown_plan", format!("no plan {}", b.plan_id)))?;
@@ -446,7 +448,7 @@ pub async fn put_subscription(
             sqlx::query_as("SELECT name, behavior, entitlements FROM addons WHERE tenant_id = $1 AND id = $2")
                 .bind(&t.id)
                 .bind(&a.id)
-                .fetch_optional(&s.db)
+                .fetch_optional(&s.pg.control)
                 .await?;
         let (n, behavior, ents) = row.ok_or_else(|| {
             ApiError::invalid(
@@ -473,7 +475,7 @@ pub async fn put_subscription(
         .collect::<Vec<_>>());
     let items = billing::items(&b.plan_id, &plan_name, &plan_ents, &addons);
 
-    let mut tx = s.db.begin().await?;
+    let mut tx = s.pg.control.begin().await?;
     let current: Option<SubRow> = sqlx::query_as(
         "SELECT plan_id, addons, start_at, revision FROM subscriptions WHERE tenant_id = $1 AND customer_id = $2
          FOR UPDATE",
@@ -604,7 +606,7 @@ pub async fn put_subscription(
         .bind(n + 1)
         .bind(period_start(i.start_at, c, n + 1))
         .bind(n)
-        .execute(&s.db)
+        .execute(&s.pg.control)
         .await?;
     }
     let status = if all_applied {
@@ -626,7 +628,7 @@ pub async fn put_subscription(
 #[utoipa::path(get, path = "/v1/subscriptions/{customer_id}", tag = "billing",
     security(("api_key" = [])),
     params(("customer_id" = String, Path, description = "the customer")),
-    responses((status = 200, description = "the subscription", body = SubscriptionReply), (status = 401, description = "missing or invalid credentials", body = ErrorReply), (status = 404, description = "not found (or another tenant's)", body = ErrorReply), (status = 422, description = "invalid value; `field` names it", body = ErrorReply), (status = 503, description = "saturated or a dependency is down; see Retry-After", body = ErrorReply))
+    responses((status = 200, description = "the subscription", body = SubscriptionReply), Unauthorized, NotFound, Invalid, Unavailable)
 )]
 pub async fn get_subscription(
     t: Tenant,
@@ -638,7 +640,7 @@ pub async fn get_subscription(
     )
     .bind(&t.id)
     .bind(&customer)
-    .fetch_optional(&s.db)
+    .fetch_optional(&s.pg.control)
     .await?;
     let sub = sub.ok_or_else(|| ApiError::not_found("subscription"))?;
     let rows = items_of(&s, &t.id, &customer, sub.3).await?;

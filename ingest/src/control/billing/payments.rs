@@ -21,9 +21,11 @@ use shared::webhook::sign::new_secret;
 
 use super::{currency, dec, Money};
 use crate::auth::Tenant;
-use crate::catalogue::require_credit_type;
-use crate::credits::{grant_json, issue_grant, settled_grant, GrantView};
+use crate::control::grants::issue_grant;
+use crate::credit_type::require_credit_type;
+use crate::error::replies::{BadRequest, Conflict, Invalid, NotFound, Unauthorized, Unavailable};
 use crate::error::{ApiError, ApiResult, Body, ErrorReply};
+use crate::grant::{grant_json, settled_grant, GrantView};
 use crate::validate;
 use crate::AppState;
 use utoipa::ToSchema;
@@ -48,7 +50,7 @@ pub struct Payments {
 #[utoipa::path(put, path = "/v1/settings/payments", tag = "billing",
     security(("api_key" = [])),
     request_body(content = PaymentSettings, content_type = "application/json"),
-    responses((status = 200, description = "the payment settings", body = Payments), (status = 400, description = "malformed request", body = ErrorReply), (status = 401, description = "missing or invalid credentials", body = ErrorReply), (status = 422, description = "invalid value; `field` names it", body = ErrorReply), (status = 503, description = "saturated or a dependency is down; see Retry-After", body = ErrorReply))
+    responses((status = 200, description = "the payment settings", body = Payments), BadRequest, Unauthorized, Invalid, Unavailable)
 )]
 pub async fn put_settings(
     t: Tenant,
@@ -71,20 +73,20 @@ pub async fn put_settings(
     .bind(&t.id)
     .bind(url.as_str())
     .bind(new_secret())
-    .fetch_one(&s.db)
+    .fetch_one(&s.pg.control)
     .await?;
     Ok(Json(Payments { charge_url, secret }))
 }
 
 #[utoipa::path(get, path = "/v1/settings/payments", tag = "billing",
     security(("api_key" = [])),
-    responses((status = 200, description = "the payment settings", body = Payments), (status = 401, description = "missing or invalid credentials", body = ErrorReply), (status = 404, description = "not found (or another tenant's)", body = ErrorReply), (status = 503, description = "saturated or a dependency is down; see Retry-After", body = ErrorReply))
+    responses((status = 200, description = "the payment settings", body = Payments), Unauthorized, NotFound, Unavailable)
 )]
 pub async fn get_settings(t: Tenant, State(s): State<Arc<AppState>>) -> ApiResult<Json<Payments>> {
     let row: Option<(String, String)> =
         sqlx::query_as("SELECT charge_url, secret FROM payment_settings WHERE tenant_id = $1")
             .bind(&t.id)
-            .fetch_optional(&s.db)
+            .fetch_optional(&s.pg.control)
             .await?;
     let (charge_url, secret) = row.ok_or_else(|| ApiError::not_found("payment settings"))?;
     Ok(Json(Payments { charge_url, secret }))
@@ -147,7 +149,7 @@ pub async fn price(s: &AppState, tenant: &str, credit_type: &str) -> ApiResult<O
     )
     .bind(tenant)
     .bind(credit_type)
-    .fetch_optional(&s.db)
+    .fetch_optional(&s.pg.control)
     .await?)
 }
 
@@ -156,7 +158,7 @@ pub async fn price(s: &AppState, tenant: &str, credit_type: &str) -> ApiResult<O
     security(("api_key" = [])),
     params(("id" = String, Path, description = "the credit type")),
     request_body(content = TopUpPrice, content_type = "application/json"),
-    responses((status = 200, description = "the top-up settings", body = TopUpSettings), (status = 400, description = "malformed request", body = ErrorReply), (status = 401, description = "missing or invalid credentials", body = ErrorReply), (status = 404, description = "not found (or another tenant's)", body = ErrorReply), (status = 422, description = "invalid value; `field` names it", body = ErrorReply), (status = 503, description = "saturated or a dependency is down; see Retry-After", body = ErrorReply))
+    responses((status = 200, description = "the top-up settings", body = TopUpSettings), BadRequest, Unauthorized, NotFound, Invalid, Unavailable)
 )]
 pub async fn put_top_up_price(
     t: Tenant,
@@ -167,7 +169,7 @@ pub async fn put_top_up_price(
     if !validate::id_ok(&id) {
         return Err(ApiError::not_found("credit type"));
     }
-    let ct = crate::catalogue::credit_type(&s, &t.id, &id)
+    let ct = crate::credit_type::credit_type(&s.pg.control, &t.id, &id)
         .await?
         .ok_or_else(|| ApiError::not_found("credit type"))?;
     let d = ct.decimals as u32;
@@ -192,7 +194,7 @@ pub async fn put_top_up_price(
     .bind(&b.unit_price.currency)
     .bind(min)
     .bind(max)
-    .fetch_one(&s.db)
+    .fetch_one(&s.pg.control)
     .await?;
     Ok(Json(price_json(&id, &p)))
 }
@@ -200,7 +202,7 @@ pub async fn put_top_up_price(
 #[utoipa::path(get, path = "/v1/credit-types/{id}/top-up", tag = "billing",
     security(("api_key" = [])),
     params(("id" = String, Path, description = "the credit type")),
-    responses((status = 200, description = "the top-up settings", body = TopUpSettings), (status = 401, description = "missing or invalid credentials", body = ErrorReply), (status = 404, description = "not found (or another tenant's)", body = ErrorReply), (status = 422, description = "invalid value; `field` names it", body = ErrorReply), (status = 503, description = "saturated or a dependency is down; see Retry-After", body = ErrorReply))
+    responses((status = 200, description = "the top-up settings", body = TopUpSettings), Unauthorized, NotFound, Invalid, Unavailable)
 )]
 pub async fn get_top_up_price(
     t: Tenant,
@@ -271,7 +273,7 @@ fn charge_json(c: &ChargeRow, status: &str) -> Charge {
 #[utoipa::path(post, path = "/v1/credits/top-ups", tag = "billing",
     security(("api_key" = [])),
     request_body(content = NewTopUp, content_type = "application/json"),
-    responses((status = 201, description = "charged, and the grant applied (a repeat of the idempotency key answers the same)", body = TopUp), (status = 202, description = "charged; the grant is not yet applied (status pending)", body = TopUp), (status = 400, description = "malformed request", body = ErrorReply), (status = 401, description = "missing or invalid credentials", body = ErrorReply), (status = 402, description = "the payment was declined; nothing granted", body = ErrorReply), (status = 404, description = "not found (or another tenant's)", body = ErrorReply), (status = 409, description = "conflict", body = ErrorReply), (status = 422, description = "invalid value; `field` names it", body = ErrorReply), (status = 503, description = "saturated or a dependency is down; see Retry-After", body = ErrorReply))
+    responses((status = 201, description = "charged, and the grant applied (a repeat of the idempotency key answers the same)", body = TopUp), (status = 202, description = "charged; the grant is not yet applied (status pending)", body = TopUp), BadRequest, Unauthorized, (status = 402, description = "the payment was declined; nothing granted", body = ErrorReply), NotFound, Conflict, Invalid, Unavailable)
 )]
 pub async fn top_up(
     t: Tenant,
@@ -285,7 +287,7 @@ pub async fn top_up(
     }
     validate::id("payment_method_id", &b.payment_method_id)?;
     validate::id("idempotency_key", &b.idempotency_key)?;
-    let ct = require_credit_type(&s, &t.id, &b.credit_type, "credit_type").await?;
+    let ct = require_credit_type(&s.pg.control, &t.id, &b.credit_type, "credit_type").await?;
     let d = ct.decimals as u32;
     let credits = validate::amount("amount", &b.amount, d, false)?;
     let p = price(&s, &t.id, &b.credit_type).await?.ok_or_else(|| {
@@ -305,7 +307,7 @@ pub async fn top_up(
     let settings: Option<(String, String)> =
         sqlx::query_as("SELECT charge_url, secret FROM payment_settings WHERE tenant_id = $1")
             .bind(&t.id)
-            .fetch_optional(&s.db)
+            .fetch_optional(&s.pg.control)
             .await?;
     let (url, secret) = settings.ok_or_else(|| {
         ApiError::new(
@@ -336,7 +338,7 @@ pub async fn top_up(
     .bind(&b.idempotency_key)
     .bind(billing::charge_grant_id(&t.id, &charge_id))
     .bind(lease_s)
-    .fetch_optional(&s.db)
+    .fetch_optional(&s.pg.control)
     .await?;
     let charge = match inserted {
         Some(c) => c,
@@ -346,7 +348,7 @@ pub async fn top_up(
             ))
             .bind(&t.id)
             .bind(&charge_id)
-            .fetch_one(&s.db)
+            .fetch_one(&s.pg.control)
             .await?;
             let same = c.customer_id == b.customer_id
                 && c.credit_type == b.credit_type
@@ -386,7 +388,7 @@ pub async fn top_up(
         .bind(&charge.id)
         .bind(status)
         .bind(&reason)
-        .execute(&s.db)
+        .execute(&s.pg.control)
         .await?;
         match outcome {
             ChargeOutcome::Succeeded => return granted(&s, &t.id, &charge, d).await,
@@ -407,7 +409,7 @@ pub async fn top_up(
     )
     .bind(&t.id)
     .bind(&charge.id)
-    .execute(&s.db)
+    .execute(&s.pg.control)
     .await?;
     let mut e = ApiError::unavailable(
         "charge_outcome_unknown",
@@ -421,7 +423,7 @@ pub async fn top_up(
 /// The grant of a succeeded charge: issue it (the same id every time) and answer with it.
 async fn granted(s: &AppState, tenant: &str, c: &ChargeRow, decimals: u32) -> ApiResult<(StatusCode, Json<TopUp>)> {
     let spec = c.grant(decimals);
-    let (status, grant) = match settled_grant(s, tenant, spec.id).await? {
+    let (status, grant) = match settled_grant(&s.pg.control, tenant, spec.id).await? {
         Some(g) => (StatusCode::CREATED, grant_json(&g)),
         None => {
             let (status, Json(reply)) = issue_grant(s, tenant, spec, "top-up").await?;
@@ -431,7 +433,7 @@ async fn granted(s: &AppState, tenant: &str, c: &ChargeRow, decimals: u32) -> Ap
     sqlx::query("UPDATE charges SET granted_at = now() WHERE tenant_id = $1 AND id = $2 AND granted_at IS NULL")
         .bind(tenant)
         .bind(&c.id)
-        .execute(&s.db)
+        .execute(&s.pg.control)
         .await?;
     Ok((
         status,
