@@ -8,7 +8,7 @@ use axum::extract::{Path, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::Json;
-use chrono::Utc;
+use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use shared::amount::from_fixed;
@@ -103,6 +103,29 @@ pub async fn create_grant(t: Tenant, State(s): State<Arc<AppState>>, Body(b): Bo
     }
     let ct = require_credit_type(&s.pg.control, &t.id, &b.credit_type, "credit_type").await?;
     let decimals = ct.decimals as u32;
+    let spec = grant_spec(&t.id, &b, decimals, Utc::now())?;
+    let id = spec.id;
+    // The same idempotency key again: the same grant, or 409 if the body differs.
+    if b.idempotency_key.is_some() {
+        if let Some(g) = settled_grant(&s.pg.control, &t.id, id).await? {
+            let same = g.customer_id == spec.customer_id
+                && g.credit_type == spec.credit_type
+                && g.amount == spec.amount
+                && g.resource_id.clone().unwrap_or_default() == spec.resource_id
+                && g.display_name == spec.display_name;
+            return if same {
+                Ok((StatusCode::OK, Json(grant_json(&g))).into_response())
+            } else {
+                Err(ApiError::conflict("idempotency_key was used with another body").field("idempotency_key"))
+            };
+        }
+    }
+    Ok(issue_grant(&s, &t.id, spec, "api").await?.into_response())
+}
+
+/// The grant a request asks for, validated field by field (the first bad field answers 422),
+/// without I/O: its id is the tenant's idempotency key's, or new.
+fn grant_spec(tenant: &str, b: &NewGrant, decimals: u32, now: DateTime<Utc>) -> Result<GrantSpec, ApiError> {
     let amount = validate::amount("amount", &b.amount, decimals, false)?;
     if b.display_name.trim().is_empty() || b.display_name.len() > 200 {
         return Err(ApiError::invalid(
@@ -137,7 +160,6 @@ pub async fn create_grant(t: Tenant, State(s): State<Arc<AppState>>, Body(b): Bo
             "must be between 0 and 1000",
         ));
     }
-    let now = Utc::now();
     let effective_at = match &b.effective_at {
         None | Some(Value::Null) => now,
         Some(v) => validate::timestamp("effective_at", v)?,
@@ -176,11 +198,11 @@ pub async fn create_grant(t: Tenant, State(s): State<Arc<AppState>>, Body(b): Bo
     let id = match &b.idempotency_key {
         Some(k) => {
             validate::id("idempotency_key", k)?;
-            Uuid::new_v5(&GRANT_NS, format!("{}/{k}", t.id).as_bytes())
+            Uuid::new_v5(&GRANT_NS, format!("{tenant}/{k}").as_bytes())
         }
         None => Uuid::now_v7(),
     };
-    let spec = GrantSpec {
+    Ok(GrantSpec {
         id,
         customer_id: b.customer_id.clone(),
         resource_id: b.resource_id.clone().unwrap_or_default(),
@@ -201,23 +223,7 @@ pub async fn create_grant(t: Tenant, State(s): State<Arc<AppState>>, Body(b): Bo
             "manual".into()
         },
         created_at: now,
-    };
-    // The same idempotency key again: the same grant, or 409 if the body differs.
-    if b.idempotency_key.is_some() {
-        if let Some(g) = settled_grant(&s.pg.control, &t.id, id).await? {
-            let same = g.customer_id == spec.customer_id
-                && g.credit_type == spec.credit_type
-                && g.amount == spec.amount
-                && g.resource_id.clone().unwrap_or_default() == spec.resource_id
-                && g.display_name == spec.display_name;
-            return if same {
-                Ok((StatusCode::OK, Json(grant_json(&g))).into_response())
-            } else {
-                Err(ApiError::conflict("idempotency_key was used with another body").field("idempotency_key"))
-            };
-        }
-    }
-    Ok(issue_grant(&s, &t.id, spec, "api").await?.into_response())
+    })
 }
 
 /// Produce a grant to the input topic and wait until the rater applied it: 201 `{grant}`, or
@@ -375,4 +381,77 @@ pub async fn set_limit(
         limit: kind.map_or(ct.limit.as_str(), |k| k.as_str()).to_owned(),
         overridden: kind.is_some(),
     }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn now() -> DateTime<Utc> {
+        DateTime::from_timestamp(1_800_000_000, 0).unwrap()
+    }
+
+    fn req(extra: Value) -> NewGrant {
+        let mut v = json!({"customer_id": "c", "credit_type": "ct", "amount": "10.5", "display_name": "d"});
+        v.as_object_mut().unwrap().extend(extra.as_object().unwrap().clone());
+        serde_json::from_value(v).unwrap()
+    }
+
+    fn field(r: Result<GrantSpec, ApiError>) -> (String, String) {
+        let e = r.unwrap_err();
+        (e.body.field.unwrap_or_default(), e.body.code)
+    }
+
+    #[test]
+    fn defaults_are_filled_in() {
+        let g = grant_spec("t", &req(json!({})), 2, now()).unwrap();
+        assert_eq!(g.amount, rust_decimal::Decimal::new(1050, 2));
+        assert_eq!(
+            (g.priority, g.category, g.source.as_str()),
+            (100, Category::Paid, "manual")
+        );
+        assert_eq!((g.effective_at, g.created_at, g.expires_at), (now(), now(), None));
+        assert_eq!(g.resource_id, "");
+        let promo = grant_spec("t", &req(json!({"category": "promo"})), 2, now()).unwrap();
+        assert_eq!((promo.category, promo.source.as_str()), (Category::Promo, "promo"));
+    }
+
+    #[test]
+    fn an_idempotency_key_names_one_grant_per_tenant() {
+        let k = json!({"idempotency_key": "k1"});
+        let a = grant_spec("t", &req(k.clone()), 2, now()).unwrap().id;
+        assert_eq!(a, grant_spec("t", &req(k.clone()), 2, now()).unwrap().id);
+        assert_ne!(a, grant_spec("u", &req(k), 2, now()).unwrap().id);
+        assert_ne!(
+            grant_spec("t", &req(json!({})), 2, now()).unwrap().id,
+            grant_spec("t", &req(json!({})), 2, now()).unwrap().id
+        );
+    }
+
+    #[test]
+    fn the_first_bad_field_is_named() {
+        let f = |extra, decimals| field(grant_spec("t", &req(extra), decimals, now()));
+        assert_eq!(f(json!({}), 0).0, "amount");
+        assert_eq!(f(json!({"display_name": " "}), 2).0, "display_name");
+        assert_eq!(f(json!({"category": "gift"}), 2).0, "category");
+        assert_eq!(
+            f(json!({"priority": 1001}), 2),
+            ("priority".into(), "out_of_range".into())
+        );
+        assert_eq!(
+            f(
+                json!({"effective_at": "2027-01-02T00:00:00Z", "expires_at": "2027-01-01T00:00:00Z"}),
+                2
+            )
+            .0,
+            "expires_at"
+        );
+        assert_eq!(
+            f(json!({"cost": {"amount": "1", "currency": "usd"}}), 2).0,
+            "cost.currency"
+        );
+        assert_eq!(f(json!({"metadata": [1]}), 2).0, "metadata");
+        assert_eq!(f(json!({"idempotency_key": "a b"}), 2).0, "idempotency_key");
+    }
 }

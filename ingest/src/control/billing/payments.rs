@@ -365,6 +365,21 @@ pub async fn top_up(
             }
         }
     };
+    charge_now(&s, &t.id, &charge, (&url, &secret), d).await
+}
+
+/// Try the charge up to `BILLING_CHARGE_ATTEMPTS` times within the request: granted on
+/// success, 402 on a decline, and on no answer 503 with the charge left to the ledger-writer's
+/// retries (the same charge_id, so never charged twice). No Postgres connection is held while
+/// the payment endpoint is called.
+async fn charge_now(
+    s: &AppState,
+    tenant: &str,
+    charge: &ChargeRow,
+    (url, secret): (&str, &str),
+    d: u32,
+) -> ApiResult<(StatusCode, Json<TopUp>)> {
+    let attempts = s.config.billing.charge_attempts;
     let client = &s.charges;
     let req = charge.request();
     let mut last = String::new();
@@ -372,7 +387,7 @@ pub async fn top_up(
         if attempt > 0 {
             tokio::time::sleep(Duration::from_millis(250 << attempt.min(4))).await;
         }
-        let outcome = client.charge(&url, &secret, &req).await;
+        let outcome = client.charge(url, secret, &req).await;
         let (status, reason) = match &outcome {
             ChargeOutcome::Succeeded => ("succeeded", None),
             ChargeOutcome::Failed(r) => ("failed", Some(r.clone())),
@@ -384,14 +399,14 @@ pub async fn top_up(
                 failure_reason = $4, attempts = attempts + 1, updated_at = now()
              WHERE tenant_id = $1 AND id = $2",
         )
-        .bind(&t.id)
+        .bind(tenant)
         .bind(&charge.id)
         .bind(status)
         .bind(&reason)
         .execute(&s.pg.control)
         .await?;
         match outcome {
-            ChargeOutcome::Succeeded => return granted(&s, &t.id, &charge, d).await,
+            ChargeOutcome::Succeeded => return granted(s, tenant, charge, d).await,
             ChargeOutcome::Failed(r) => {
                 tracing::info!(charge_id = %charge.id, reason = %r, "top-up declined");
                 return Err(declined());
@@ -407,7 +422,7 @@ pub async fn top_up(
         "UPDATE charges SET next_attempt_at = now() + interval '5 seconds' WHERE tenant_id = $1 AND id = $2
             AND status IN ('pending', 'unknown')",
     )
-    .bind(&t.id)
+    .bind(tenant)
     .bind(&charge.id)
     .execute(&s.pg.control)
     .await?;
