@@ -10,6 +10,8 @@ use std::time::Duration;
 use anyhow::{bail, Result};
 use clap::Parser;
 
+use crate::timeline::lag::GroupTopic;
+
 /// Most events one `POST /v1/events` may carry (api.md).
 pub const MAX_BATCH: u32 = 1000;
 
@@ -21,9 +23,9 @@ pub struct Args {
     #[arg(long, env = "INGEST_URL", default_value = "http://127.0.0.1:8080")]
     pub url: String,
 
-    /// Operator token for `/v1/admin/` calls.
+    /// Operator token for `/v1/admin/` calls (not needed with `--seed-only`).
     #[arg(long, env = "INGEST_ADMIN_TOKEN", hide_env_values = true)]
-    pub admin_token: String,
+    pub admin_token: Option<String>,
 
     /// Postgres URL used to verify settlement (read only); not needed with `--ingest-only`.
     #[arg(long, env = "DATABASE_URL", hide_env_values = true)]
@@ -105,6 +107,40 @@ pub struct Args {
     /// end the load when they are done with it (deploy/local/chaos).
     #[arg(long)]
     pub stop_file: Option<PathBuf>,
+
+    /// Write the per-second timeline (CSV) here, and its chart next to it (the same path with
+    /// `.svg`). Default: `<stem>.timeline.csv` next to the `--report` file; neither without
+    /// `--report`.
+    #[arg(long)]
+    pub timeline: Option<PathBuf>,
+
+    /// Kafka bootstrap servers, to sample consumer lag into the timeline; without them the lag
+    /// columns stay empty.
+    #[arg(long, env = "KAFKA_BROKERS")]
+    pub kafka_brokers: Option<String>,
+
+    /// Consumer groups whose lag the timeline samples, as GROUP=TOPIC (comma-separated or
+    /// repeated).
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = "rater=credits.input,ledger-writer=credits.ledger"
+    )]
+    pub lag_group: Vec<GroupTopic>,
+
+    /// Before the run, top the database up to at least this many settled historical events of
+    /// seed tenants of their own (`loadtest-seed-<i>`, as many as `--tenants`, each with
+    /// `--customers` customers); the run's verification never sees them.
+    #[arg(long)]
+    pub seed_events: Option<u64>,
+
+    /// Days before now over which newly seeded events are spread.
+    #[arg(long, default_value_t = 30)]
+    pub seed_days: u32,
+
+    /// Seed (`--seed-events`) and exit without setup or load; ingest need not run.
+    #[arg(long)]
+    pub seed_only: bool,
 }
 
 impl Args {
@@ -154,10 +190,43 @@ impl Args {
         if self.url.trim().is_empty() {
             bail!("--url must not be empty");
         }
-        if !self.ingest_only && self.database_url.as_deref().is_none_or(|u| u.trim().is_empty()) {
+        let no_db = self.database_url.as_deref().is_none_or(|u| u.trim().is_empty());
+        if !self.ingest_only && no_db {
             bail!("--database-url (or DATABASE_URL) is required to verify settlement (or pass --ingest-only)");
         }
+        if self.seed_only && self.seed_events.is_none() {
+            bail!("--seed-only needs --seed-events");
+        }
+        if self.seed_events.is_some() {
+            if no_db {
+                bail!("--seed-events needs --database-url (or DATABASE_URL)");
+            }
+            if self.ingest_only && !self.seed_only {
+                bail!(
+                    "--seed-events seeds the database the rater and ledger-writer settle into; not with --ingest-only"
+                );
+            }
+            if self.seed_days == 0 {
+                bail!("--seed-days must be at least 1");
+            }
+        }
+        if !self.seed_only && self.admin_token().trim().is_empty() {
+            bail!("--admin-token (or INGEST_ADMIN_TOKEN) is required (unless --seed-only)");
+        }
         Ok(())
+    }
+
+    /// The operator token (empty when not given; [`Args::validate`] requires it unless
+    /// `--seed-only`).
+    pub fn admin_token(&self) -> &str {
+        self.admin_token.as_deref().unwrap_or_default()
+    }
+
+    /// Where the timeline CSV goes: `--timeline`, else next to the `--report`, else nowhere.
+    pub fn timeline_path(&self) -> Option<PathBuf> {
+        self.timeline
+            .clone()
+            .or_else(|| self.report.as_deref().map(crate::timeline::default_path))
     }
 
     /// `"full"` (load, settle, verify) or `"ingest_only"`.
@@ -229,6 +298,16 @@ mod tests {
         assert!(!a.retry && a.retry_policy().is_none());
         assert_eq!(a.retry_max, 120.0);
         assert!(a.stop_file.is_none());
+        assert!(a.timeline.is_none() && a.timeline_path().is_none());
+        assert_eq!(
+            a.lag_group,
+            [
+                "rater=credits.input".parse::<GroupTopic>().unwrap(),
+                "ledger-writer=credits.ledger".parse().unwrap()
+            ]
+        );
+        assert!(a.seed_events.is_none() && !a.seed_only);
+        assert_eq!(a.seed_days, 30);
         assert_eq!(a.base_url(), "http://127.0.0.1:8080");
         assert_eq!(a.tenant_events_per_second(), 20_000);
         a.validate().expect("defaults are valid");
@@ -251,6 +330,37 @@ mod tests {
         parse(&["--hot-share", "1", "--duration", "0.5", "--warmup", "0"])
             .validate()
             .unwrap();
+    }
+
+    #[test]
+    fn timeline_goes_next_to_the_report_unless_given() {
+        let a = parse(&["--report", "/tmp/x/run.json"]);
+        assert_eq!(a.timeline_path().unwrap(), PathBuf::from("/tmp/x/run.timeline.csv"));
+        let a = parse(&["--report", "/tmp/x/run.json", "--timeline", "/y/t.csv"]);
+        assert_eq!(a.timeline_path().unwrap(), PathBuf::from("/y/t.csv"));
+        let a = parse(&["--lag-group", "a=t1", "--lag-group", "b=t2,c=t3"]);
+        let groups: Vec<&str> = a.lag_group.iter().map(|g| g.group.as_str()).collect();
+        assert_eq!(groups, ["a", "b", "c"]);
+        assert!(Args::try_parse_from(["loadtest", "--lag-group", "nonsense"]).is_err());
+    }
+
+    #[test]
+    fn seeding_needs_a_database_and_seed_only_no_token() {
+        let mut a = Args::try_parse_from(["loadtest", "--seed-events", "1000", "--seed-only"]).unwrap();
+        a.database_url = Some("postgres://x".into());
+        a.admin_token = None;
+        a.validate().expect("seed-only needs no admin token");
+        a.database_url = None;
+        assert!(a.validate().is_err());
+        let mut a = Args::try_parse_from(["loadtest", "--seed-only"]).unwrap();
+        a.database_url = Some("postgres://x".into());
+        assert!(a.validate().is_err(), "--seed-only without --seed-events");
+        let mut a = parse(&["--seed-events", "10"]);
+        a.admin_token = None;
+        assert!(a.validate().is_err(), "a run after seeding still needs the token");
+        assert!(parse(&["--seed-events", "10", "--seed-days", "0"]).validate().is_err());
+        assert!(parse(&["--seed-events", "10", "--ingest-only"]).validate().is_err());
+        parse(&["--seed-events", "10"]).validate().unwrap();
     }
 
     #[test]

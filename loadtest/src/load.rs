@@ -29,6 +29,7 @@ use tokio::time::Instant;
 use crate::expected::Expected;
 use crate::generator::{batch_body, Batch, CustomerMix, Generator, Schedule};
 use crate::setup::Tenant;
+use crate::timeline::{bump, LoadSeries};
 
 /// Recent originals kept per tenant for duplicates to pick from.
 const RING_CAPACITY: usize = 2048;
@@ -119,6 +120,8 @@ pub struct LoadOutcome {
     /// HTTP latency after warm-up, microseconds from the scheduled send time.
     pub http_us: Histogram<u64>,
     pub expected: Expected,
+    /// Offered, accepted and rejected events per second, for the timeline.
+    pub series: LoadSeries,
 }
 
 pub fn new_histogram() -> Histogram<u64> {
@@ -159,6 +162,8 @@ struct SendOutcome {
 
 struct Completion {
     batch: Batch,
+    /// When it was due, from the start.
+    offset: Duration,
     outcome: SendOutcome,
     latency: Duration,
     warmup: bool,
@@ -188,6 +193,7 @@ pub async fn run_load(client: &Client, cfg: &LoadConfig, tenants: &[Tenant], mix
     let started_at = Utc::now();
     let start = Instant::now();
     let (mut dropped_batches, mut dropped_events) = (0u64, 0u64);
+    let mut offered = Vec::new();
     for k in 0..total_batches {
         let offset = schedule.offset(k);
         let due = start + offset;
@@ -196,6 +202,7 @@ pub async fn run_load(client: &Client, cfg: &LoadConfig, tenants: &[Tenant], mix
             stopped_by_file = true;
             break;
         }
+        bump(&mut offered, offset.as_secs(), u64::from(cfg.batch));
         let Ok(permit) = semaphore.clone().try_acquire_owned() else {
             dropped_batches += 1;
             dropped_events += u64::from(cfg.batch);
@@ -218,6 +225,7 @@ pub async fn run_load(client: &Client, cfg: &LoadConfig, tenants: &[Tenant], mix
             // The collector outlives every sender; a send error would only mean it panicked.
             let _ = tx.send(Completion {
                 batch,
+                offset,
                 outcome,
                 latency,
                 warmup,
@@ -233,6 +241,7 @@ pub async fn run_load(client: &Client, cfg: &LoadConfig, tenants: &[Tenant], mix
     outcome.dropped_batches = dropped_batches;
     outcome.dropped_by_generator = dropped_events;
     outcome.stopped_by_file = stopped_by_file;
+    outcome.series.offered = offered;
     Ok(outcome)
 }
 
@@ -366,6 +375,7 @@ async fn collect(mut rx: mpsc::UnboundedReceiver<Completion>, progress: Progress
         stopped_by_file: false,
         http_us: new_histogram(),
         expected: Expected::new(),
+        series: LoadSeries::default(),
     };
     while let Some(c) = rx.recv().await {
         let n = c.batch.events.len() as u64;
@@ -381,9 +391,12 @@ async fn collect(mut rx: mpsc::UnboundedReceiver<Completion>, progress: Progress
         for label in c.outcome.retried {
             *o.retries_by_cause.entry(label).or_default() += 1;
         }
+        // The second the final answer came.
+        let answered = (c.offset + c.latency).as_secs();
         match c.outcome.result {
             SendResult::Accepted { reported } => {
                 o.accepted += n;
+                bump(&mut o.series.accepted, answered, n);
                 if tries > 1 {
                     o.accepted_after_retry += n;
                 }
@@ -396,6 +409,7 @@ async fn collect(mut rx: mpsc::UnboundedReceiver<Completion>, progress: Progress
             }
             SendResult::Rejected(label) => {
                 o.rejected += n;
+                bump(&mut o.series.rejected, answered, n);
                 *o.rejected_by_status.entry(label).or_default() += n;
                 if c.outcome.gave_up {
                     o.abandoned += n;
@@ -540,6 +554,11 @@ mod tests {
         // Nothing is retried without a policy.
         assert_eq!((o.tries, o.retried_requests, o.max_tries), (o.requests, 0, 1));
         assert_eq!(o.expected.maybe_count(), 0);
+        // The per-second series add up to the totals: every batch of half a second was offered
+        // in second 0, dropped ones included.
+        assert_eq!(o.series.offered, [1000]);
+        assert_eq!(o.series.accepted.iter().sum::<u64>(), o.accepted);
+        assert_eq!(o.series.rejected.iter().sum::<u64>(), o.rejected);
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -14,6 +14,23 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
+    if args.seed_only {
+        return match runtime.block_on(loadtest::seed_only(&args)) {
+            Ok(s) => {
+                println!(
+                    "seeded: {} settled seed events in the database ({} added in {:.1}s)",
+                    s.total(),
+                    s.added,
+                    s.elapsed.as_secs_f64()
+                );
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("loadtest: error: {e:#}");
+                ExitCode::FAILURE
+            }
+        };
+    }
     match runtime.block_on(loadtest::run(&args)) {
         Ok(report) => {
             print!("{}", report.summary());

@@ -114,6 +114,13 @@ pub struct Report {
     /// The load ended before `duration_s` because the `--stop-file` appeared (`send_window_s`
     /// is then how long it ran, and `accept_rate` is over that).
     pub stopped_by_file: bool,
+    /// With `--seed-events`: settled seed events in the database when the run started (seed
+    /// tenants only; null without the flag).
+    pub seeded_events: Option<u64>,
+    /// Seconds spent seeding before the run (null without `--seed-events`).
+    pub seed_s: Option<f64>,
+    /// The timeline CSV written for the run (null when none was).
+    pub timeline: Option<String>,
 }
 
 /// A run that keeps up settles at least this share of the offered rate.
@@ -213,6 +220,9 @@ impl Report {
             uncertain_settled: v.uncertain_settled,
             tenant_ids: Vec::new(),
             stopped_by_file: load.stopped_by_file,
+            seeded_events: None,
+            seed_s: None,
+            timeline: None,
         };
         r.failures = r.failure_reasons();
         r.ok = r.failures.is_empty();
@@ -483,6 +493,9 @@ mod tests {
             "uncertain_settled",
             "tenant_ids",
             "stopped_by_file",
+            "seeded_events",
+            "seed_s",
+            "timeline",
         ] {
             assert!(text.find(&format!("\"{added}\":")).unwrap() > ok_at, "{added}");
         }

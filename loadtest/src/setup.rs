@@ -107,7 +107,7 @@ async fn setup_tenant(client: &Client, args: &Args, customers: &[u32]) -> Result
         client,
         Method::POST,
         &format!("{base}/v1/admin/tenants"),
-        &args.admin_token,
+        args.admin_token(),
         &json!({ "name": format!("loadtest-{}", uuid::Uuid::new_v4()) }),
         &[StatusCode::CREATED, StatusCode::OK],
     )
@@ -123,7 +123,7 @@ async fn setup_tenant(client: &Client, args: &Args, customers: &[u32]) -> Result
         client,
         Method::PUT,
         &format!("{base}/v1/admin/tenants/{id}/limits"),
-        &args.admin_token,
+        args.admin_token(),
         &json!({ "events_per_second": args.tenant_events_per_second() }),
         &[StatusCode::OK, StatusCode::NO_CONTENT, StatusCode::CREATED],
     )

@@ -34,6 +34,8 @@ const CONFIRM_EVERY: Duration = Duration::from_secs(5);
 pub struct Verification {
     pub settlement_completed: bool,
     pub settle_wait: Duration,
+    /// When the settlement wait ended (None: no wait, `--ingest-only`).
+    pub wait_ended_at: Option<DateTime<Utc>>,
     /// `usage_events` rows for the run's tenants when the wait ended.
     pub settled_rows: u64,
     /// `duplicate_events` rows for the run's tenants when the wait ended.
@@ -69,6 +71,7 @@ impl Verification {
         Verification {
             settlement_completed: false,
             settle_wait: Duration::ZERO,
+            wait_ended_at: None,
             settled_rows: 0,
             duplicate_rows: 0,
             lost: 0,
@@ -139,6 +142,7 @@ pub async fn verify(
         tokio::time::sleep(POLL).await;
     };
     let settle_wait = started.elapsed();
+    let wait_ended_at = Utc::now();
     eprintln!(
         "\rsettling: {settled_rows}/{want_rows} events, {duplicate_rows}/{want_dups} duplicates after {:.1}s{}",
         settle_wait.as_secs_f64(),
@@ -164,6 +168,7 @@ pub async fn verify(
     Ok(Verification {
         settlement_completed,
         settle_wait,
+        wait_ended_at: Some(wait_ended_at),
         settled_rows,
         duplicate_rows,
         lost: rows.lost,
