@@ -143,23 +143,6 @@ fn recharge_of(c: &Candidate, start: DateTime<Utc>) -> Option<Recharge> {
     })
 }
 
-/// What recharges of the pool charged in the spend period from `start` (succeeded, and not yet
-/// concluded: every charge that may have moved money).
-async fn spent_in_period(tx: &mut PgConnection, key: PoolRef<'_>, start: DateTime<Utc>) -> sqlx::Result<Decimal> {
-    sqlx::query_scalar(
-        "SELECT COALESCE(sum(amount), 0) FROM charges WHERE tenant_id = $1 AND customer_id = $2
-            AND credit_type = $3 AND resource_id = $4 AND reason = 'auto_recharge' AND status <> 'failed'
-            AND billed_at >= $5",
-    )
-    .bind(key.0)
-    .bind(key.1)
-    .bind(key.2)
-    .bind(key.3)
-    .bind(start)
-    .fetch_one(&mut *tx)
-    .await
-}
-
 /// The recharge would pass the spend limit: pause the pool until the period from `start` ends
 /// (or the settings are saved), and say so once per period.
 async fn pause_at_spend_limit(
@@ -311,7 +294,7 @@ impl Worker {
             mark_seen(tx, key, c.deny_id).await?;
             return Ok(());
         };
-        let spent = spent_in_period(tx, key, start).await?;
+        let spent = shared::billing::recharge::spent_since(&mut *tx, key, start).await?;
         if spent + r.amount > c.settings.spend_limit {
             pause_at_spend_limit(tx, c, start, spent, r.amount).await
         } else {

@@ -25,3 +25,25 @@ pub struct AutoRechargeSettings {
     /// payment_failed or spend_limit_reached; None while recharging is not paused.
     pub paused_reason: Option<String>,
 }
+
+/// A pool's auto-recharge spend since `start`: every charge that may have moved money
+/// (succeeded, and not yet concluded; a failed one did not). The spend limit (ledger-writer)
+/// and the settings reply (ingest) both read it here.
+pub async fn spent_since<'e>(
+    db: impl sqlx::PgExecutor<'e>,
+    (tenant, customer, credit_type, resource): (&str, &str, &str, &str),
+    start: chrono::DateTime<chrono::Utc>,
+) -> sqlx::Result<Decimal> {
+    sqlx::query_scalar(
+        "SELECT COALESCE(sum(amount), 0) FROM charges WHERE tenant_id = $1 AND customer_id = $2
+            AND credit_type = $3 AND resource_id = $4 AND reason = 'auto_recharge' AND status <> 'failed'
+            AND billed_at >= $5",
+    )
+    .bind(tenant)
+    .bind(customer)
+    .bind(credit_type)
+    .bind(resource)
+    .bind(start)
+    .fetch_one(db)
+    .await
+}

@@ -18,7 +18,7 @@ use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 use shared::billing::period::{period_index, period_start};
-use shared::billing::{self, AddOn, Behavior, Cadence, ItemRow, ITEM_COLS};
+use shared::billing::{self, AddOn, Behavior, Cadence, Item, ItemRow, ITEM_COLS};
 use shared::model::{GrantRefCmd, InputMsg};
 
 use super::{dec, name};
@@ -425,6 +425,166 @@ pub async fn put_subscription(
     let (plan_name, plan_ents) =
         plan.ok_or_else(|| ApiError::invalid("plan_id", "unknown_plan", format!("no plan {}", b.plan_id)))?;
     let plan_ents: Vec<billing::Entitlement> = serde_json::from_value(plan_ents).map_err(ApiError::internal)?;
+    let addons = addons_of(&s, &t.id, &addons_in).await?;
+    let addons_json = json!(addons_in
+        .iter()
+        .map(|a| json!({"id": a.id, "quantity": a.quantity.unwrap_or(1)}))
+        .collect::<Vec<_>>());
+    let items = billing::items(&b.plan_id, &plan_name, &plan_ents, &addons);
+
+    let (sub, revision, old_rev, ended) =
+        match store_revision(&s, &t.id, &customer, &b.plan_id, &addons_json, start_at, &items, now).await? {
+            Stored::Same(c) => {
+                let rows = items_of(&s, &t.id, &customer, c.3).await?;
+                return Ok((
+                    StatusCode::OK,
+                    Json(SubscriptionChanged {
+                        subscription: sub_json(&customer, &c),
+                        items: rows.iter().map(|i| item_json(i, now)).collect(),
+                        grants: Vec::new(),
+                    }),
+                ));
+            }
+            Stored::Changed {
+                sub,
+                revision,
+                old_rev,
+                ended,
+            } => (sub, revision, old_rev, ended),
+        };
+
+    // Void what the old revision granted for its current period (the grant of next_period - 1;
+    // earlier ones have expired). A void of a grant the pool never saw changes nothing.
+    let voids = period_voids(&t.id, &customer, &ended, old_rev, now);
+    if !voids.is_empty() {
+        produce(&s, voids.into_iter()).await?;
+    }
+    // Grant the current period of every item now; the scheduler takes the later ones.
+    let rows = items_of(&s, &t.id, &customer, revision).await?;
+    let (grants, all_applied) = grant_current_periods(&s, &t.id, &customer, revision, &rows, now).await?;
+    let status = if all_applied {
+        StatusCode::OK
+    } else {
+        StatusCode::ACCEPTED
+    };
+    Ok((
+        status,
+        Json(SubscriptionChanged {
+            subscription: sub_json(&customer, &sub),
+            items: rows.iter().map(|i| item_json(i, now)).collect(),
+            grants,
+        }),
+    ))
+}
+
+/// What saving a subscription did.
+enum Stored {
+    /// The same subscription again: nothing changed.
+    Same(SubRow),
+    /// A new revision, its items inserted and the old revision's items ended.
+    Changed {
+        sub: SubRow,
+        revision: i32,
+        old_rev: Option<i32>,
+        ended: Vec<EndedItem>,
+    },
+}
+
+/// Save the subscription's new revision and its items in one transaction, ending the old
+/// revision's items; the same subscription again changes nothing.
+#[allow(clippy::too_many_arguments)] // the request's parts, each once
+async fn store_revision(
+    s: &AppState,
+    tenant: &str,
+    customer: &str,
+    plan_id: &str,
+    addons_json: &Value,
+    start_at: Option<DateTime<Utc>>,
+    items: &[Item],
+    now: DateTime<Utc>,
+) -> ApiResult<Stored> {
+    let mut tx = s.pg.control.begin().await?;
+    let current: Option<SubRow> = sqlx::query_as(
+        "SELECT plan_id, addons, start_at, revision FROM subscriptions WHERE tenant_id = $1 AND customer_id = $2
+         FOR UPDATE",
+    )
+    .bind(tenant)
+    .bind(customer)
+    .fetch_optional(&mut *tx)
+    .await?;
+    let same = |c: &&SubRow| c.0 == plan_id && c.1 == *addons_json && start_at.is_none_or(|st| st == c.2);
+    if let Some(c) = current.as_ref().filter(same) {
+        // The same subscription again: nothing changes.
+        tx.commit().await?;
+        return Ok(Stored::Same(c.clone()));
+    }
+    // A change keeps the original start (the billing anchor) unless a new one is given.
+    let start = start_at.or(current.as_ref().map(|c| c.2)).unwrap_or(now);
+    let revision = current.as_ref().map_or(1, |c| c.3 + 1);
+    let sub: SubRow = sqlx::query_as(
+        "INSERT INTO subscriptions (tenant_id, customer_id, plan_id, addons, start_at, revision)
+         VALUES ($1, $2, $3, $4, $5, $6)
+         ON CONFLICT (tenant_id, customer_id) DO UPDATE SET plan_id = EXCLUDED.plan_id, addons = EXCLUDED.addons,
+            start_at = EXCLUDED.start_at, revision = EXCLUDED.revision, updated_at = now()
+         RETURNING plan_id, addons, start_at, revision",
+    )
+    .bind(tenant)
+    .bind(customer)
+    .bind(plan_id)
+    .bind(addons_json)
+    .bind(start)
+    .bind(revision)
+    .fetch_one(&mut *tx)
+    .await?;
+    // End the old revision; its row locks make us wait for a scheduler tick in progress, so
+    // next_period read here includes a grant it just issued.
+    let ended: Vec<EndedItem> = sqlx::query_as(
+        "UPDATE subscription_items i SET ended_at = now() FROM credit_types ct
+         WHERE i.tenant_id = $1 AND i.customer_id = $2 AND i.ended_at IS NULL
+            AND ct.tenant_id = i.tenant_id AND ct.id = i.credit_type
+         RETURNING i.item, i.next_period, i.credit_type, ct.decimals",
+    )
+    .bind(tenant)
+    .bind(customer)
+    .fetch_all(&mut *tx)
+    .await?;
+    for it in items {
+        let (n, at) = match period_index(start, it.cadence, now) {
+            Some(n) => (n, period_start(start, it.cadence, n)),
+            None => (0, start),
+        };
+        sqlx::query(
+            "INSERT INTO subscription_items (tenant_id, customer_id, revision, item, source, display_name, credit_type,
+                amount, cadence, start_at, next_period, next_at)
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12)",
+        )
+        .bind(tenant)
+        .bind(customer)
+        .bind(revision)
+        .bind(&it.key)
+        .bind(it.source)
+        .bind(&it.display_name)
+        .bind(&it.credit_type)
+        .bind(it.amount)
+        .bind(it.cadence.as_str())
+        .bind(start)
+        .bind(n)
+        .bind(at)
+        .execute(&mut *tx)
+        .await?;
+    }
+    tx.commit().await?;
+    Ok(Stored::Changed {
+        sub,
+        revision,
+        old_rev: current.as_ref().map(|c| c.3),
+        ended,
+    })
+}
+
+/// The add-ons a subscription asks for, each validated and read from the catalogue (the first
+/// bad one answers 422, naming it).
+async fn addons_of(s: &AppState, tenant: &str, addons_in: &[SubAddOn]) -> ApiResult<Vec<AddOn>> {
     let mut addons = Vec::new();
     let mut seen = HashMap::new();
     for (i, a) in addons_in.iter().enumerate() {
@@ -446,7 +606,7 @@ pub async fn put_subscription(
         }
         let row: Option<(String, String, Value)> =
             sqlx::query_as("SELECT name, behavior, entitlements FROM addons WHERE tenant_id = $1 AND id = $2")
-                .bind(&t.id)
+                .bind(tenant)
                 .bind(&a.id)
                 .fetch_optional(&s.pg.control)
                 .await?;
@@ -469,129 +629,58 @@ pub async fn put_subscription(
             quantity: q,
         });
     }
-    let addons_json = json!(addons_in
-        .iter()
-        .map(|a| json!({"id": a.id, "quantity": a.quantity.unwrap_or(1)}))
-        .collect::<Vec<_>>());
-    let items = billing::items(&b.plan_id, &plan_name, &plan_ents, &addons);
+    Ok(addons)
+}
 
-    let mut tx = s.pg.control.begin().await?;
-    let current: Option<SubRow> = sqlx::query_as(
-        "SELECT plan_id, addons, start_at, revision FROM subscriptions WHERE tenant_id = $1 AND customer_id = $2
-         FOR UPDATE",
-    )
-    .bind(&t.id)
-    .bind(&customer)
-    .fetch_optional(&mut *tx)
-    .await?;
-    if let Some(c) = &current {
-        // The same subscription again: nothing changes.
-        if c.0 == b.plan_id && c.1 == addons_json && start_at.is_none_or(|st| st == c.2) {
-            tx.commit().await?;
-            let rows = items_of(&s, &t.id, &customer, c.3).await?;
-            return Ok((
-                StatusCode::OK,
-                Json(SubscriptionChanged {
-                    subscription: sub_json(&customer, c),
-                    items: rows.iter().map(|i| item_json(i, now)).collect(),
-                    grants: Vec::new(),
-                }),
-            ));
-        }
-    }
-    // A change keeps the original start (the billing anchor) unless a new one is given.
-    let start = start_at.or(current.as_ref().map(|c| c.2)).unwrap_or(now);
-    let revision = current.as_ref().map_or(1, |c| c.3 + 1);
-    let sub: SubRow = sqlx::query_as(
-        "INSERT INTO subscriptions (tenant_id, customer_id, plan_id, addons, start_at, revision)
-         VALUES ($1, $2, $3, $4, $5, $6)
-         ON CONFLICT (tenant_id, customer_id) DO UPDATE SET plan_id = EXCLUDED.plan_id, addons = EXCLUDED.addons,
-            start_at = EXCLUDED.start_at, revision = EXCLUDED.revision, updated_at = now()
-         RETURNING plan_id, addons, start_at, revision",
-    )
-    .bind(&t.id)
-    .bind(&customer)
-    .bind(&b.plan_id)
-    .bind(&addons_json)
-    .bind(start)
-    .bind(revision)
-    .fetch_one(&mut *tx)
-    .await?;
-    // End the old revision; its row locks make us wait for a scheduler tick in progress, so
-    // next_period read here includes a grant it just issued.
-    let ended: Vec<(String, i32, String, i16)> = sqlx::query_as(
-        "UPDATE subscription_items i SET ended_at = now() FROM credit_types ct
-         WHERE i.tenant_id = $1 AND i.customer_id = $2 AND i.ended_at IS NULL
-            AND ct.tenant_id = i.tenant_id AND ct.id = i.credit_type
-         RETURNING i.item, i.next_period, i.credit_type, ct.decimals",
-    )
-    .bind(&t.id)
-    .bind(&customer)
-    .fetch_all(&mut *tx)
-    .await?;
-    for it in &items {
-        let (n, at) = match period_index(start, it.cadence, now) {
-            Some(n) => (n, period_start(start, it.cadence, n)),
-            None => (0, start),
-        };
-        sqlx::query(
-            "INSERT INTO subscription_items (tenant_id, customer_id, revision, item, source, display_name, credit_type,
-                amount, cadence, start_at, next_period, next_at)
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12)",
-        )
-        .bind(&t.id)
-        .bind(&customer)
-        .bind(revision)
-        .bind(&it.key)
-        .bind(it.source)
-        .bind(&it.display_name)
-        .bind(&it.credit_type)
-        .bind(it.amount)
-        .bind(it.cadence.as_str())
-        .bind(start)
-        .bind(n)
-        .bind(at)
-        .execute(&mut *tx)
-        .await?;
-    }
-    tx.commit().await?;
-
-    // Void what the old revision granted for its current period (the grant of next_period - 1;
-    // earlier ones have expired). A void of a grant the pool never saw changes nothing.
-    let old_rev = current.as_ref().map(|c| c.3);
-    let voids: Vec<InputMsg> = ended
+/// The voids of what the old revision granted for its current period (the grant of
+/// next_period - 1; earlier ones have expired), from the items `ended`.
+fn period_voids(
+    tenant: &str,
+    customer: &str,
+    ended: &[EndedItem],
+    old_rev: Option<i32>,
+    now: DateTime<Utc>,
+) -> Vec<InputMsg> {
+    ended
         .iter()
         .filter(|e| e.1 > 0)
         .filter_map(|(item, next, ct, decimals)| {
             old_rev.map(|r| {
                 InputMsg::Void(GrantRefCmd {
-                    tenant_id: t.id.clone(),
-                    customer_id: customer.clone(),
+                    tenant_id: tenant.to_owned(),
+                    customer_id: customer.to_owned(),
                     resource_id: String::new(),
                     credit_type: ct.clone(),
                     decimals: *decimals as u32,
-                    grant_id: billing::period_grant_id(&t.id, &customer, r, item, next - 1),
+                    grant_id: billing::period_grant_id(tenant, customer, r, item, next - 1),
                     at: now,
                     actor: "subscription".into(),
                 })
             })
         })
-        .collect();
-    if !voids.is_empty() {
-        produce(&s, voids.into_iter()).await?;
-    }
-    // Grant the current period of every item now; the scheduler takes the later ones.
-    let rows = items_of(&s, &t.id, &customer, revision).await?;
+        .collect()
+}
+
+/// Grant the current period of every item now (the scheduler takes the later ones) and move
+/// its next period on: the grants, and whether every one was applied to the live pool.
+async fn grant_current_periods(
+    s: &AppState,
+    tenant: &str,
+    customer: &str,
+    revision: i32,
+    rows: &[ItemRow],
+    now: DateTime<Utc>,
+) -> ApiResult<(Vec<GrantView>, bool)> {
     let mut grants = Vec::new();
     let mut all_applied = true;
-    for i in &rows {
+    for i in rows {
         let Some(n) = period_index(i.start_at, i.cadence(), now) else {
             continue;
         };
         if i.next_period > n {
             continue;
         }
-        let (st, Json(g)) = issue_grant(&s, &t.id, i.grant(n), "subscription").await?;
+        let (st, Json(g)) = issue_grant(s, tenant, i.grant(n), "subscription").await?;
         all_applied &= st == StatusCode::CREATED;
         grants.push(g.grant);
         let c = i.cadence();
@@ -599,8 +688,8 @@ pub async fn put_subscription(
             "UPDATE subscription_items SET next_period = $5, next_at = $6
              WHERE tenant_id = $1 AND customer_id = $2 AND revision = $3 AND item = $4 AND next_period <= $7",
         )
-        .bind(&t.id)
-        .bind(&customer)
+        .bind(tenant)
+        .bind(customer)
         .bind(revision)
         .bind(&i.item)
         .bind(n + 1)
@@ -609,20 +698,11 @@ pub async fn put_subscription(
         .execute(&s.pg.control)
         .await?;
     }
-    let status = if all_applied {
-        StatusCode::OK
-    } else {
-        StatusCode::ACCEPTED
-    };
-    Ok((
-        status,
-        Json(SubscriptionChanged {
-            subscription: sub_json(&customer, &sub),
-            items: rows.iter().map(|i| item_json(i, now)).collect(),
-            grants,
-        }),
-    ))
+    Ok((grants, all_applied))
 }
+
+/// An item the new revision ended: (item, next_period, credit_type, decimals).
+type EndedItem = (String, i32, String, i16);
 
 /// `GET /v1/subscriptions/{customer_id}`
 #[utoipa::path(get, path = "/v1/subscriptions/{customer_id}", tag = "billing",

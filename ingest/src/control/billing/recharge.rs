@@ -9,7 +9,6 @@ use std::sync::Arc;
 use axum::extract::State;
 use axum::Json;
 use chrono::{DateTime, Utc};
-use rust_decimal::Decimal;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use shared::billing::period::spend_period;
@@ -100,18 +99,13 @@ pub struct AutoRecharge {
 async fn render(s: &AppState, tenant: &str, row: &Row) -> ApiResult<AutoRecharge> {
     let r = &row.settings;
     let (start, end) = spend_period(r.reset_day as u32, s.config.billing.now());
-    // Spend counts every charge that may have moved money: succeeded, and not yet concluded.
-    let spent: Decimal = sqlx::query_scalar(
-        "SELECT COALESCE(sum(amount), 0) FROM charges WHERE tenant_id = $1 AND customer_id = $2 AND credit_type = $3
-            AND resource_id = $4 AND reason = 'auto_recharge' AND status <> 'failed' AND billed_at >= $5",
-    )
-    .bind(tenant)
-    .bind(&r.customer_id)
-    .bind(&r.credit_type)
-    .bind(&r.resource_id)
-    .bind(start)
-    .fetch_one(&s.pg.control)
-    .await?;
+    let key = (
+        tenant,
+        r.customer_id.as_str(),
+        r.credit_type.as_str(),
+        r.resource_id.as_str(),
+    );
+    let spent = shared::billing::recharge::spent_since(&s.pg.control, key, start).await?;
     Ok(AutoRecharge {
         customer_id: r.customer_id.clone(),
         credit_type: r.credit_type.clone(),
