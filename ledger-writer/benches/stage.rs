@@ -246,6 +246,7 @@ async fn run(args: &Args, name: &str) -> Result<()> {
         dlq_topic: "bench.unused".into(),
         kafka_compression: "lz4".into(),
         kafka_commit_interval_ms: 500,
+        kafka_options: Vec::new(),
     };
     let settler = Arc::new(Settler {
         db: db.clone(),

@@ -91,6 +91,7 @@ async fn two_copies_of_a_fact_in_one_batch_settle_once_on_the_fast_path() {
         dlq_topic: "unused".into(),
         kafka_compression: "lz4".into(),
         kafka_commit_interval_ms: 500,
+        kafka_options: Vec::new(),
     };
     // The producer is only used to give back duplicates that slipped past Redis: none here.
     let settler = Settler {

@@ -59,7 +59,7 @@ pub struct Config {
           value_parser = clap::value_parser!(u64).range(60..=35 * 86_400))]
     pub dedupe_window_s: u64,
     /// Producer linger for the ledger topic, in milliseconds.
-    #[arg(long, env = "RATER_LINGER_MS", default_value_t = 2)]
+    #[arg(long, env = "RATER_LINGER_MS", default_value_t = 20)]
     pub linger_ms: u32,
 }
 

@@ -5,7 +5,6 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::{Offset, TopicPartitionList};
 use shared::config::KafkaArgs;
@@ -19,11 +18,9 @@ pub struct Settlement {
 
 impl Settlement {
     pub fn new(kafka: &KafkaArgs, ledger_group: &str) -> anyhow::Result<Self> {
-        let reader: BaseConsumer = ClientConfig::new()
-            .set("bootstrap.servers", &kafka.kafka_brokers)
-            .set("group.id", ledger_group)
-            .set("enable.auto.commit", "false")
-            .create()?;
+        let mut c = shared::kafka::base(kafka);
+        c.set("group.id", ledger_group).set("enable.auto.commit", "false");
+        let reader: BaseConsumer = shared::kafka::with_options(c, kafka).create()?;
         Ok(Self {
             reader: Arc::new(reader),
             topic: kafka.ledger_topic.clone(),

@@ -26,6 +26,23 @@ pub struct KafkaArgs {
     #[arg(long, env = "KAFKA_COMMIT_INTERVAL_MS", default_value_t = 500,
           value_parser = clap::value_parser!(u32).range(10..=3_600_000))]
     pub kafka_commit_interval_ms: u32,
+    /// Any librdkafka setting, `KEY=VALUE`, applied after the service's own (repeatable; the env
+    /// form is comma-separated), e.g. `client.id=credits-eu`. A
+    /// setting librdkafka does not know fails at start-up with its name.
+    #[arg(long = "kafka-option", env = "KAFKA_OPTIONS", value_delimiter = ',', value_parser = kafka_option)]
+    pub kafka_options: Vec<(String, String)>,
+}
+
+/// Parse one `KEY=VALUE` librdkafka setting.
+pub fn kafka_option(s: &str) -> Result<(String, String), String> {
+    let (k, v) = s
+        .split_once('=')
+        .ok_or_else(|| format!("{s:?} is not KEY=VALUE (a librdkafka setting)"))?;
+    let k = k.trim();
+    if k.is_empty() || !k.chars().all(|c| c.is_ascii_alphanumeric() || c == '.' || c == '_') {
+        return Err(format!("{k:?} is not a librdkafka setting name"));
+    }
+    Ok((k.to_owned(), v.trim().to_owned()))
 }
 
 #[derive(clap::Args, Debug, Clone)]

@@ -10,17 +10,32 @@ use rdkafka::producer::FutureProducer;
 
 use crate::config::KafkaArgs;
 
+/// A client config with the brokers and the operator's `--kafka-option`s; the caller's own
+/// settings go in between (`with_options` applies the options last, so they win).
+pub fn base(args: &KafkaArgs) -> ClientConfig {
+    let mut c = ClientConfig::new();
+    c.set("bootstrap.servers", &args.kafka_brokers);
+    c
+}
+
+/// Apply the operator's `--kafka-option`s over the service's settings.
+pub fn with_options(mut c: ClientConfig, args: &KafkaArgs) -> ClientConfig {
+    for (k, v) in &args.kafka_options {
+        c.set(k, v);
+    }
+    c
+}
+
 /// An idempotent producer: acks=all, no reordering or duplicates on retry.
 pub fn producer(args: &KafkaArgs, linger_ms: u32) -> Result<FutureProducer, rdkafka::error::KafkaError> {
-    ClientConfig::new()
-        .set("bootstrap.servers", &args.kafka_brokers)
-        .set("enable.idempotence", "true")
+    let mut c = base(args);
+    c.set("enable.idempotence", "true")
         .set("acks", "all")
         .set("linger.ms", linger_ms.to_string())
         .set("compression.type", &args.kafka_compression)
         .set("queue.buffering.max.messages", "200000")
-        .set("message.timeout.ms", "30000")
-        .create()
+        .set("message.timeout.ms", "30000");
+    with_options(c, args).create()
 }
 
 /// Watch `producer` for a fatal error (an idempotent producer that lost its sequence with the
@@ -51,9 +66,8 @@ pub fn consumer<C: ConsumerContext + 'static, T: rdkafka::config::FromClientConf
     group: &str,
     context: C,
 ) -> Result<T, rdkafka::error::KafkaError> {
-    ClientConfig::new()
-        .set("bootstrap.servers", &args.kafka_brokers)
-        .set("group.id", group)
+    let mut c = base(args);
+    c.set("group.id", group)
         .set("enable.auto.commit", "true")
         .set("auto.commit.interval.ms", args.kafka_commit_interval_ms.to_string())
         .set("enable.auto.offset.store", "false")
@@ -61,8 +75,8 @@ pub fn consumer<C: ConsumerContext + 'static, T: rdkafka::config::FromClientConf
         .set("session.timeout.ms", "10000")
         .set("heartbeat.interval.ms", "1000")
         .set("fetch.wait.max.ms", "20")
-        .set("isolation.level", "read_committed")
-        .create_with_context(context)
+        .set("isolation.level", "read_committed");
+    with_options(c, args).create_with_context(context)
 }
 
 /// The partition counts of `topics`, failing if one is missing: topics are created by the
@@ -71,9 +85,7 @@ pub fn partition_counts(args: &KafkaArgs, topics: &[&str]) -> anyhow::Result<Vec
     struct Quiet;
     impl ClientContext for Quiet {}
     impl ConsumerContext for Quiet {}
-    let c: BaseConsumer<Quiet> = ClientConfig::new()
-        .set("bootstrap.servers", &args.kafka_brokers)
-        .create_with_context(Quiet)?;
+    let c: BaseConsumer<Quiet> = with_options(base(args), args).create_with_context(Quiet)?;
     let mut out = Vec::new();
     for t in topics {
         let md = c.fetch_metadata(Some(t), Duration::from_secs(10))?;
@@ -297,4 +309,58 @@ pub fn trace_id_from_traceparent(traceparent: Option<&str>) -> String {
         ok.then(|| id.to_owned())
     });
     given.unwrap_or_else(|| uuid::Uuid::new_v4().simple().to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::Parser;
+
+    use super::*;
+
+    #[derive(Parser)]
+    struct Cli {
+        #[command(flatten)]
+        kafka: KafkaArgs,
+    }
+
+    fn args(argv: &[&str]) -> Result<KafkaArgs, clap::Error> {
+        Cli::try_parse_from(std::iter::once("svc").chain(argv.iter().copied())).map(|c| c.kafka)
+    }
+
+    #[test]
+    fn kafka_options_pass_through_last_and_repeatable() {
+        let a = args(&["--kafka-option", "linger.ms=77", "--kafka-option", "security.protocol=SASL_SSL"]).unwrap();
+        assert_eq!(
+            a.kafka_options,
+            [("linger.ms".into(), "77".into()), ("security.protocol".into(), "SASL_SSL".into())]
+        );
+        let mut c = base(&a);
+        c.set("linger.ms", "5");
+        let c = with_options(c, &a);
+        assert_eq!(c.get("linger.ms"), Some("77"), "the operator's setting wins");
+        assert_eq!(c.get("security.protocol"), Some("SASL_SSL"));
+        // A value may hold '=' (SASL JAAS strings do); only the first one splits.
+        let a = args(&["--kafka-option", "sasl.oauthbearer.config=a=b"]).unwrap();
+        assert_eq!(a.kafka_options[0].1, "a=b");
+    }
+
+    #[test]
+    fn a_malformed_or_unknown_kafka_option_is_refused_with_its_name() {
+        for bad in ["novalue", "=x", "bad name=1"] {
+            let e = args(&["--kafka-option", bad]).err().expect(bad).to_string();
+            assert!(e.contains("librdkafka setting") || e.contains("KEY=VALUE"), "{bad}: {e}");
+        }
+        let a = args(&["--kafka-option", "no.such.setting=1"]).unwrap();
+        let e = producer(&a, 5).err().expect("librdkafka refuses it").to_string();
+        assert!(e.contains("no.such.setting"), "{e}");
+        let e = consumer::<rdkafka::consumer::DefaultConsumerContext, BaseConsumer>(
+            &a,
+            "g",
+            rdkafka::consumer::DefaultConsumerContext,
+        )
+        .err()
+        .expect("librdkafka refuses it")
+        .to_string();
+        assert!(e.contains("no.such.setting"), "{e}");
+    }
 }
