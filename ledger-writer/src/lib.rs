@@ -75,6 +75,28 @@ pub enum Command {
         #[arg(long)]
         allow_future: bool,
     },
+    /// Move every pending usage row into the rollups now and exit (what each ledger-writer's
+    /// compactor does every `--rollup-interval-ms`); prints how many rows moved.
+    CompactRollups,
+}
+
+/// `ledger-writer compact-rollups`: drain `usage_rollup_pending`; returns (pending rows moved,
+/// rollup rows written). Waits for a compactor that holds the lock rather than skipping.
+pub async fn compact_rollups(config: &Config) -> anyhow::Result<(i64, i64)> {
+    let db = shared::db::connect(&config.db).await.context("postgres")?;
+    let (mut pending, mut rollups) = (0, 0);
+    loop {
+        let c = rollups::compact(&db, rollups::COMPACT_LIMIT).await?;
+        if c.busy {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            continue;
+        }
+        pending += c.pending;
+        rollups += c.rollups;
+        if c.pending == 0 {
+            return Ok((pending, rollups));
+        }
+    }
 }
 
 /// `ledger-writer sweep`: one sweep as of `at`; returns how many commands were sent.
@@ -121,6 +143,12 @@ pub struct Config {
     /// How often the grant sweeper looks for due expiries and activations, in milliseconds.
     #[arg(long, env = "LEDGER_WRITER_SWEEP_INTERVAL_MS", default_value_t = 1000)]
     pub sweep_interval_ms: u64,
+    /// How often the rollup compactor moves settled usage from `usage_rollup_pending` into the
+    /// rollups, in milliseconds (reads add what is pending, so this bounds a table, not
+    /// freshness).
+    #[arg(long, env = "LEDGER_WRITER_ROLLUP_INTERVAL_MS", default_value_t = 1000,
+          value_parser = clap::value_parser!(u64).range(10..=3_600_000))]
+    pub rollup_interval_ms: u64,
     /// Webhook delivery.
     #[command(flatten)]
     pub webhooks: webhooks::Config,
@@ -195,6 +223,11 @@ pub async fn run(config: Config, ready: Ready, shutdown: CancellationToken) -> a
         producer.clone(),
         config.kafka.input_topic.clone(),
         Duration::from_millis(config.sweep_interval_ms),
+        shutdown.clone(),
+    ));
+    tokio::spawn(rollups::run(
+        settler.db.clone(),
+        Duration::from_millis(config.rollup_interval_ms),
         shutdown.clone(),
     ));
     // Settlement's duty cycle: the settle loop measures it, the webhook sender yields to it.

@@ -34,6 +34,11 @@ async fn main() -> anyhow::Result<()> {
             println!("{{\"at\":\"{}\",\"commands\":{sent}}}", at.to_rfc3339());
             Ok(())
         }
+        Some(ledger_writer::Command::CompactRollups) => {
+            let (pending, rollups) = ledger_writer::compact_rollups(&cli.config).await?;
+            println!("{{\"pending_moved\":{pending},\"rollups_written\":{rollups}}}");
+            Ok(())
+        }
         None | Some(ledger_writer::Command::Run) => {
             let handle = shared::telemetry::install_metrics();
             let shutdown = shared::telemetry::shutdown_on_signal();

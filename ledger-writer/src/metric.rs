@@ -15,6 +15,9 @@ pub const ERRORS: &str = "ledger_writer_errors_total";
 pub const BISECTIONS: &str = "ledger_writer_bisections_total";
 pub const SWEEP_COMMANDS: &str = "ledger_writer_sweep_commands_total";
 pub const CONSUMER_LAG: &str = "ledger_writer_consumer_lag_messages";
+pub const ROLLUP_COMPACTIONS: &str = "ledger_writer_rollup_compactions_total";
+pub const ROLLUP_DURATION: &str = "ledger_writer_rollup_compaction_duration_seconds";
+pub const ROLLUP_PENDING: &str = "ledger_writer_rollup_pending_rows";
 
 pub fn describe() {
     describe_counter!(MESSAGES, Unit::Count, "Ledger messages consumed");
@@ -62,6 +65,21 @@ pub fn describe() {
         Unit::Count,
         "Ledger messages not yet committed, by topic and partition (high watermark - committed)"
     );
+    describe_counter!(
+        ROLLUP_COMPACTIONS,
+        Unit::Count,
+        "Rollup compactor ticks, by outcome (done, busy: another ledger-writer held the lock, error)"
+    );
+    describe_histogram!(
+        ROLLUP_DURATION,
+        Unit::Seconds,
+        "Time of one rollup compaction tick that moved the pending usage into the rollups"
+    );
+    describe_gauge!(
+        ROLLUP_PENDING,
+        Unit::Count,
+        "Pending rollup rows found and moved by the last compaction tick (the queue behind the usage reads)"
+    );
     zero();
 }
 
@@ -71,7 +89,13 @@ fn zero() {
     for c in [MESSAGES, BATCHES, REVERSALS, BISECTIONS] {
         metrics::counter!(c).increment(0);
     }
-    for table in ["usage_events", "duplicate_events", "ledger_entries"] {
+    for table in [
+        "usage_events",
+        "duplicate_events",
+        "ledger_entries",
+        "usage_rollup_pending",
+        "usage_rollups",
+    ] {
         metrics::counter!(ROWS, "table" => table).increment(0);
     }
     for by in ["redis", "postgres"] {
@@ -80,12 +104,16 @@ fn zero() {
     for reason in ["undecodable", "unstorable"] {
         metrics::counter!(DLQ, "reason" => reason).increment(0);
     }
-    for stage in ["settle", "sweep"] {
+    for stage in ["settle", "sweep", "rollup"] {
         metrics::counter!(ERRORS, "stage" => stage).increment(0);
     }
     for kind in ["expire", "activate"] {
         metrics::counter!(SWEEP_COMMANDS, "kind" => kind).increment(0);
     }
+    for outcome in ["done", "busy", "error"] {
+        metrics::counter!(ROLLUP_COMPACTIONS, "outcome" => outcome).increment(0);
+    }
+    metrics::gauge!(ROLLUP_PENDING).set(0.0);
 }
 
 // Webhooks (the outbox writer and the sender, ledger-writer/src/webhooks/).

@@ -14,7 +14,7 @@ const PREFIX: &str = "ledger_writer_";
 
 /// Names the dashboards, alerts and runbooks rely on. Removing or renaming one is a breaking
 /// change for operators: change the boards and rules in the same commit.
-const PINNED: [(&str, &str); 20] = [
+const PINNED: [(&str, &str); 23] = [
     ("counter", "ledger_writer_messages_consumed_total"),
     ("counter", "ledger_writer_batches_total"),
     ("histogram", "ledger_writer_batch_size_messages"),
@@ -27,6 +27,9 @@ const PINNED: [(&str, &str); 20] = [
     ("counter", "ledger_writer_errors_total"),
     ("counter", "ledger_writer_sweep_commands_total"),
     ("gauge", "ledger_writer_consumer_lag_messages"),
+    ("counter", "ledger_writer_rollup_compactions_total"),
+    ("histogram", "ledger_writer_rollup_compaction_duration_seconds"),
+    ("gauge", "ledger_writer_rollup_pending_rows"),
     ("counter", "ledger_writer_webhook_deliveries_total"),
     ("gauge", "ledger_writer_webhook_backlog_deliveries"),
     ("gauge", "ledger_writer_webhook_oldest_pending_age_seconds"),

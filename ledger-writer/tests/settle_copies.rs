@@ -119,6 +119,27 @@ async fn two_copies_of_a_fact_in_one_batch_settle_once_on_the_fast_path() {
         (usage_rows, entries, balance, remaining),
         (2, 2, Decimal::from(93), Decimal::from(93))
     );
+    // The settled usage waits in usage_rollup_pending; two compactors at once move it once.
+    let pending: i64 = sqlx::query_scalar("SELECT count(*) FROM usage_rollup_pending")
+        .fetch_one(&db)
+        .await
+        .unwrap();
+    assert!(pending > 0);
+    let (x, y) = tokio::join!(
+        ledger_writer::rollups::compact(&db, 1),
+        ledger_writer::rollups::compact(&db, 1)
+    );
+    let (x, y) = (x.unwrap(), y.unwrap());
+    let mut moved = x.pending + y.pending;
+    loop {
+        let c = ledger_writer::rollups::compact(&db, 1).await.unwrap();
+        assert!(!c.busy, "nobody else holds the lock now");
+        moved += c.pending;
+        if c.pending == 0 {
+            break;
+        }
+    }
+    assert_eq!(moved, pending, "every pending row moved exactly once");
     let rollups: Vec<(String, String, Decimal, i64)> = sqlx::query_as(
         "SELECT granularity, dim, sum(credits), sum(events)::int8 FROM usage_rollups GROUP BY 1, 2 ORDER BY 1, 2",
     )

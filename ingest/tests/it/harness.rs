@@ -376,6 +376,21 @@ impl Stack {
         assert!(out.status.success(), "sweep: {}", String::from_utf8_lossy(&out.stderr));
     }
 
+    /// Run `ledger-writer compact-rollups`: every pending usage row moves into the rollups.
+    pub async fn compact_rollups(&self) {
+        let out = Command::new(bin("ledger-writer"))
+            .arg("compact-rollups")
+            .envs(self.env.iter().cloned())
+            .output()
+            .await
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "compact-rollups: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+
     async fn reconcile_with(&self, args: &[&str]) -> (i32, Vec<String>) {
         let out = Command::new(bin("ledger-writer"))
             .arg("reconcile")

@@ -140,7 +140,21 @@ async fn verify(s: &Stack, load: &Load) {
         "every key settled and charged exactly its cost once"
     );
     // The usage rollups count each settled event once, in every granularity and group, even
-    // when a redelivered batch put two copies of a fact in one settle transaction.
+    // when a redelivered batch put two copies of a fact in one settle transaction: once the
+    // running ledger-writers' compactor has moved every pending row (it ticks every second).
+    let started = Instant::now();
+    while sqlx::query_scalar::<_, i64>("SELECT count(*) FROM usage_rollup_pending")
+        .fetch_one(&s.db)
+        .await
+        .unwrap()
+        > 0
+    {
+        assert!(
+            started.elapsed() < Duration::from_secs(30),
+            "the compactor left rows pending"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
     let sums: Vec<(String, String, Decimal, i64)> = sqlx::query_as(
         "SELECT granularity, dim, sum(credits), sum(events)::int8 FROM usage_rollups GROUP BY 1, 2 ORDER BY 1, 2",
     )

@@ -210,7 +210,9 @@ async fn a_pool_limit_override_beats_the_credit_type_and_survives_a_redis_loss()
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn usage_is_served_from_rollups_by_feature_and_user_and_isolated_per_tenant() {
-    let s = Stack::start("usage", 2).await;
+    // The compactor is left to the test: the reads below run with every row pending, then
+    // with every row compacted, then with both.
+    let s = Stack::start_with("usage", 2, &[("LEDGER_WRITER_ROLLUP_INTERVAL_MS", "3600000")]).await;
     let key = s.tenant("hard").await;
     let other = s.tenant("hard").await;
     s.grant(&key, "c-u", "1000").await;
@@ -250,37 +252,62 @@ async fn usage_is_served_from_rollups_by_feature_and_user_and_isolated_per_tenan
             .find(|x| x["key"].as_str() == k)
             .map_or(Decimal::ZERO, |x| x["total"].as_str().unwrap().parse().unwrap())
     };
-    let day = get("time_range=LAST_DAY&group_by=feature", &key).await;
-    assert_eq!(day["bucket"], "hour");
-    assert_eq!(day["series"][0]["points"].as_array().unwrap().len(), 24);
-    assert_eq!(total(&day, Some("llm")), "32.5".parse::<Decimal>().unwrap(), "{day}");
-    let users = get("time_range=LAST_WEEK&group_by=user", &key).await;
-    assert_eq!(users["bucket"], "day");
-    assert_eq!(total(&users, Some("alice")), Decimal::from(10), "{users}");
-    assert_eq!(total(&users, Some("bob")), Decimal::from(20), "{users}");
-    assert_eq!(total(&users, None), "2.5".parse::<Decimal>().unwrap(), "{users}");
-    let year = get("time_range=LAST_YEAR", &key).await;
-    assert_eq!(year["bucket"], "month");
-    assert_eq!(year["series"][0]["points"].as_array().unwrap().len(), 12);
-    assert_eq!(total(&year, Some("llm")), "32.5".parse::<Decimal>().unwrap(), "{year}");
-    let month = get("time_range=LAST_MONTH", &key).await;
-    assert_eq!(month["series"][0]["points"].as_array().unwrap().len(), 30);
-    // Day buckets are summed from the hourly rollups: every credit lands on one of the points.
-    for b in [&users, &month] {
-        for series in b["series"].as_array().unwrap() {
-            let points: Decimal = series["points"]
-                .as_array()
-                .unwrap()
-                .iter()
-                .map(|p| p["credits"].as_str().unwrap().parse::<Decimal>().unwrap())
-                .sum();
-            assert_eq!(points.normalize().to_string(), series["total"].as_str().unwrap(), "{b}");
+    let pending = || async {
+        sqlx::query_scalar::<_, i64>("SELECT count(*) FROM usage_rollup_pending")
+            .fetch_one(&s.db)
+            .await
+            .unwrap()
+    };
+    assert!(pending().await > 0, "the settled usage waits in usage_rollup_pending");
+    for phase in ["pending", "compacted"] {
+        if phase == "compacted" {
+            s.compact_rollups().await;
+            assert_eq!(pending().await, 0);
         }
+        let day = get("time_range=LAST_DAY&group_by=feature", &key).await;
+        assert_eq!(day["bucket"], "hour");
+        assert_eq!(day["series"][0]["points"].as_array().unwrap().len(), 24);
+        assert_eq!(total(&day, Some("llm")), "32.5".parse::<Decimal>().unwrap(), "{day}");
+        let users = get("time_range=LAST_WEEK&group_by=user", &key).await;
+        assert_eq!(users["bucket"], "day");
+        assert_eq!(total(&users, Some("alice")), Decimal::from(10), "{users}");
+        assert_eq!(total(&users, Some("bob")), Decimal::from(20), "{users}");
+        assert_eq!(total(&users, None), "2.5".parse::<Decimal>().unwrap(), "{users}");
+        let year = get("time_range=LAST_YEAR", &key).await;
+        assert_eq!(year["bucket"], "month");
+        assert_eq!(year["series"][0]["points"].as_array().unwrap().len(), 12);
+        assert_eq!(total(&year, Some("llm")), "32.5".parse::<Decimal>().unwrap(), "{year}");
+        let month = get("time_range=LAST_MONTH", &key).await;
+        assert_eq!(month["series"][0]["points"].as_array().unwrap().len(), 30);
+        // Day buckets are summed from the hourly rollups: every credit lands on one of the points.
+        for b in [&users, &month] {
+            for series in b["series"].as_array().unwrap() {
+                let points: Decimal = series["points"]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .map(|p| p["credits"].as_str().unwrap().parse::<Decimal>().unwrap())
+                    .sum();
+                assert_eq!(points.normalize().to_string(), series["total"].as_str().unwrap(), "{b}");
+            }
+        }
+        // The other tenant sees only its own customer's usage under the same customer id.
+        let theirs = get("time_range=LAST_DAY&group_by=user", &other).await;
+        assert_eq!(total(&theirs, Some("alice")), Decimal::from(7), "{theirs}");
+        assert_eq!(total(&theirs, Some("bob")), Decimal::ZERO, "{theirs} ({phase})");
     }
-    // The other tenant sees only its own customer's usage under the same customer id.
-    let theirs = get("time_range=LAST_DAY&group_by=user", &other).await;
-    assert_eq!(total(&theirs, Some("alice")), Decimal::from(7), "{theirs}");
-    assert_eq!(total(&theirs, Some("bob")), Decimal::ZERO, "{theirs}");
+    // Both at once: compacted rows and new pending ones, each counted once.
+    send(&s, &key, vec![ev("c-u", "u-late", 100, "alice")]).await;
+    s.wait_settled(33, 1, Duration::from_secs(60)).await;
+    assert!(pending().await > 0);
+    for q in [
+        "time_range=LAST_DAY&group_by=user",
+        "time_range=LAST_MONTH&group_by=user",
+        "time_range=LAST_YEAR&group_by=user",
+    ] {
+        let b = get(q, &key).await;
+        assert_eq!(total(&b, Some("alice")), Decimal::from(11), "{q}: {b}");
+    }
     // Bad parameters name the field.
     for (q, field) in [("time_range=YESTERDAY", "time_range"), ("group_by=colour", "group_by")] {
         let (st, b) = s
