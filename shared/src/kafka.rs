@@ -329,10 +329,19 @@ mod tests {
 
     #[test]
     fn kafka_options_pass_through_last_and_repeatable() {
-        let a = args(&["--kafka-option", "linger.ms=77", "--kafka-option", "security.protocol=SASL_SSL"]).unwrap();
+        let a = args(&[
+            "--kafka-option",
+            "linger.ms=77",
+            "--kafka-option",
+            "security.protocol=SASL_SSL",
+        ])
+        .unwrap();
         assert_eq!(
             a.kafka_options,
-            [("linger.ms".into(), "77".into()), ("security.protocol".into(), "SASL_SSL".into())]
+            [
+                ("linger.ms".into(), "77".into()),
+                ("security.protocol".into(), "SASL_SSL".into())
+            ]
         );
         let mut c = base(&a);
         c.set("linger.ms", "5");
@@ -348,7 +357,10 @@ mod tests {
     fn a_malformed_or_unknown_kafka_option_is_refused_with_its_name() {
         for bad in ["novalue", "=x", "bad name=1"] {
             let e = args(&["--kafka-option", bad]).err().expect(bad).to_string();
-            assert!(e.contains("librdkafka setting") || e.contains("KEY=VALUE"), "{bad}: {e}");
+            assert!(
+                e.contains("librdkafka setting") || e.contains("KEY=VALUE"),
+                "{bad}: {e}"
+            );
         }
         let a = args(&["--kafka-option", "no.such.setting=1"]).unwrap();
         let e = producer(&a, 5).err().expect("librdkafka refuses it").to_string();
