@@ -141,7 +141,7 @@ async fn verify(s: &Stack, load: &Load) {
     );
     // The usage rollups count each settled event once, in every granularity and group, even
     // when a redelivered batch put two copies of a fact in one settle transaction: once the
-    // running ledger-writers' compactor has moved every pending row (it ticks every second).
+    // running ledger-writers' compactor has moved every pending row (it ticks every 10 s).
     let started = Instant::now();
     while sqlx::query_scalar::<_, i64>("SELECT count(*) FROM usage_rollup_pending")
         .fetch_one(&s.db)
