@@ -34,6 +34,10 @@ use crate::AppState;
 use utoipa::ToSchema;
 use uuid::Uuid;
 
+/// How long a subscription change has to grant its current periods itself before the plan
+/// scheduler takes them over (`store_revision`).
+const HANDOFF: chrono::TimeDelta = chrono::TimeDelta::seconds(60);
+
 /// Entitlements in one plan or add-on.
 const MAX_ENTITLEMENTS: usize = 50;
 /// Add-ons on one subscription.
@@ -553,6 +557,13 @@ async fn store_revision(
             Some(n) => (n, period_start(start, it.cadence, n)),
             None => (0, start),
         };
+        // A period that has started is granted by this request itself, after it has produced
+        // the old revision's voids; the scheduler must not grant it first (the customer would
+        // hold both revisions' credits until the voids land, and could spend the old ones). So
+        // the item is the scheduler's only after a hand-off lease: this request moves next_at
+        // on once it has granted; if it dies first, the scheduler grants the then-current
+        // period when the lease runs out.
+        let at = if at <= now { now + HANDOFF } else { at };
         sqlx::query(
             "INSERT INTO subscription_items (tenant_id, customer_id, revision, item, source, display_name, credit_type,
                 amount, cadence, start_at, next_period, next_at)
