@@ -20,7 +20,8 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use anyhow::Context as _;
-use rdkafka::consumer::{Consumer, DefaultConsumerContext, StreamConsumer};
+use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext, Rebalance, StreamConsumer};
+use rdkafka::ClientContext;
 use shared::config::{DbArgs, KafkaArgs};
 use shared::telemetry::Ready;
 use tokio_util::sync::CancellationToken;
@@ -196,14 +197,35 @@ pub async fn migrate(db: &DbArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// The consumer's context: logs rebalances and keeps `ledger_writer_assigned_partitions` (what
+/// `deploy/local/up` waits on before its load: a group forms seconds after its members start).
+pub struct Ctx;
+
+impl ClientContext for Ctx {}
+
+impl ConsumerContext for Ctx {
+    fn post_rebalance(&self, _base: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+        match rebalance {
+            Rebalance::Assign(tpl) => {
+                tracing::info!(partitions = tpl.count(), "partitions assigned");
+                metrics::gauge!(crate::metric::ASSIGNED_PARTITIONS).set(tpl.count() as f64);
+            }
+            Rebalance::Revoke(tpl) => {
+                tracing::info!(partitions = tpl.count(), "partitions revoked");
+                metrics::gauge!(crate::metric::ASSIGNED_PARTITIONS).set(0.0);
+            }
+            Rebalance::Error(e) => tracing::warn!(error = %e, "rebalance error"),
+        }
+    }
+}
+
 pub async fn run(config: Config, ready: Ready, shutdown: CancellationToken) -> anyhow::Result<()> {
     crate::metric::describe();
     shared::kafka::partition_counts(&config.kafka, &[&config.kafka.ledger_topic, &config.kafka.input_topic])?;
     let db = shared::db::connect(&config.db).await.context("postgres")?;
     let producer = shared::kafka::producer(&config.kafka, 1)?;
     shared::kafka::exit_on_fatal_error(producer.clone(), "ledger-writer");
-    let consumer: StreamConsumer<DefaultConsumerContext> =
-        shared::kafka::consumer(&config.kafka, &config.group_id, DefaultConsumerContext)?;
+    let consumer: StreamConsumer<Ctx> = shared::kafka::consumer(&config.kafka, &config.group_id, Ctx)?;
     consumer.subscribe(&[&config.kafka.ledger_topic])?;
     let consumer = std::sync::Arc::new(consumer);
     let lag_stop = shutdown.child_token();

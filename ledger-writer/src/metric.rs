@@ -15,6 +15,7 @@ pub const ERRORS: &str = "ledger_writer_errors_total";
 pub const BISECTIONS: &str = "ledger_writer_bisections_total";
 pub const SWEEP_COMMANDS: &str = "ledger_writer_sweep_commands_total";
 pub const CONSUMER_LAG: &str = "ledger_writer_consumer_lag_messages";
+pub const ASSIGNED_PARTITIONS: &str = "ledger_writer_assigned_partitions";
 pub const ROLLUP_COMPACTIONS: &str = "ledger_writer_rollup_compactions_total";
 pub const ROLLUP_DURATION: &str = "ledger_writer_rollup_compaction_duration_seconds";
 pub const ROLLUP_PENDING: &str = "ledger_writer_rollup_pending_rows";
@@ -65,6 +66,11 @@ pub fn describe() {
         Unit::Count,
         "Ledger messages not yet committed, by topic and partition (high watermark - committed)"
     );
+    describe_gauge!(
+        ASSIGNED_PARTITIONS,
+        Unit::Count,
+        "Ledger partitions this instance holds in its consumer group (0 until the group has formed)"
+    );
     describe_counter!(
         ROLLUP_COMPACTIONS,
         Unit::Count,
@@ -114,6 +120,7 @@ fn zero() {
         metrics::counter!(ROLLUP_COMPACTIONS, "outcome" => outcome).increment(0);
     }
     metrics::gauge!(ROLLUP_PENDING).set(0.0);
+    metrics::gauge!(ASSIGNED_PARTITIONS).set(0.0);
 }
 
 // Webhooks (the outbox writer and the sender, ledger-writer/src/webhooks/).
