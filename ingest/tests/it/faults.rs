@@ -376,8 +376,11 @@ async fn fuzzed_events_each_reach_a_terminal_status_and_no_consumer_exits() {
             _ => panic!("unexpected {st} {b} for {ev:?}"),
         }
     }
+    // About 15% of generated events are valid (45 of 300 on average, standard deviation about
+    // 6); the bar only catches a generator that stopped making valid ones. It was n / 10, which
+    // a fair run missed about once in a hundred (30 of 300 in a CI rehearsal at 6456b1b).
     assert!(
-        accepted.len() > n / 10,
+        accepted.len() > n / 20,
         "the generator mostly made events ingest refuses: {}",
         accepted.len()
     );
