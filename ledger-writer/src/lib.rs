@@ -205,17 +205,7 @@ impl ClientContext for Ctx {}
 
 impl ConsumerContext for Ctx {
     fn post_rebalance(&self, _base: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
-        match rebalance {
-            Rebalance::Assign(tpl) => {
-                tracing::info!(partitions = tpl.count(), "partitions assigned");
-                metrics::gauge!(crate::metric::ASSIGNED_PARTITIONS).set(tpl.count() as f64);
-            }
-            Rebalance::Revoke(tpl) => {
-                tracing::info!(partitions = tpl.count(), "partitions revoked");
-                metrics::gauge!(crate::metric::ASSIGNED_PARTITIONS).set(0.0);
-            }
-            Rebalance::Error(e) => tracing::warn!(error = %e, "rebalance error"),
-        }
+        shared::kafka::on_rebalance(rebalance, crate::metric::ASSIGNED_PARTITIONS);
     }
 }
 

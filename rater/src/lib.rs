@@ -92,17 +92,10 @@ impl ClientContext for Ctx {}
 
 impl ConsumerContext for Ctx {
     fn post_rebalance(&self, _base: &rdkafka::consumer::BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
-        match rebalance {
-            Rebalance::Assign(tpl) => {
-                self.committed.clear();
-                tracing::info!(partitions = tpl.count(), "partitions assigned");
-                metrics::gauge!(crate::metric::ASSIGNED_PARTITIONS).set(tpl.count() as f64);
-            }
-            Rebalance::Revoke(tpl) => {
-                tracing::info!(partitions = tpl.count(), "partitions revoked")
-            }
-            Rebalance::Error(e) => tracing::warn!(error = %e, "rebalance error"),
+        if let Rebalance::Assign(_) = rebalance {
+            self.committed.clear();
         }
+        shared::kafka::on_rebalance(rebalance, crate::metric::ASSIGNED_PARTITIONS);
     }
 
     fn commit_callback(&self, result: KafkaResult<()>, offsets: &TopicPartitionList) {

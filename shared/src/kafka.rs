@@ -26,6 +26,21 @@ pub fn with_options(mut c: ClientConfig, args: &KafkaArgs) -> ClientConfig {
     c
 }
 
+/// What every consumer does on a rebalance: log it and set its assigned-partitions gauge
+/// (`gauge`: the service's `*_assigned_partitions`, the count of the latest assignment). Called
+/// from a service's `ConsumerContext::post_rebalance`, which adds its own bookkeeping.
+pub fn on_rebalance(rebalance: &rdkafka::consumer::Rebalance<'_>, gauge: &'static str) {
+    use rdkafka::consumer::Rebalance;
+    match rebalance {
+        Rebalance::Assign(tpl) => {
+            tracing::info!(partitions = tpl.count(), "partitions assigned");
+            metrics::gauge!(gauge).set(tpl.count() as f64);
+        }
+        Rebalance::Revoke(tpl) => tracing::info!(partitions = tpl.count(), "partitions revoked"),
+        Rebalance::Error(e) => tracing::warn!(error = %e, "rebalance error"),
+    }
+}
+
 /// An idempotent producer: acks=all, no reordering or duplicates on retry.
 pub fn producer(args: &KafkaArgs, linger_ms: u32) -> Result<FutureProducer, rdkafka::error::KafkaError> {
     let mut c = base(args);
