@@ -18,6 +18,7 @@ pub mod credit_type;
 pub mod error;
 pub mod event;
 pub mod grant;
+pub mod limit;
 pub mod metric;
 pub mod openapi;
 pub mod page;
@@ -26,7 +27,6 @@ pub mod query;
 pub mod validate;
 
 use std::net::SocketAddr;
-use std::num::NonZeroU32;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -37,7 +37,6 @@ use axum::response::Response;
 use axum::routing::get;
 use axum::Router;
 use dashmap::DashMap;
-use governor::{DefaultDirectRateLimiter, Quota};
 use rdkafka::producer::{FutureProducer, Producer};
 use shared::config::{DbArgs, KafkaArgs, RedisArgs};
 use shared::keys::Keys;
@@ -80,6 +79,10 @@ pub struct Config {
     /// about 40% (`loadtest/RESULTS.md`, 2026-12-07).
     #[arg(long, env = "INGEST_LINGER_MS", default_value_t = 50)]
     pub linger_ms: u32,
+    /// Where the tenants' events-per-second limits live: `redis` (one limit shared by every
+    /// replica, one Redis call per request) or `local` (per replica, no Redis call).
+    #[arg(long, env = "INGEST_RATE_LIMITER", value_enum, default_value = "redis")]
+    pub rate_limiter: limit::Mode,
     /// Postgres connections per plane.
     #[command(flatten)]
     pub pools: PoolSizes,
@@ -145,29 +148,14 @@ pub struct AppState {
     pub config: Config,
     /// Postgres, one pool per plane.
     pub pg: Pools,
-    pub redis: redis::aio::ConnectionManager,
+    pub redis: shared::redis_conn::RedisConn,
     pub producer: FutureProducer,
     pub keys: Keys,
     pub keys_cache: DashMap<Vec<u8>, auth::CachedKey>,
-    pub limiters: DashMap<String, (u32, Arc<DefaultDirectRateLimiter>)>,
+    /// The tenants' events-per-second limits.
+    pub limiter: limit::Limiter,
     /// The payment endpoint client (top-ups), built once at start-up from the settings.
     pub charges: shared::billing::charge::ChargeClient,
-}
-
-impl AppState {
-    /// The tenant's limiter, rebuilt when its configured rate changed.
-    pub fn limiter(&self, tenant: &auth::Tenant) -> Arc<DefaultDirectRateLimiter> {
-        if let Some(l) = self.limiters.get(&tenant.id) {
-            if l.0 == tenant.events_per_second {
-                return l.1.clone();
-            }
-        }
-        let rate = NonZeroU32::new(tenant.events_per_second).unwrap_or(NonZeroU32::MIN);
-        let l = Arc::new(governor::RateLimiter::direct(Quota::per_second(rate)));
-        self.limiters
-            .insert(tenant.id.clone(), (tenant.events_per_second, l.clone()));
-        l
-    }
 }
 
 /// The API: every route with its handler's `#[utoipa::path]`, from which utoipa-axum builds
@@ -233,15 +221,18 @@ pub async fn run(
     );
     shared::kafka::partition_counts(&config.kafka, &[&config.kafka.input_topic])?;
     let pg = Pools::connect(&config.db, &config.pools).await.context("postgres")?;
-    let redis = redis::aio::ConnectionManager::new(redis::Client::open(config.redis.redis_url.as_str())?)
-        .await
-        .context("redis")?;
+    let redis = shared::redis_conn::connect(&config.redis).await.context("redis")?;
     let producer = shared::kafka::producer(&config.kafka, config.linger_ms)?;
     shared::kafka::exit_on_fatal_error(producer.clone(), "ingest");
     let charges = shared::billing::charge::ChargeClient::new(
         Duration::from_millis(config.billing.charge_timeout_ms),
         config.webhooks.allow_private,
     )?;
+    let (config_limiter, redis_limiter, keys_limiter) = (
+        config.rate_limiter,
+        redis.clone(),
+        Keys::new(config.redis.redis_prefix.clone()),
+    );
     let state = Arc::new(AppState {
         charges,
         keys: Keys::new(config.redis.redis_prefix.clone()),
@@ -250,7 +241,7 @@ pub async fn run(
         redis,
         producer: producer.clone(),
         keys_cache: DashMap::new(),
-        limiters: DashMap::new(),
+        limiter: limit::Limiter::new(config_limiter, redis_limiter, keys_limiter),
     });
     // The producer queue depth and each plane's Postgres connections, as gauges.
     let gauge_producer = producer.clone();

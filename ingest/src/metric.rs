@@ -7,6 +7,7 @@ pub const REQUEST_DURATION: &str = "ingest_http_request_duration_seconds";
 pub const EVENTS_ACCEPTED: &str = "ingest_events_accepted_total";
 pub const EVENTS_REJECTED: &str = "ingest_events_rejected_total";
 pub const RATE_LIMITED: &str = "ingest_rate_limited_total";
+pub const RATE_LIMITER_FALLBACKS: &str = "ingest_rate_limiter_fallbacks_total";
 pub const PRODUCE_DURATION: &str = "ingest_produce_duration_seconds";
 pub const PRODUCER_QUEUE: &str = "ingest_producer_queue_messages";
 pub const COMMANDS: &str = "ingest_commands_total";
@@ -25,6 +26,11 @@ pub fn describe() {
         RATE_LIMITED,
         Unit::Count,
         "Requests refused with 429 by the tenant rate limit"
+    );
+    describe_counter!(
+        RATE_LIMITER_FALLBACKS,
+        Unit::Count,
+        "Requests judged by this replica's own limiter because Redis failed (INGEST_RATE_LIMITER=redis)"
     );
     describe_histogram!(
         PRODUCE_DURATION,
@@ -46,6 +52,7 @@ pub fn describe() {
 fn zero() {
     metrics::counter!(EVENTS_ACCEPTED).increment(0);
     metrics::counter!(RATE_LIMITED).increment(0);
+    metrics::counter!(RATE_LIMITER_FALLBACKS).increment(0);
     for reason in ["invalid", "rate_limited", "saturated"] {
         metrics::counter!(EVENTS_REJECTED, "reason" => reason).increment(0);
     }

@@ -163,10 +163,7 @@ pub struct Config {
 /// `ledger-writer reconcile`: returns whether everything agreed.
 pub async fn reconcile(config: &Config, tenant: Option<&str>, strict: bool) -> anyhow::Result<bool> {
     let db = shared::db::connect(&config.db).await.context("postgres")?;
-    let mut redis = redis::Client::open(config.redis.redis_url.as_str())?
-        .get_multiplexed_async_connection()
-        .await
-        .context("redis")?;
+    let mut redis = shared::redis_conn::connect(&config.redis).await.context("redis")?;
     let keys = shared::keys::Keys::new(config.redis.redis_prefix.clone());
     let (pools, diffs) = reconcile::run(&db, &mut redis, &keys, tenant).await?;
     for d in &diffs {

@@ -66,7 +66,7 @@ pub const ORDER_CHECKS: [&str; 2] = ["end_balance_chain", "grant_before_use"];
 /// Check every pool (of one tenant, if given); returns (pools checked, differences).
 pub async fn run(
     db: &PgPool,
-    redis: &mut redis::aio::MultiplexedConnection,
+    redis: &mut shared::redis_conn::RedisConn,
     keys: &Keys,
     tenant: Option<&str>,
 ) -> anyhow::Result<(usize, Vec<Difference>)> {

@@ -243,10 +243,11 @@ fn quantile(sorted: &[Duration], q: f64) -> f64 {
 async fn scenario(args: &Args, pools: usize, db: &PgPool, redis: &redis::aio::ConnectionManager) -> Result<()> {
     let prefix = format!("bench-rater-{}-{pools}", std::process::id());
     let store = PoolStore {
-        redis: redis.clone(),
+        redis: shared::redis_conn::RedisConn::Single(redis.clone()),
         keys: Keys::new(prefix.clone()),
         db: db.clone(),
         dedupe_window_s: 3600,
+        wait_replicas: 0,
     };
     store.load_scripts().await?;
     // Present sentinel: a missing pool is new, rebuilt from (empty) Postgres without waiting.

@@ -61,6 +61,13 @@ pub struct Config {
     /// Producer linger for the ledger topic, in milliseconds.
     #[arg(long, env = "RATER_LINGER_MS", default_value_t = 20)]
     pub linger_ms: u32,
+    /// Replicas that must hold each round of pool writes (Redis WAIT) before its facts are
+    /// produced: 1 on a Redis Cluster or a replicated Redis, so that a failover to a replica
+    /// loses no decision; 0 (the default) for a single server, whose loss the rebuild from
+    /// Postgres covers.
+    #[arg(long, env = "RATER_REDIS_WAIT_REPLICAS", default_value_t = 0,
+          value_parser = clap::value_parser!(u32).range(0..=5))]
+    pub redis_wait_replicas: u32,
 }
 
 /// Committed input offsets per partition, fed by librdkafka's commit callback: the journal of a
@@ -124,14 +131,13 @@ pub async fn run(config: Config, ready: Ready, shutdown: CancellationToken) -> a
         counts[0]
     );
     let db = shared::db::connect(&config.db).await.context("postgres")?;
-    let redis = redis::aio::ConnectionManager::new(redis::Client::open(config.redis.redis_url.as_str())?)
-        .await
-        .context("redis")?;
+    let redis = shared::redis_conn::connect(&config.redis).await.context("redis")?;
     let store = pools::PoolStore {
         redis,
         keys: shared::keys::Keys::new(config.redis.redis_prefix.clone()),
         db: db.clone(),
         dedupe_window_s: config.dedupe_window_s,
+        wait_replicas: config.redis_wait_replicas,
     };
     store.load_scripts().await?;
     let producer = shared::kafka::producer(&config.kafka, config.linger_ms)?;

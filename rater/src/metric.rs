@@ -9,6 +9,7 @@ pub const BATCHES: &str = "rater_batches_total";
 pub const BATCH_SIZE: &str = "rater_batch_size_messages";
 pub const BATCH_DURATION: &str = "rater_batch_duration_seconds";
 pub const LUA_DURATION: &str = "rater_lua_duration_seconds";
+pub const REDIS_REPLICATION_WAITS: &str = "rater_redis_replication_waits_total";
 pub const PRODUCE_DURATION: &str = "rater_produce_duration_seconds";
 pub const DLQ: &str = "rater_dlq_messages_total";
 pub const LEDGER_MESSAGES: &str = "rater_ledger_messages_produced_total";
@@ -36,6 +37,11 @@ pub fn describe() {
         "Time to decide, produce and store one batch"
     );
     describe_histogram!(LUA_DURATION, Unit::Seconds, "One pipelined round of pool scripts");
+    describe_counter!(
+        REDIS_REPLICATION_WAITS,
+        Unit::Count,
+        "WAITs after a pipeline of pool scripts (--redis-wait-replicas), by outcome (ok, short: fewer replicas acknowledged in time; the batch is retried)"
+    );
     describe_histogram!(
         PRODUCE_DURATION,
         Unit::Seconds,

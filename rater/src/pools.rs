@@ -5,13 +5,13 @@ use std::collections::HashMap;
 use std::time::Instant;
 
 use chrono::{DateTime, Utc};
-use redis::aio::ConnectionManager;
 use redis::Script;
 use rust_decimal::Decimal;
 use shared::amount::{from_fixed, to_fixed_signed};
 use shared::hot_pool::OrderKey;
 use shared::keys::Keys;
 use shared::model::{Category, LimitKind, PoolId};
+use shared::redis_conn::RedisConn;
 use sqlx::PgPool;
 use uuid::Uuid;
 
@@ -32,6 +32,30 @@ pub enum PoolError {
     StillMissing(PoolId),
     #[error("settlement wait: {0}")]
     Settlement(String),
+    #[error("redis replication: {acked} of {wanted} replicas acknowledged the writes in time")]
+    Replication { acked: i64, wanted: u32 },
+}
+
+/// How long WAIT gives the replicas (a short answer fails the batch, which is retried).
+const WAIT_TIMEOUT_MS: u64 = 1_000;
+
+/// The pipelines of one round (pure): all in one on a single server; on a cluster one per hash
+/// tag (the customer), in the order of first appearance.
+pub fn pipeline_groups<'a>(keys: impl Iterator<Item = &'a str>, cluster: bool) -> Vec<Vec<usize>> {
+    if !cluster {
+        let all: Vec<usize> = keys.enumerate().map(|(i, _)| i).collect();
+        return if all.is_empty() { Vec::new() } else { vec![all] };
+    }
+    let mut by_tag: HashMap<&str, usize> = HashMap::new();
+    let mut groups: Vec<Vec<usize>> = Vec::new();
+    for (i, k) in keys.enumerate() {
+        let g = *by_tag.entry(shared::redis_conn::hash_tag(k)).or_insert_with(|| {
+            groups.push(Vec::new());
+            groups.len() - 1
+        });
+        groups[g].push(i);
+    }
+    groups
 }
 
 /// What one input message asks of its pool: one variant per operation kind apply.lua
@@ -331,10 +355,12 @@ pub fn parse_result(line: &str) -> Result<(i64, OpResult), PoolError> {
 
 /// The Redis side of the rater.
 pub struct PoolStore {
-    pub redis: ConnectionManager,
+    pub redis: RedisConn,
     pub keys: Keys,
     pub db: PgPool,
     pub dedupe_window_s: u64,
+    /// Replicas that must hold a round's writes before its replies count (WAIT); 0: none.
+    pub wait_replicas: u32,
 }
 
 impl PoolStore {
@@ -346,48 +372,85 @@ impl PoolStore {
         Ok(())
     }
 
-    /// One pipelined round: returns per pool either its results or None (pool missing).
+    /// One pipelined round: returns per pool either its results or None (pool missing). On a
+    /// Redis Cluster the round is one pipeline per hash tag (a pipeline cannot cross slots; the
+    /// client sends each to its slot's master, all at once over one connection per node).
     async fn round(
         &self,
         batches: &[&PoolOps],
         committed: &HashMap<i32, i64>,
     ) -> Result<Vec<Option<Vec<String>>>, PoolError> {
-        let mut pipe = redis::pipe();
         let now_ms = chrono::Utc::now().timestamp_millis();
-        for b in batches {
-            let pool_key = self.keys.pool(
-                &b.pool.tenant_id,
-                &b.pool.customer_id,
-                &b.pool.credit_type,
-                &b.pool.resource_id,
-            );
-            let mut inv = APPLY.prepare_invoke();
-            inv.key(&pool_key).key(self.keys.journal(&pool_key));
-            for k in self
-                .keys
-                .dedupe_sets(&b.pool.tenant_id, &b.pool.customer_id, now_ms, self.dedupe_window_s)
-            {
-                inv.key(k);
-            }
-            // Last, each reverse's mark, in the operations' order (see apply.lua).
-            for op in &b.ops {
-                if let PoolOp::Reverse { event_uid, .. } = &op.op {
-                    inv.key(
-                        self.keys
-                            .reverse_mark(&b.pool.tenant_id, &b.pool.customer_id, event_uid),
-                    );
+        let invocations: Vec<(String, redis::ScriptInvocation<'static>)> = batches
+            .iter()
+            .map(|b| {
+                let pool_key = self.keys.pool(
+                    &b.pool.tenant_id,
+                    &b.pool.customer_id,
+                    &b.pool.credit_type,
+                    &b.pool.resource_id,
+                );
+                let mut inv = APPLY.prepare_invoke();
+                inv.key(&pool_key).key(self.keys.journal(&pool_key));
+                for k in self
+                    .keys
+                    .dedupe_sets(&b.pool.tenant_id, &b.pool.customer_id, now_ms, self.dedupe_window_s)
+                {
+                    inv.key(k);
                 }
+                // Last, each reverse's mark, in the operations' order (see apply.lua).
+                for op in &b.ops {
+                    if let PoolOp::Reverse { event_uid, .. } = &op.op {
+                        inv.key(
+                            self.keys
+                                .reverse_mark(&b.pool.tenant_id, &b.pool.customer_id, event_uid),
+                        );
+                    }
+                }
+                let prefix = self.keys.dedupe_prefix(&b.pool.tenant_id, &b.pool.customer_id);
+                let committed = committed.get(&b.partition).copied().unwrap_or(0);
+                for v in apply_argv(b, &prefix, self.dedupe_window_s, committed) {
+                    inv.arg(&v[..]);
+                }
+                (pool_key, inv)
+            })
+            .collect();
+        let groups = pipeline_groups(invocations.iter().map(|(k, _)| k.as_str()), self.redis.is_cluster());
+        let started = Instant::now();
+        let replies = futures::future::try_join_all(
+            groups
+                .iter()
+                .map(|idx| self.round_pipeline(idx.iter().map(|&i| &invocations[i].1))),
+        )
+        .await?;
+        metrics::histogram!(m::LUA_DURATION).record(started.elapsed().as_secs_f64());
+        let mut out: Vec<Option<Vec<String>>> = vec![None; batches.len()];
+        for (idx, group) in groups.iter().zip(replies) {
+            for (&i, r) in idx.iter().zip(group) {
+                out[i] = (r.first().map(String::as_str) != Some("MISSING")).then_some(r);
             }
-            let prefix = self.keys.dedupe_prefix(&b.pool.tenant_id, &b.pool.customer_id);
-            let committed = committed.get(&b.partition).copied().unwrap_or(0);
-            for v in apply_argv(b, &prefix, self.dedupe_window_s, committed) {
-                inv.arg(&v[..]);
-            }
-            pipe.invoke_script(&inv);
+        }
+        Ok(out)
+    }
+
+    /// One pipeline of apply.lua calls (one slot on a cluster), then, when `wait_replicas` is
+    /// set, WAIT: the replies count only once that many replicas hold the writes, so a failover
+    /// to a replica cannot lose a decision whose facts were produced.
+    async fn round_pipeline<'a>(
+        &self,
+        invocations: impl Iterator<Item = &'a redis::ScriptInvocation<'static>>,
+    ) -> Result<Vec<Vec<String>>, PoolError> {
+        let mut pipe = redis::pipe();
+        let mut n = 0;
+        for inv in invocations {
+            pipe.invoke_script(inv);
+            n += 1;
+        }
+        if self.wait_replicas > 0 {
+            pipe.cmd("WAIT").arg(self.wait_replicas).arg(WAIT_TIMEOUT_MS);
         }
         let mut con = self.redis.clone();
-        let started = Instant::now();
-        let replies: Vec<Vec<String>> = match pipe.query_async(&mut con).await {
+        let mut values: Vec<redis::Value> = match pipe.query_async(&mut con).await {
             Ok(r) => r,
             Err(e) if e.kind() == redis::ErrorKind::NoScriptError => {
                 self.load_scripts().await?;
@@ -395,17 +458,22 @@ impl PoolStore {
             }
             Err(e) => return Err(e.into()),
         };
-        metrics::histogram!(m::LUA_DURATION).record(started.elapsed().as_secs_f64());
-        Ok(replies
-            .into_iter()
-            .map(|r| {
-                if r.first().map(String::as_str) == Some("MISSING") {
-                    None
-                } else {
-                    Some(r)
-                }
-            })
-            .collect())
+        if self.wait_replicas > 0 {
+            let acked: i64 = redis::from_redis_value(&values.pop().unwrap_or(redis::Value::Nil))?;
+            if acked < self.wait_replicas as i64 {
+                metrics::counter!(m::REDIS_REPLICATION_WAITS, "outcome" => "short").increment(1);
+                return Err(PoolError::Replication {
+                    acked,
+                    wanted: self.wait_replicas,
+                });
+            }
+            metrics::counter!(m::REDIS_REPLICATION_WAITS, "outcome" => "ok").increment(1);
+        }
+        debug_assert_eq!(values.len(), n);
+        values
+            .iter()
+            .map(|v| redis::from_redis_value(v).map_err(PoolError::from))
+            .collect()
     }
 
     /// Apply every pool's operations. `wait_settled` is called once, before any rebuild, when

@@ -13,22 +13,20 @@ use uuid::Uuid;
 const EVENTS: usize = 60_000;
 const BATCH: usize = 5_000;
 
-async fn redis_i64(con: &mut redis::aio::ConnectionManager, cmd: &mut redis::Cmd) -> i64 {
+async fn redis_i64(con: &mut shared::redis_conn::RedisConn, cmd: &mut redis::Cmd) -> i64 {
     cmd.query_async(con).await.unwrap()
 }
 
 #[tokio::test]
 async fn a_retained_key_costs_at_most_64_bytes_and_dedupes_across_batches_and_timestamps() {
-    let url = std::env::var("REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".into());
     let prefix = format!("dmem_{}", Uuid::new_v4().simple());
-    let redis = redis::aio::ConnectionManager::new(redis::Client::open(url.as_str()).unwrap())
-        .await
-        .unwrap();
+    let redis = shared::testkit::redis_conn().await;
     let store = PoolStore {
         redis: redis.clone(),
         keys: Keys::new(prefix.clone()),
         db: sqlx::PgPool::connect_lazy("postgres://unused@127.0.0.1/unused").unwrap(),
         dedupe_window_s: 86_400,
+        wait_replicas: 0,
     };
     store.load_scripts().await.unwrap();
     store.set_sentinel().await.unwrap();

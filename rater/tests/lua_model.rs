@@ -451,17 +451,15 @@ fn apply_lua_matches_the_reference_model() {
         .enable_all()
         .build()
         .unwrap();
-    let url = std::env::var("REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".into());
     let prefix = format!("prop_{}", Uuid::new_v4().simple());
     let store = rt.block_on(async {
-        let redis = redis::aio::ConnectionManager::new(redis::Client::open(url.as_str()).unwrap())
-            .await
-            .unwrap();
+        let redis = shared::testkit::redis_conn().await;
         PoolStore {
             redis,
             keys: Keys::new(prefix.clone()),
             db: sqlx::PgPool::connect_lazy("postgres://unused@127.0.0.1/unused").unwrap(),
             dedupe_window_s: 600,
+            wait_replicas: 0,
         }
     });
     rt.block_on(store.load_scripts()).unwrap();

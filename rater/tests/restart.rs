@@ -517,11 +517,7 @@ fn check_facts(ctx: &Ctx, total: usize, at_kill: usize) {
 
 async fn check_redis_and_offsets(ctx: &Ctx) {
     // The hot pools hold the grant minus the charges (read as ingest reads a balance).
-    let mut con = redis::Client::open(redis_url())
-        .unwrap()
-        .get_multiplexed_async_connection()
-        .await
-        .unwrap();
+    let mut con = shared::testkit::redis_conn().await;
     let keys = shared::keys::Keys::new(ctx.redis_prefix.clone());
     for c in 0..CUSTOMERS {
         let h: HashMap<String, String> = redis::cmd("HGETALL")

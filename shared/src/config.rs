@@ -47,9 +47,21 @@ pub fn kafka_option(s: &str) -> Result<(String, String), String> {
 
 #[derive(clap::Args, Debug, Clone)]
 pub struct RedisArgs {
-    /// Redis holding the hot pools.
+    /// Redis holding the hot pools: `redis://` or `rediss://` (TLS) for one server; several URLs
+    /// separated by commas, or `redis+cluster://host:port,host:port` (`rediss+cluster://`), for
+    /// a Redis Cluster.
     #[arg(long, env = "REDIS_URL", default_value = "redis://127.0.0.1:6379")]
     pub redis_url: String,
+    /// PEM file of the CA that signed the Redis server's certificate (`rediss://`; default: the
+    /// system's roots).
+    #[arg(long, env = "REDIS_CA_FILE")]
+    pub redis_ca_file: Option<String>,
+    /// PEM client certificate for Redis mutual TLS (with `--redis-client-key`).
+    #[arg(long, env = "REDIS_CLIENT_CERT")]
+    pub redis_client_cert: Option<String>,
+    /// PEM private key of `--redis-client-cert`.
+    #[arg(long, env = "REDIS_CLIENT_KEY")]
+    pub redis_client_key: Option<String>,
     /// Prefix of every key (tests use their own).
     #[arg(long, env = "REDIS_PREFIX", default_value = "cr")]
     pub redis_prefix: String,

@@ -369,6 +369,52 @@ mod tests {
     }
 
     #[test]
+    fn tls_sasl_and_every_codec_are_built_in() {
+        // A librdkafka built without OpenSSL refuses security.protocol=SASL_SSL and SCRAM, one
+        // without zstd refuses compression.type=zstd, at client creation: these must be created.
+        let scram = |mech: &str, codec: &str| {
+            args(&[
+                "--kafka-compression",
+                codec,
+                "--kafka-option",
+                "security.protocol=SASL_SSL",
+                "--kafka-option",
+                &format!("sasl.mechanism={mech}"),
+                "--kafka-option",
+                "sasl.username=credits",
+                "--kafka-option",
+                "sasl.password=secret",
+                "--kafka-option",
+                "ssl.endpoint.identification.algorithm=https",
+            ])
+            .unwrap()
+        };
+        for (mech, codec) in [
+            ("SCRAM-SHA-512", "zstd"),
+            ("SCRAM-SHA-256", "lz4"),
+            ("PLAIN", "snappy"),
+            ("PLAIN", "gzip"),
+        ] {
+            if let Err(e) = producer(&scram(mech, codec), 5) {
+                panic!("{mech} over SASL_SSL with {codec}: {e}");
+            }
+        }
+        // mTLS to the broker: a CA file that does not exist is named at start-up.
+        let a = args(&[
+            "--kafka-option",
+            "security.protocol=SSL",
+            "--kafka-option",
+            "ssl.ca.location=/nonexistent/ca.pem",
+        ])
+        .unwrap();
+        let e = producer(&a, 5).err().expect("a missing CA file is refused").to_string();
+        assert!(
+            e.contains("ssl.ca.location") || e.contains("/nonexistent/ca.pem"),
+            "{e}"
+        );
+    }
+
+    #[test]
     fn a_malformed_or_unknown_kafka_option_is_refused_with_its_name() {
         for bad in ["novalue", "=x", "bad name=1"] {
             let e = args(&["--kafka-option", bad]).err().expect(bad).to_string();

@@ -22,6 +22,11 @@ impl Keys {
         format!("{}:{{{tenant}:{customer}}}:p:{credit_type}/{resource}", self.prefix)
     }
 
+    /// The tenant's rate-limit state (ingest's GCRA, shared by its replicas).
+    pub fn rate_limit(&self, tenant: &str) -> String {
+        format!("{}:{{{tenant}}}:rl", self.prefix)
+    }
+
     /// The journal of recent outcomes of one pool (for exact replay after a crash).
     pub fn journal(&self, pool_key: &str) -> String {
         format!("{pool_key}:j")

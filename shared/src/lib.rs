@@ -12,6 +12,7 @@ pub mod kafka;
 pub mod keys;
 pub mod model;
 pub mod pricing;
+pub mod redis_conn;
 pub mod telemetry;
 #[cfg(feature = "testkit")]
 pub mod testkit;

@@ -109,22 +109,50 @@ pub async fn delete_topics_and_groups(topics: &[&str], groups: &[&str]) {
     let _ = admin.delete_groups(groups, &AdminOptions::new()).await;
 }
 
-/// Delete every Redis key under `prefix:` (best effort).
-pub async fn delete_redis_prefix(prefix: &str) {
-    let Ok(client) = redis::Client::open(redis_url()) else {
-        return;
-    };
-    let Ok(mut con) = client.get_multiplexed_async_connection().await else {
-        return;
-    };
-    let keys: Vec<String> = redis::cmd("KEYS")
-        .arg(format!("{prefix}:*"))
-        .query_async(&mut con)
-        .await
-        .unwrap_or_default();
-    for chunk in keys.chunks(500) {
-        let _: Result<(), _> = redis::cmd("DEL").arg(chunk).query_async(&mut con).await;
+/// A connection to the tests' Redis (`REDIS_URL`: one server or a cluster, as the services).
+pub async fn redis_conn() -> crate::redis_conn::RedisConn {
+    crate::redis_conn::connect(&redis_args()).await.expect("redis")
+}
+
+/// The services' Redis arguments for the tests' Redis (`REDIS_URL`, `REDIS_CA_FILE`...).
+pub fn redis_args() -> crate::config::RedisArgs {
+    let var = |k: &str| std::env::var(k).ok().filter(|v| !v.is_empty());
+    crate::config::RedisArgs {
+        redis_url: redis_url(),
+        redis_prefix: "cr".into(),
+        redis_ca_file: var("REDIS_CA_FILE"),
+        redis_client_cert: var("REDIS_CLIENT_CERT"),
+        redis_client_key: var("REDIS_CLIENT_KEY"),
     }
+}
+
+/// Delete every Redis key under `prefix:` (best effort; on a cluster, from every master).
+pub async fn delete_redis_prefix(prefix: &str) {
+    let Ok(mut con) = crate::redis_conn::connect(&redis_args()).await else {
+        return;
+    };
+    let _ = delete_keys(&mut con, prefix).await;
+}
+
+/// Delete every key under `prefix:` and return how many there were. On one server it is one Lua
+/// call (atomic, as losing Redis would be); on a cluster, KEYS on every master then DEL per slot.
+pub async fn delete_keys(con: &mut crate::redis_conn::RedisConn, prefix: &str) -> redis::RedisResult<i64> {
+    let pattern = format!("{prefix}:*");
+    if !con.is_cluster() {
+        return redis::Script::new(
+            "local n = 0
+             for _, k in ipairs(redis.call('KEYS', ARGV[1])) do redis.call('DEL', k); n = n + 1 end
+             return n",
+        )
+        .arg(pattern)
+        .invoke_async(con)
+        .await;
+    }
+    let keys: Vec<String> = redis::cmd("KEYS").arg(&pattern).query_async(con).await?;
+    for k in &keys {
+        let _: i64 = redis::cmd("DEL").arg(k).query_async(con).await?;
+    }
+    Ok(keys.len() as i64)
 }
 
 /// SIGKILL, and wait for it to be gone.

@@ -220,20 +220,21 @@ pub async fn post_events(
         metrics::counter!(m::EVENTS_REJECTED, "reason" => "invalid").increment(e.errors.len().max(1) as u64);
     })?;
     let n = events.len();
-    let limiter = s.limiter(&t);
-    let allowed = u32::try_from(n)
-        .ok()
-        .and_then(std::num::NonZeroU32::new)
-        .map(|k| limiter.check_n(k));
-    if !matches!(allowed, Some(Ok(Ok(())))) {
+    if let crate::limit::Verdict::Refused(wait) = s.limiter.check(&t, n).await {
         metrics::counter!(m::RATE_LIMITED).increment(1);
         metrics::counter!(m::EVENTS_REJECTED, "reason" => "rate_limited").increment(n as u64);
         let mut e = ApiError::new(
             StatusCode::TOO_MANY_REQUESTS,
             "rate_limited",
-            format!("over the tenant's limit of {} events/s", t.events_per_second),
+            match wait {
+                Some(_) => format!("over the tenant's limit of {} events/s", t.events_per_second),
+                None => format!(
+                    "{n} events in one request exceed the tenant's limit of {} events/s: send smaller batches",
+                    t.events_per_second
+                ),
+            },
         );
-        e.retry_after = Some(1);
+        e.retry_after = Some(wait.unwrap_or(1));
         return Err(e);
     }
     produce(&s, events.into_iter().map(InputMsg::Usage))

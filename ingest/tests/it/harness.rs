@@ -75,6 +75,8 @@ fn build_binaries() -> HashMap<String, PathBuf> {
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum Svc {
     Ingest,
+    /// A second ingest (same topics, database and Redis; its own ports: `url2`).
+    Ingest2,
     Rater,
     /// A second rater in the same consumer group.
     Rater2,
@@ -84,7 +86,7 @@ pub enum Svc {
 impl Svc {
     fn bin(self) -> &'static str {
         match self {
-            Svc::Ingest => "ingest",
+            Svc::Ingest | Svc::Ingest2 => "ingest",
             Svc::Rater | Svc::Rater2 => "rater",
             Svc::LedgerWriter => "ledger-writer",
         }
@@ -97,6 +99,8 @@ pub struct Stack {
     pub db_name: String,
     pub env: Vec<(String, String)>,
     pub url: String,
+    /// The second ingest's API (Svc::Ingest2).
+    pub url2: String,
     pub admin_token: String,
     pub http: reqwest::Client,
     pub input_topic: String,
@@ -140,7 +144,7 @@ impl Stack {
         create_topics(&[&input_topic, &ledger_topic, &dlq_topic], partitions).await;
         let admin_token = format!("admin-{}", uuid::Uuid::new_v4().simple());
         let ingest_port = free_port();
-        let metrics: HashMap<Svc, String> = [Svc::Ingest, Svc::Rater, Svc::Rater2, Svc::LedgerWriter]
+        let metrics: HashMap<Svc, String> = [Svc::Ingest, Svc::Ingest2, Svc::Rater, Svc::Rater2, Svc::LedgerWriter]
             .into_iter()
             .map(|s| (s, format!("127.0.0.1:{}", free_port())))
             .collect();
@@ -152,7 +156,15 @@ impl Stack {
             ("DLQ_TOPIC".into(), dlq_topic.clone()),
             ("REDIS_URL".into(), redis_url()),
             ("REDIS_PREFIX".into(), redis_prefix.clone()),
-            ("DATABASE_URL".into(), db_url),
+            // DATABASE_URL_QUERY in `extra`: the services connect by name (localhost, which a
+            // server certificate can name) with these connection parameters (TLS tests).
+            (
+                "DATABASE_URL".into(),
+                match extra.iter().find(|(k, _)| *k == "DATABASE_URL_QUERY") {
+                    Some((_, q)) => format!("{}?{q}", db_url.replacen("@127.0.0.1:", "@localhost:", 1)),
+                    None => db_url,
+                },
+            ),
             ("INGEST_LISTEN".into(), format!("127.0.0.1:{ingest_port}")),
             ("INGEST_ADMIN_TOKEN".into(), admin_token.clone()),
             ("INGEST_METRICS_LISTEN".into(), metrics[&Svc::Ingest].clone()),
@@ -178,6 +190,7 @@ impl Stack {
             db_name,
             env,
             url: format!("http://127.0.0.1:{ingest_port}"),
+            url2: format!("http://127.0.0.1:{}", free_port()),
             admin_token,
             http: reqwest::Client::builder()
                 .timeout(Duration::from_secs(30))
@@ -231,6 +244,10 @@ impl Stack {
             // first rater's, which tests read.
             Svc::Rater => "RATER_METRICS_LISTEN",
             Svc::Rater2 => return,
+            Svc::Ingest2 => {
+                self.url2 = format!("http://127.0.0.1:{}", free_port());
+                return;
+            }
         };
         self.set_env(key, &addr);
         if svc == Svc::Ingest {
@@ -263,6 +280,16 @@ impl Stack {
                 "RATER_METRICS_LISTEN",
                 &self.metrics[if svc == Svc::Rater2 { &Svc::Rater2 } else { &Svc::Rater }],
             )
+            .envs(match svc {
+                Svc::Ingest2 => vec![
+                    ("INGEST_METRICS_LISTEN".to_owned(), self.metrics[&Svc::Ingest2].clone()),
+                    (
+                        "INGEST_LISTEN".to_owned(),
+                        self.url2.trim_start_matches("http://").to_owned(),
+                    ),
+                ],
+                _ => vec![],
+            })
             .stdin(Stdio::null())
             .stdout(log.try_clone().unwrap())
             .stderr(log)
@@ -582,23 +609,16 @@ impl Stack {
 
     /// Delete every Redis key of this stack at once, as losing Redis would (one Lua call: atomic).
     pub async fn flush_redis(&self) {
-        let client = redis::Client::open(redis_url()).unwrap();
-        let mut con = client.get_multiplexed_async_connection().await.unwrap();
-        let n: i64 = redis::Script::new(
-            "local n = 0
-             for _, k in ipairs(redis.call('KEYS', ARGV[1])) do redis.call('DEL', k); n = n + 1 end
-             return n",
-        )
-        .arg(format!("{}:*", self.redis_prefix))
-        .invoke_async(&mut con)
-        .await
-        .unwrap();
+        let mut con = shared::testkit::redis_conn().await;
+        let n = shared::testkit::delete_keys(&mut con, &self.redis_prefix)
+            .await
+            .unwrap();
         assert!(n > 0, "nothing to flush");
     }
 
     /// Remove everything this stack made (processes, database, keys).
     pub async fn cleanup(mut self) {
-        for svc in [Svc::Ingest, Svc::Rater, Svc::Rater2, Svc::LedgerWriter] {
+        for svc in [Svc::Ingest, Svc::Ingest2, Svc::Rater, Svc::Rater2, Svc::LedgerWriter] {
             self.kill(svc).await;
         }
         self.db.close().await;
@@ -611,18 +631,7 @@ impl Stack {
                 .execute(&admin)
                 .await;
         }
-        if let Ok(client) = redis::Client::open(redis_url()) {
-            if let Ok(mut con) = client.get_multiplexed_async_connection().await {
-                let keys: Vec<String> = redis::cmd("KEYS")
-                    .arg(format!("{}:*", self.redis_prefix))
-                    .query_async(&mut con)
-                    .await
-                    .unwrap_or_default();
-                for chunk in keys.chunks(500) {
-                    let _: Result<(), _> = redis::cmd("DEL").arg(chunk).query_async(&mut con).await;
-                }
-            }
-        }
+        shared::testkit::delete_redis_prefix(&self.redis_prefix).await;
         let admin: Result<AdminClient<DefaultClientContext>, _> =
             ClientConfig::new().set("bootstrap.servers", brokers()).create();
         if let Ok(admin) = admin {

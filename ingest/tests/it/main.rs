@@ -9,5 +9,6 @@ mod observability;
 mod pipeline;
 mod property;
 mod semantics;
+mod tls;
 mod truth;
 mod webhooks;

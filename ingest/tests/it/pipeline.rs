@@ -856,6 +856,94 @@ async fn post_grant(s: &Stack, key: &str, body: Value) -> Value {
     b["grant"].clone()
 }
 
+#[tokio::test(flavor = "multi_thread")]
+async fn two_ingests_share_one_tenant_limit() {
+    // Two ingest replicas in front of one tenant limited to 100 events/s: together they admit
+    // the tenant's rate (one GCRA state in Redis), not twice it.
+    let mut s = Stack::start_with("twoingest", 1, &[("INGEST_LINGER_MS", "5")]).await;
+    s.spawn(Svc::Ingest2).await;
+    let (st, t) = s
+        .call(
+            Method::POST,
+            "/v1/admin/tenants",
+            &s.admin_token,
+            Some(json!({"name": "two"})),
+        )
+        .await;
+    assert_eq!(st, 201);
+    let key = t["api_key"].as_str().unwrap().to_owned();
+    let tid = t["tenant_id"].as_str().unwrap().to_owned();
+    let (st, _) = s
+        .call(
+            Method::PUT,
+            &format!("/v1/admin/tenants/{tid}/limits"),
+            &s.admin_token,
+            Some(json!({"events_per_second": 100})),
+        )
+        .await;
+    assert_eq!(st, 200);
+    const BATCH: usize = 25;
+    let started = Instant::now();
+    let mut accepted = [0usize; 2];
+    let mut refused = [0usize; 2];
+    let mut i = 0;
+    // Both replicas at once, 4 requests of 25 events each per round: several hundred events/s
+    // offered, well over the limit, for 3 s.
+    while started.elapsed() < Duration::from_secs(3) {
+        let sends = (0..8).map(|k| {
+            let (r, base) = (k % 2, if k % 2 == 0 { &s.url } else { &s.url2 });
+            let events: Vec<Value> = (0..BATCH)
+                .map(|j| json!({"customer_id": "c", "event_name": "x", "idempotency_key": format!("k-{i}-{k}-{j}")}))
+                .collect();
+            let req = s
+                .http
+                .post(format!("{base}/v1/events"))
+                .bearer_auth(&key)
+                .json(&json!({ "events": events }));
+            async move {
+                let resp = req.send().await.unwrap();
+                (r, resp.status().as_u16(), resp.text().await.unwrap())
+            }
+        });
+        for (r, status, body) in futures::future::join_all(sends).await {
+            match status {
+                202 => accepted[r] += BATCH,
+                429 => refused[r] += BATCH,
+                other => panic!("replica {r}: {other} {body}"),
+            }
+        }
+        i += 1;
+    }
+    let secs = started.elapsed().as_secs_f64();
+    let total = accepted[0] + accepted[1];
+    // GCRA admits the burst (one second's worth) then the rate: 100 + 100 x elapsed. Two
+    // independent limits would admit about twice that.
+    let bound = 100.0 + 100.0 * secs;
+    eprintln!("accepted {accepted:?} refused {refused:?} in {secs:.2} s: bound {bound:.0}");
+    assert!(
+        (total as f64) <= bound + BATCH as f64,
+        "two replicas admitted {total} events in {secs:.2} s, over the one limit ({bound:.0})"
+    );
+    assert!(
+        accepted[0] > 0 && accepted[1] > 0,
+        "both replicas admit some: {accepted:?}"
+    );
+    assert!(
+        (total as f64) >= 0.6 * bound,
+        "the shared limit admits the rate, not less: {total} of {bound:.0}"
+    );
+    assert!(
+        refused[0] + refused[1] > 0,
+        "the offered 200 events/s were over the limit"
+    );
+    let ingest2 = s.metrics_text(Svc::Ingest2).await;
+    assert!(
+        ingest2.contains("ingest_rate_limiter_fallbacks_total 0"),
+        "Redis answered every check"
+    );
+    s.cleanup().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn over_the_rate_limit_is_429_then_recovers_and_revoked_keys_are_401() {
     let s = Stack::start("limits", 1).await;
@@ -1000,5 +1088,133 @@ async fn resources_isolate_pools_and_check_predicts_a_hard_deny() {
         )
         .await;
     assert_eq!((st, b["error"]["field"].as_str()), (422, Some("event_name")), "{b}");
+    s.cleanup().await;
+}
+
+/// `redis-cli -p PORT ARGS...`, its output.
+fn redis_cli(port: u16, args: &[&str]) -> String {
+    let out = std::process::Command::new("redis-cli")
+        .arg("-p")
+        .arg(port.to_string())
+        .args(args)
+        .output()
+        .expect("redis-cli");
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// The cluster's masters that hold slots, as ports, seen from `seed`.
+fn cluster_masters(seed: u16) -> Vec<u16> {
+    redis_cli(seed, &["cluster", "nodes"])
+        .lines()
+        .filter(|l| l.contains("master") && !l.contains("fail") && l.split_whitespace().count() > 8)
+        .filter_map(|l| l.split_whitespace().nth(1))
+        .filter_map(|a| a.split(['@', ':']).nth(1)?.parse().ok())
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_redis_cluster_master_killed_under_load_fails_over_losing_and_doubling_nothing() {
+    let shared::redis_conn::Topology::Cluster(nodes) =
+        shared::redis_conn::topology(&crate::harness::redis_url()).unwrap()
+    else {
+        eprintln!("skipped: REDIS_URL names one server (deploy/local/test runs this against its Redis Cluster)");
+        return;
+    };
+    let ports: Vec<u16> = nodes
+        .iter()
+        .filter_map(|n| n.rsplit(':').next()?.parse().ok())
+        .collect();
+    // Each round's writes are on a replica before its facts are produced (WAIT 1).
+    let mut s = Stack::start_with("failover", 4, &[("RATER_REDIS_WAIT_REPLICAS", "1")]).await;
+    let load = setup(&s, 100, 10_000).await;
+    let all = load.batches(0..10_000);
+    let (a, b) = all.split_at(30);
+    load.send(&s, a.to_vec()).await;
+    // Under load: SIGKILL a master; its replica takes over after the node timeout (2 s).
+    let victim = cluster_masters(ports[0])[0];
+    let pid: i32 = redis_cli(victim, &["info", "server"])
+        .lines()
+        .find_map(|l| l.strip_prefix("process_id:"))
+        .and_then(|v| v.trim().parse().ok())
+        .expect("the master's pid");
+    let survivor = *ports.iter().find(|&&p| p != victim).unwrap();
+    let kill = async {
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let st = std::process::Command::new("kill")
+            .args(["-9", &pid.to_string()])
+            .status()
+            .unwrap();
+        assert!(st.success());
+        let started = Instant::now();
+        loop {
+            let masters = cluster_masters(survivor);
+            let ok = redis_cli(survivor, &["cluster", "info"]).contains("cluster_state:ok");
+            if ok && masters.len() == 3 && !masters.contains(&victim) {
+                eprintln!("failed over in {:?}: masters {masters:?}", started.elapsed());
+                break;
+            }
+            assert!(started.elapsed() < Duration::from_secs(30), "no failover in 30 s");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    };
+    tokio::join!(load.send(&s, b.to_vec()), kill);
+    s.wait_settled(10_000, 1_000, Duration::from_secs(180)).await;
+    let expected = load.expected();
+    let mut wrong = Vec::new();
+    for _ in 0..150 {
+        wrong.clear();
+        for (c, e) in &expected {
+            let hot = s.balance(&load.key, c).await;
+            if hot != *e {
+                wrong.push((c.clone(), hot, *e));
+            }
+        }
+        if wrong.is_empty() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert!(
+        wrong.is_empty(),
+        "hot balances off Postgres after the failover: {} pools, e.g. {:?}",
+        wrong.len(),
+        wrong.first()
+    );
+    verify(&s, &load).await;
+    let (code, diffs) = s.reconcile().await;
+    assert_eq!((code, diffs.len()), (0, 0), "{diffs:?}");
+    let rater = s.metrics_text(Svc::Rater).await;
+    eprintln!(
+        "{}",
+        rater
+            .lines()
+            .filter(|l| l.starts_with("rater_redis_replication_waits_total") || l.starts_with("rater_errors_total"))
+            .collect::<Vec<_>>()
+            .join("\n")
+    );
+    s.kill(Svc::Rater).await;
+    // Put the node back as deploy/local/lib.sh started it: it rejoins as the new master's replica
+    // (nothing persisted, it syncs).
+    let lib = concat!(env!("CARGO_MANIFEST_DIR"), "/../deploy/local/lib.sh");
+    let st = std::process::Command::new("bash")
+        .args(["-c", &format!("source {lib} && redis_cluster_start_node {victim}")])
+        .status()
+        .unwrap();
+    assert!(st.success(), "restart the killed node");
+    let started = Instant::now();
+    loop {
+        let attached = ports
+            .iter()
+            .filter(|&&p| redis_cli(p, &["info", "replication"]).contains("connected_slaves:1"))
+            .count();
+        if attached == 3 && redis_cli(victim, &["cluster", "info"]).contains("cluster_state:ok") {
+            break;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(60),
+            "the killed node did not rejoin"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
     s.cleanup().await;
 }
