@@ -217,6 +217,78 @@ ensure_redis() {
     log "redis is up on $REDIS_HOST:$REDIS_PORT"
 }
 
+# ensure_redis_cluster: a local Redis Cluster of three masters, each with one replica
+# (redis-server --cluster-enabled yes on 127.0.0.1:$REDIS_CLUSTER_PORT.. +5, data in
+# $STACK_DIR/redis-cluster/PORT, nothing persisted), created with `redis-cli --cluster create`
+# once and reused while its nodes run. Sets REDIS_CLUSTER_URL (redis+cluster://seed,nodes).
+REDIS_CLUSTER_PORT="${REDIS_CLUSTER_PORT:-7100}"
+REDIS_CLUSTER_DIR="$STACK_DIR/redis-cluster"
+redis_cluster_ports() { seq "$REDIS_CLUSTER_PORT" $((REDIS_CLUSTER_PORT + 5)); }
+redis_cluster_ok() {
+    local p
+    for p in $(redis_cluster_ports); do
+        timeout 3 redis-cli -p "$p" cluster info 2>/dev/null | grep -q '^cluster_state:ok' || return 1
+    done
+}
+# redis_cluster_start_node PORT: start (or restart) one node with its nodes.conf.
+redis_cluster_start_node() {
+    local p="$1" d="$REDIS_CLUSTER_DIR/$1"
+    mkdir -p "$d"
+    redis-server --port "$p" --bind 127.0.0.1 --cluster-enabled yes --cluster-config-file nodes.conf \
+        --cluster-node-timeout 2000 --dir "$d" --save "" --appendonly no --maxmemory-policy noeviction \
+        --daemonize yes --pidfile "$d/redis.pid" --logfile "$d/redis.log"
+}
+ensure_redis_cluster() {
+    local nodes="" p
+    for p in $(redis_cluster_ports); do nodes+="${nodes:+,}127.0.0.1:$p"; done
+    REDIS_CLUSTER_URL="redis+cluster://$nodes"
+    export REDIS_CLUSTER_URL REDIS_CLUSTER_DIR
+    if redis_cluster_ok; then
+        log "redis cluster is up on 127.0.0.1:$REDIS_CLUSTER_PORT-$((REDIS_CLUSTER_PORT + 5))"
+        return 0
+    fi
+    log "starting a redis cluster (3 masters, 3 replicas) on 127.0.0.1:$REDIS_CLUSTER_PORT-$((REDIS_CLUSTER_PORT + 5))"
+    for p in $(redis_cluster_ports); do
+        if [[ "$(timeout 3 redis-cli -p "$p" ping 2>/dev/null)" == PONG ]]; then
+            # A node from an earlier, broken cluster: start over.
+            redis-cli -p "$p" shutdown nosave >/dev/null 2>&1 || true
+        fi
+    done
+    sleep 0.5
+    rm -rf "$REDIS_CLUSTER_DIR"
+    for p in $(redis_cluster_ports); do redis_cluster_start_node "$p"; done
+    local deadline=$((SECONDS + 30))
+    for p in $(redis_cluster_ports); do
+        until [[ "$(timeout 3 redis-cli -p "$p" ping 2>/dev/null)" == PONG ]]; do
+            ((SECONDS < deadline)) || die "redis cluster node $p did not start (see $REDIS_CLUSTER_DIR/$p/redis.log)"
+            sleep 0.2
+        done
+    done
+    # shellcheck disable=SC2046
+    redis-cli --cluster create $(for p in $(redis_cluster_ports); do printf '127.0.0.1:%s ' "$p"; done) \
+        --cluster-replicas 1 --cluster-yes >"$REDIS_CLUSTER_DIR/create.log" 2>&1 ||
+        die "redis-cli --cluster create failed (see $REDIS_CLUSTER_DIR/create.log)"
+    deadline=$((SECONDS + 60))
+    until redis_cluster_ok; do
+        ((SECONDS < deadline)) || die "the redis cluster did not reach cluster_state:ok in 60s"
+        sleep 0.5
+    done
+    # Every master has its replica attached before anyone relies on WAIT.
+    deadline=$((SECONDS + 60))
+    until [[ "$(for p in $(redis_cluster_ports); do redis-cli -p "$p" info replication; done |
+        grep -c '^connected_slaves:1')" -ge 3 ]]; do
+        ((SECONDS < deadline)) || die "the redis cluster's replicas did not attach in 60s"
+        sleep 0.5
+    done
+    log "redis cluster is up: $REDIS_CLUSTER_URL"
+}
+stop_redis_cluster() {
+    local p
+    for p in $(redis_cluster_ports); do
+        redis-cli -p "$p" shutdown nosave >/dev/null 2>&1 || true
+    done
+}
+
 # ---------------------------------------------------------------------------
 # nisshi (the Kafka-API broker)
 # ---------------------------------------------------------------------------
