@@ -54,6 +54,7 @@ die() {
 # --- checks before anything is created ---------------------------------------------------------
 for v in TOPIC_PARTITIONS DLQ_PARTITIONS TOPIC_REPLICATION_FACTOR TOPIC_MIN_INSYNC_REPLICAS \
     DEDUPE_WINDOW_SECONDS TOPIC_OUTAGE_SECONDS TOPIC_RETENTION_MS DLQ_RETENTION_MS; do
+    val=""
     eval "val=\${$v}"
     case "$val" in
         '' | *[!0-9]*) die "$v=$val is not a positive integer" ;;
@@ -105,7 +106,7 @@ ensure_topic "$DLQ_TOPIC" "$DLQ_PARTITIONS" "$DLQ_RETENTION_MS" "$@"
 # --- the one hard rule: input and ledger have the same partition count ------------------------
 have_input="$(partitions_of "$INPUT_TOPIC" "$@")"
 have_ledger="$(partitions_of "$LEDGER_TOPIC" "$@")"
-[ -n "$have_input" ] && [ -n "$have_ledger" ] || die "could not read the partition counts back"
+if [ -z "$have_input" ] || [ -z "$have_ledger" ]; then die "could not read the partition counts back"; fi
 [ "$have_input" = "$have_ledger" ] ||
     die "$INPUT_TOPIC has $have_input partitions and $LEDGER_TOPIC $have_ledger: they must be equal (deploy/topics/README.md)"
 if [ "$have_input" != "$TOPIC_PARTITIONS" ]; then
