@@ -200,6 +200,18 @@ ensure_machete() {
     cargo install cargo-machete --version "$MACHETE_VERSION" --locked
 }
 
+# ensure_docker_compose: make sure docker-compose (Debian's package) is installed: the
+# deployment test (shared/tests/deploy_manifests.rs) validates deploy/compose with it. No Docker
+# engine is needed for `docker-compose config`.
+ensure_docker_compose() {
+    if command -v docker-compose >/dev/null 2>&1; then
+        return 0
+    fi
+    log "installing docker-compose (Debian package)"
+    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq docker-compose >/dev/null
+    command -v docker-compose >/dev/null 2>&1 || die "docker-compose is still missing after apt-get install"
+}
+
 # ensure_redis: make sure Redis answers on 127.0.0.1:6379.
 ensure_redis() {
     if redis_ping; then
