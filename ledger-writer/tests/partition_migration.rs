@@ -313,3 +313,67 @@ async fn partition_migration_keeps_every_row_and_every_key_settles_once() {
     assert_eq!(entries_after, 7);
     drop_db(db, &name).await;
 }
+
+/// A client's repeat (a new event uid) of a key settled in an earlier month, that slipped past
+/// Redis: the real settle path finds the key in `usage_event_keys`, settles no second row,
+/// records the duplicate as caught by Postgres, writes the hot pool's charge as an `adjust`
+/// and gives it back through the input topic.
+#[tokio::test]
+async fn partition_repeat_of_a_key_from_an_earlier_month_is_a_duplicate() {
+    let name = format!("lw_partdup_{}", Uuid::new_v4().simple());
+    let (_, db) = shared::testkit::create_db(&name, 2).await;
+    let topic = format!("it-partdup-{}", Uuid::new_v4().simple());
+    shared::testkit::create_topics(&[&topic], 1).await;
+    let grant = Uuid::new_v4();
+    let long_ago = Utc::now() - Duration::days(80);
+    sqlx::query("SELECT credits_month_partition(t, $1) FROM unnest(ARRAY['usage_events', 'ledger_entries']) t")
+        .bind(long_ago)
+        .execute(&db)
+        .await
+        .unwrap();
+    let mut s = settler(&db);
+    s.input_topic = topic.clone();
+    s.settle(&[&grant_fact(grant, 100, long_ago)]).await.unwrap();
+    let first = usage(Uuid::new_v4(), "k-old", long_ago, grant, 3, 97);
+    s.settle(&[&first]).await.unwrap();
+    // Settled "80 days ago": move the rows and their keys into that month, as time would have.
+    for sql in [
+        "UPDATE usage_events SET settled_at = $1",
+        "UPDATE usage_event_keys SET settled_at = $1",
+        "UPDATE ledger_entries SET settled_at = $1",
+        "UPDATE ledger_entry_keys SET settled_at = $1",
+    ] {
+        sqlx::query(sql).bind(long_ago).execute(&db).await.unwrap();
+    }
+    let old_part: String = sqlx::query_scalar("SELECT tableoid::regclass::text FROM usage_events")
+        .fetch_one(&db)
+        .await
+        .unwrap();
+    assert_eq!(
+        partitions::month_of("usage_events", &old_part).map(|m| m.from <= long_ago && long_ago < m.to),
+        Some(true)
+    );
+
+    let repeat = usage(Uuid::new_v4(), "k-old", Utc::now(), grant, 3, 94);
+    s.settle(&[&repeat]).await.unwrap();
+    s.settle(&[&repeat]).await.unwrap();
+    let (rows, caught, consumes, adjusts, balance): (i64, String, i64, Decimal, Decimal) = sqlx::query_as(
+        "SELECT (SELECT count(*) FROM usage_events), (SELECT string_agg(caught_by, ',') FROM duplicate_events),
+                (SELECT count(*) FROM ledger_entries WHERE type = 'consume'),
+                (SELECT sum(amount) FROM ledger_entries WHERE type = 'adjust' AND source = 'duplicate'),
+                (SELECT balance FROM pools)",
+    )
+    .fetch_one(&db)
+    .await
+    .unwrap();
+    assert_eq!(
+        (rows, caught.as_str(), consumes, adjusts, balance),
+        (1, "postgres", 1, Decimal::from(-3), Decimal::from(94)),
+        "one settled row; the repeat's charge in the ledger as an adjust, to be given back"
+    );
+    // The give-back went to the input topic (the rater applies it and writes the reversal).
+    let (_, high, _) = shared::testkit::offsets(&topic, "unused", 1)[0];
+    assert!(high >= 1, "a reverse command on the input topic");
+    shared::testkit::delete_topics_and_groups(&[&topic], &[]).await;
+    drop_db(db, &name).await;
+}
