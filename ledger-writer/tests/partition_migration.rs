@@ -249,6 +249,12 @@ async fn partition_migration_keeps_every_row_and_every_key_settles_once() {
     .await
     .unwrap();
     assert!(parted, "both tables partitioned");
+    // The id sequence is the old one, owned by the new column (dropped with the table, not before).
+    let seq: Option<String> = sqlx::query_scalar("SELECT pg_get_serial_sequence('ledger_entries', 'id')")
+        .fetch_one(&db)
+        .await
+        .unwrap();
+    assert_eq!(seq.as_deref(), Some("public.ledger_entries_id_seq"));
     assert_eq!(keys, 12, "one key row per usage row and per entry");
     // Each row in its month's partition (none left in the default ones), and the months from
     // the oldest row to two ahead exist.
