@@ -289,7 +289,7 @@ async fn run(args: &Args, name: &str) -> Result<()> {
     }
     let elapsed = started.elapsed();
 
-    // What Postgres holds now.
+    // What Postgres holds now (sizes: every partition of both tables and their key tables).
     let (usage, ledger, dup_rows): (i64, i64, i64) = sqlx::query_as(
         "SELECT (SELECT count(*) FROM usage_events), (SELECT count(*) FROM ledger_entries),
                 (SELECT count(*) FROM duplicate_events)",
@@ -301,8 +301,11 @@ async fn run(args: &Args, name: &str) -> Result<()> {
             .fetch_one(&db)
             .await?;
     let (table_bytes, index_bytes): (i64, i64) = sqlx::query_as(
-        "SELECT pg_table_size('ledger_entries') + pg_table_size('usage_events'),
-                pg_indexes_size('ledger_entries') + pg_indexes_size('usage_events')",
+        "WITH t(relid) AS (
+            SELECT relid FROM pg_partition_tree('ledger_entries') UNION ALL
+            SELECT relid FROM pg_partition_tree('usage_events') UNION ALL
+            SELECT 'ledger_entry_keys'::regclass UNION ALL SELECT 'usage_event_keys'::regclass)
+         SELECT sum(pg_table_size(relid))::int8, sum(pg_indexes_size(relid))::int8 FROM t",
     )
     .fetch_one(&db)
     .await?;

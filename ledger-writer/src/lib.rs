@@ -2,12 +2,14 @@
 //! transaction (usage events, ledger entries, grant remainders, pool balances), committing the
 //! Kafka offsets only after the transaction commits.
 //!
-//! Every write is idempotent: ledger entries are unique by (tenant, type, source, index) and
+//! Every write is idempotent: ledger entries are unique by (tenant, type, source, index) (a key
+//! table beside the monthly partitions) and
 //! balances move only by the entries actually inserted, so a redelivered batch changes nothing.
 
 pub mod billing;
 pub mod consume;
 pub mod metric;
+pub mod partitions;
 pub mod reconcile;
 pub mod rollups;
 pub mod settle;
@@ -79,6 +81,24 @@ pub enum Command {
     /// Move every pending usage row into the rollups now and exit (what each ledger-writer's
     /// compactor does every `--rollup-interval-ms`); prints how many rows moved.
     CompactRollups,
+    /// Drop the monthly partitions of `usage_events` and `ledger_entries` that ended more than
+    /// max(--keep-months, the longest dedupe window: 35 days) ago, each pool's dropped entries
+    /// carried forward in `ledger_archived_totals`, then the idempotency keys older than every
+    /// month kept; prints what went as JSON.
+    Retention {
+        /// Whole months to keep before the current one's start (at least 1).
+        #[arg(long, value_parser = clap::value_parser!(u32).range(1..))]
+        keep_months: u32,
+        /// Print what would be dropped, drop nothing.
+        #[arg(long)]
+        dry_run: bool,
+    },
+}
+
+/// `ledger-writer retention`: drop what is older than `keep_months` (see `partitions`).
+pub async fn retention(config: &Config, keep_months: u32, dry_run: bool) -> anyhow::Result<partitions::Report> {
+    let db = shared::db::connect(&config.db).await.context("postgres")?;
+    partitions::retention(&db, chrono::Utc::now(), keep_months, dry_run).await
 }
 
 /// `ledger-writer compact-rollups`: drain `usage_rollup_pending`; returns (pending rows moved,
@@ -190,7 +210,8 @@ pub async fn reconcile(config: &Config, tenant: Option<&str>, strict: bool) -> a
 pub async fn migrate(db: &DbArgs) -> anyhow::Result<()> {
     let pool = shared::db::connect(db).await.context("postgres")?;
     shared::db::MIGRATOR.run(&pool).await.context("migrations")?;
-    tracing::info!("migrations applied");
+    let made = partitions::ensure(&pool).await.context("partitions")?;
+    tracing::info!(partitions_created = made, "migrations applied");
     Ok(())
 }
 
@@ -234,6 +255,11 @@ pub async fn run(config: Config, ready: Ready, shutdown: CancellationToken) -> a
         producer.clone(),
         config.kafka.input_topic.clone(),
         Duration::from_millis(config.sweep_interval_ms),
+        shutdown.clone(),
+    ));
+    tokio::spawn(partitions::run(
+        settler.db.clone(),
+        partitions::ENSURE_INTERVAL,
         shutdown.clone(),
     ));
     tokio::spawn(rollups::run(

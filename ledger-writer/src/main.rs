@@ -39,6 +39,11 @@ async fn main() -> anyhow::Result<()> {
             println!("{{\"pending_moved\":{pending},\"rollups_written\":{rollups}}}");
             Ok(())
         }
+        Some(ledger_writer::Command::Retention { keep_months, dry_run }) => {
+            let report = ledger_writer::retention(&cli.config, keep_months, dry_run).await?;
+            println!("{}", serde_json::to_string(&report)?);
+            Ok(())
+        }
         None | Some(ledger_writer::Command::Run) => {
             let handle = shared::telemetry::install_metrics();
             let shutdown = shared::telemetry::shutdown_on_signal();

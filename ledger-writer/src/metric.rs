@@ -19,6 +19,7 @@ pub const ASSIGNED_PARTITIONS: &str = "ledger_writer_assigned_partitions";
 pub const ROLLUP_COMPACTIONS: &str = "ledger_writer_rollup_compactions_total";
 pub const ROLLUP_DURATION: &str = "ledger_writer_rollup_compaction_duration_seconds";
 pub const ROLLUP_PENDING: &str = "ledger_writer_rollup_pending_rows";
+pub const RETENTION_DROPPED: &str = "ledger_writer_retention_partitions_dropped_total";
 
 pub fn describe() {
     describe_counter!(MESSAGES, Unit::Count, "Ledger messages consumed");
@@ -86,6 +87,11 @@ pub fn describe() {
         Unit::Count,
         "Pending rollup rows found and moved by the last compaction tick (the queue behind the usage reads)"
     );
+    describe_counter!(
+        RETENTION_DROPPED,
+        Unit::Count,
+        "Monthly partitions dropped by `ledger-writer retention`, by table"
+    );
     zero();
 }
 
@@ -110,7 +116,7 @@ fn zero() {
     for reason in ["undecodable", "unstorable"] {
         metrics::counter!(DLQ, "reason" => reason).increment(0);
     }
-    for stage in ["settle", "sweep", "rollup"] {
+    for stage in ["settle", "sweep", "rollup", "partitions"] {
         metrics::counter!(ERRORS, "stage" => stage).increment(0);
     }
     for kind in ["expire", "activate"] {
@@ -118,6 +124,9 @@ fn zero() {
     }
     for outcome in ["done", "busy", "error"] {
         metrics::counter!(ROLLUP_COMPACTIONS, "outcome" => outcome).increment(0);
+    }
+    for table in crate::partitions::TABLES {
+        metrics::counter!(RETENTION_DROPPED, "table" => table).increment(0);
     }
     metrics::gauge!(ROLLUP_PENDING).set(0.0);
     metrics::gauge!(ASSIGNED_PARTITIONS).set(0.0);

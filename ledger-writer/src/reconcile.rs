@@ -1,14 +1,17 @@
 //! `ledger-writer reconcile`: does every pool agree with itself?
 //!
 //! For each settled pool it checks, and reports every difference:
-//! 1. the sum of its ledger entries equals its settled balance;
+//! 1. the sum of its ledger entries, plus what retention archived of it
+//!    (`ledger_archived_totals`), equals its settled balance;
 //! 2. its grants' remainders (activated ones) minus its overdraft equal that balance;
 //! 3. the hot pool in Redis (spendable-or-not grant remainders minus overdraft, scheduled grants
 //!    not yet activated left out) equals it, and each grant's remainder matches;
 //! 4. `end_balance_chain`: each ledger entry's end balance is the running sum of the pool's
-//!    amounts in ledger order (reported at the first entry that breaks it);
+//!    amounts in ledger order, from its archived total (reported at the first entry that breaks
+//!    it);
 //! 5. `grant_before_use`: every consumption of a grant comes after the grant's own entry
-//!    (reported at the first consumption that precedes it).
+//!    (reported at the first consumption that precedes it; a grant entry of an archived month
+//!    came before every entry kept).
 //!
 //! [`CHECKS`] names them; the command prints the list with its summary.
 //!
@@ -72,8 +75,10 @@ pub async fn run(
 ) -> anyhow::Result<(usize, Vec<Difference>)> {
     let pools: Vec<PoolRow> = sqlx::query_as(
         "SELECT p.tenant_id, p.customer_id, p.credit_type, p.resource_id, p.balance, p.overdraft, ct.decimals,
-            (SELECT sum(amount) FROM ledger_entries l WHERE l.tenant_id = p.tenant_id AND l.customer_id = p.customer_id
-                AND l.credit_type = p.credit_type AND l.resource_id = p.resource_id),
+            (SELECT COALESCE(sum(amount), 0) FROM ledger_entries l WHERE l.tenant_id = p.tenant_id
+                AND l.customer_id = p.customer_id AND l.credit_type = p.credit_type AND l.resource_id = p.resource_id)
+            + COALESCE((SELECT amount FROM ledger_archived_totals a WHERE a.tenant_id = p.tenant_id
+                AND a.customer_id = p.customer_id AND a.credit_type = p.credit_type AND a.resource_id = p.resource_id), 0),
             (SELECT sum(remaining) FROM grants g WHERE g.tenant_id = p.tenant_id AND g.customer_id = p.customer_id
                 AND g.credit_type = p.credit_type AND g.resource_id = p.resource_id AND g.activated)
          FROM pools p JOIN credit_types ct ON ct.tenant_id = p.tenant_id AND ct.id = p.credit_type
@@ -150,8 +155,12 @@ async fn ledger_order(db: &PgPool, tenant: Option<&str>) -> anyhow::Result<Vec<D
     let chain: Vec<Row> = sqlx::query_as(
         "SELECT DISTINCT ON (tenant_id, customer_id, credit_type, resource_id)
             tenant_id, customer_id, credit_type, resource_id, run, end_balance, grant_id
-         FROM (SELECT *, sum(amount) OVER (PARTITION BY tenant_id, customer_id, credit_type, resource_id ORDER BY id) AS run
-               FROM ledger_entries WHERE $1::text IS NULL OR tenant_id = $1) l
+         FROM (SELECT l.*, COALESCE(a.amount, 0)
+                    + sum(l.amount) OVER (PARTITION BY l.tenant_id, l.customer_id, l.credit_type, l.resource_id ORDER BY l.id)
+                    AS run
+               FROM ledger_entries l LEFT JOIN ledger_archived_totals a ON a.tenant_id = l.tenant_id
+                    AND a.customer_id = l.customer_id AND a.credit_type = l.credit_type AND a.resource_id = l.resource_id
+               WHERE $1::text IS NULL OR l.tenant_id = $1) l
          WHERE run <> end_balance
          ORDER BY tenant_id, customer_id, credit_type, resource_id, id",
     )
@@ -165,6 +174,10 @@ async fn ledger_order(db: &PgPool, tenant: Option<&str>) -> anyhow::Result<Vec<D
          WHERE c.type = 'consume' AND c.grant_id IS NOT NULL AND ($1::text IS NULL OR c.tenant_id = $1)
            AND NOT EXISTS (SELECT 1 FROM ledger_entries g WHERE g.tenant_id = c.tenant_id AND g.type = 'grant'
                 AND g.source_id = c.grant_id::text AND g.entry_idx = 0 AND g.id < c.id)
+           AND (EXISTS (SELECT 1 FROM ledger_entries g WHERE g.tenant_id = c.tenant_id AND g.type = 'grant'
+                    AND g.source_id = c.grant_id::text AND g.entry_idx = 0)
+                OR NOT EXISTS (SELECT 1 FROM ledger_archived_totals a WHERE a.tenant_id = c.tenant_id
+                    AND a.customer_id = c.customer_id AND a.credit_type = c.credit_type AND a.resource_id = c.resource_id))
          ORDER BY c.tenant_id, c.customer_id, c.credit_type, c.resource_id, c.grant_id, c.id",
     )
     .bind(tenant)

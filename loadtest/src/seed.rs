@@ -212,6 +212,9 @@ async fn setup(pool: &PgPool, ids: &[String], customers: u32, granted_at: DateTi
             SELECT tenant_id, customer_id, '', $3, created_at, 'grant', 'manual', id::text, 0, id, amount, amount,
                 'api'
             FROM g ORDER BY tenant_id, customer_id
+         ), k AS (
+            INSERT INTO ledger_entry_keys (tenant_id, type, source_id, entry_idx, settled_at)
+            SELECT tenant_id, 'grant', id::text, 0, now() FROM g
          )
          INSERT INTO pools (tenant_id, customer_id, resource_id, credit_type, balance, overdraft)
          SELECT tenant_id, customer_id, '', $3, amount, 0 FROM g
@@ -274,8 +277,25 @@ async fn chunk(
     .bind(i64::try_from(b)?)
     .execute(&mut *tx)
     .await?;
+    // The usage rows' months (partitioned by settled_at, migration 0009), so none lands in the
+    // default partition; their keys go into the key tables as settle writes them. The ledger
+    // entries are settled now (their settle time must grow with their ids, as settle's does).
     sqlx::query(
-        "INSERT INTO usage_events (tenant_id, idempotency_key, event_uid, customer_id, resource_id, event_name, ts,
+        "SELECT credits_month_partition('usage_events', m)
+         FROM (SELECT DISTINCT date_trunc('month', ts) AS m FROM seed_chunk) months",
+    )
+    .execute(&mut *tx)
+    .await?;
+    sqlx::query(
+        "WITH k AS (
+            INSERT INTO usage_event_keys (tenant_id, idempotency_key, event_uid, settled_at)
+            SELECT tenant_id, idempotency_key, event_uid, ts + (accept_ms + settle_ms) * interval '1 millisecond'
+            FROM seed_chunk
+         ), e AS (
+            INSERT INTO ledger_entry_keys (tenant_id, type, source_id, entry_idx, settled_at)
+            SELECT tenant_id, 'consume', idempotency_key, 0, now() FROM seed_chunk
+         )
+         INSERT INTO usage_events (tenant_id, idempotency_key, event_uid, customer_id, resource_id, event_name, ts,
             accepted_at, settled_at, status, reason, credit_type, cost, dimensions)
          SELECT tenant_id, idempotency_key, event_uid, customer_id, '', $1, ts,
             ts + accept_ms * interval '1 millisecond', ts + (accept_ms + settle_ms) * interval '1 millisecond',

@@ -1,6 +1,8 @@
 //! One batch of facts -> one Postgres transaction.
 //!
-//! 1. usage events: insert, ON CONFLICT DO NOTHING. A conflicting key with the same event_uid
+//! 1. usage events: insert, ON CONFLICT DO NOTHING on the key table `usage_event_keys` (the
+//!    tables are partitioned by month; the key tables keep each key once across months,
+//!    migration 0009), the row only for a key inserted now. A conflicting key with the same event_uid
 //!    is a redelivery (skip); with another uid it is a duplicate that slipped past Redis: it is
 //!    counted, and a reverse command gives its deduction back to the hot pool (produced and
 //!    acked before the commit; the rater applies it once per uid). What the hot pool charged
@@ -16,7 +18,8 @@
 //!    cannot exist yet (a usage row and its entries are only ever written together): when the
 //!    batch holds nothing else, a plain insert (no arbiter probe). Entries of redelivered or
 //!    slipped usage are not written at all (copies of one fact within a batch are dropped
-//!    first). With any grant or grant-change entry: ON CONFLICT DO NOTHING RETURNING what was
+//!    first). Each entry's key goes into `ledger_entry_keys` in the same statement. With any
+//!    grant or grant-change entry: ON CONFLICT DO NOTHING (on the key) RETURNING what was
 //!    new. A retry of a failed transaction takes the checked path for every entry (so a broken
 //!    assumption costs one retry, never a stuck partition).
 //! 4. grant remainders and pool balances move by the new entries only.

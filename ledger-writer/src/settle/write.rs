@@ -13,18 +13,29 @@ use super::plan::{DuplicateRow, EntryRow, GrantMove, NewEntry, SettledEntries};
 use crate::metric as m;
 use crate::webhooks::outbox::PoolMove;
 
-/// Insert the usage rows (ON CONFLICT DO NOTHING); the uids inserted now.
+/// Insert the usage rows whose (tenant, idempotency key) is new: the key goes into
+/// `usage_event_keys` (ON CONFLICT DO NOTHING: the guard of every month's partition) and the
+/// row only where its key went in now, in one statement; the uids inserted now.
 pub async fn usage_rows(tx: &mut PgConnection, usage: &[&UsageFact]) -> Result<HashSet<Uuid>, sqlx::Error> {
     let mut cols = UsageCols::default();
     for u in usage {
         cols.push(u);
     }
     let inserted: Vec<Uuid> = sqlx::query_scalar(
-        "INSERT INTO usage_events (tenant_id, idempotency_key, event_uid, customer_id, resource_id,
-            event_name, ts, accepted_at, status, reason, credit_type, cost, dimensions)
-         SELECT * FROM UNNEST($1::text[], $2::text[], $3::uuid[], $4::text[], $5::text[], $6::text[],
-            $7::timestamptz[], $8::timestamptz[], $9::text[], $10::text[], $11::text[], $12::numeric[], $13::jsonb[])
-         ON CONFLICT (tenant_id, idempotency_key) DO NOTHING
+        "WITH input AS (
+            SELECT * FROM UNNEST($1::text[], $2::text[], $3::uuid[], $4::text[], $5::text[], $6::text[],
+                $7::timestamptz[], $8::timestamptz[], $9::text[], $10::text[], $11::text[], $12::numeric[], $13::jsonb[])
+                AS i(tenant_id, idempotency_key, event_uid, customer_id, resource_id, event_name, ts, accepted_at,
+                     status, reason, credit_type, cost, dimensions)
+         ), k AS (
+            INSERT INTO usage_event_keys (tenant_id, idempotency_key, event_uid, settled_at)
+            SELECT tenant_id, idempotency_key, event_uid, clock_timestamp() FROM input
+            ON CONFLICT (tenant_id, idempotency_key) DO NOTHING
+            RETURNING tenant_id, idempotency_key, event_uid, settled_at
+         )
+         INSERT INTO usage_events (tenant_id, idempotency_key, event_uid, customer_id, resource_id,
+            event_name, ts, accepted_at, status, reason, credit_type, cost, dimensions, settled_at)
+         SELECT i.*, k.settled_at FROM input i JOIN k USING (tenant_id, idempotency_key, event_uid)
          RETURNING event_uid",
     )
     .bind(&cols.tenant)
@@ -54,7 +65,7 @@ pub async fn key_holders(
     let tenants: Vec<&str> = usage.iter().map(|u| u.event.tenant_id.as_str()).collect();
     let keys: Vec<&str> = usage.iter().map(|u| u.event.idempotency_key.as_str()).collect();
     let rows: Vec<(String, String, Uuid)> = sqlx::query_as(
-        "SELECT u.tenant_id, u.idempotency_key, u.event_uid FROM usage_events u
+        "SELECT u.tenant_id, u.idempotency_key, u.event_uid FROM usage_event_keys u
          JOIN UNNEST($1::text[], $2::text[]) AS k(t, k) ON u.tenant_id = k.t AND u.idempotency_key = k.k",
     )
     .bind(&tenants)
@@ -162,8 +173,10 @@ pub async fn grants(tx: &mut PgConnection, facts: &[&LedgerMsg]) -> Result<HashM
     Ok(repaid)
 }
 
-/// Insert the ledger entries in one statement, in their order; `checked` skips existing ones and
-/// returns what was inserted, else every row goes in (a conflict is an error) and all are new.
+/// Insert the ledger entries in one statement, in their order, each with its key in
+/// `ledger_entry_keys` (the idempotency guard across the monthly partitions); `checked` skips
+/// entries whose key exists and returns what was inserted, else every key and row goes in (a
+/// conflict is an error) and all are new.
 pub async fn entries(
     tx: &mut PgConnection,
     rows: &[EntryRow<'_>],
@@ -172,10 +185,10 @@ pub async fn entries(
     if rows.is_empty() {
         return Ok(Vec::new());
     }
-    const INSERT: &str = "INSERT INTO ledger_entries (tenant_id, customer_id, resource_id, credit_type, ts, type,
-            source, source_id, entry_idx, grant_id, amount, end_balance, actor)
-         SELECT * FROM UNNEST($1::text[], $2::text[], $3::text[], $4::text[], $5::timestamptz[], $6::text[],
+    const INPUT: &str = "UNNEST($1::text[], $2::text[], $3::text[], $4::text[], $5::timestamptz[], $6::text[],
             $7::text[], $8::text[], $9::int4[], $10::uuid[], $11::numeric[], $12::numeric[], $13::text[])";
+    const COLS: &str = "tenant_id, customer_id, resource_id, credit_type, ts, type, source, source_id, entry_idx,
+            grant_id, amount, end_balance, actor";
     fn col<'r>(rows: &'r [EntryRow<'_>], f: impl Fn(&'r EntryRow<'_>) -> &'r str) -> Vec<&'r str> {
         rows.iter().map(f).collect()
     }
@@ -206,15 +219,36 @@ pub async fn entries(
         };
     }
     let new = if checked {
+        // The first copy of a key in the batch wins (as the insert's order would have it), and
+        // the rows go in in fact order so ids follow each pool's chain.
         let sql = format!(
-            "{INSERT} ON CONFLICT (tenant_id, type, source_id, entry_idx) DO NOTHING
+            "WITH input AS (SELECT * FROM {INPUT} WITH ORDINALITY AS i({COLS}, ord)),
+             k AS (
+                INSERT INTO ledger_entry_keys (tenant_id, type, source_id, entry_idx, settled_at)
+                SELECT tenant_id, type, source_id, entry_idx, now() FROM input ORDER BY ord
+                ON CONFLICT (tenant_id, type, source_id, entry_idx) DO NOTHING
+                RETURNING tenant_id, type, source_id, entry_idx
+             )
+             INSERT INTO ledger_entries ({COLS})
+             SELECT {COLS} FROM (
+                SELECT DISTINCT ON (tenant_id, type, source_id, entry_idx) i.*
+                FROM input i JOIN k USING (tenant_id, type, source_id, entry_idx)
+                ORDER BY tenant_id, type, source_id, entry_idx, ord) d
+             ORDER BY ord
              RETURNING tenant_id, customer_id, resource_id, credit_type, type, grant_id, amount, source_id"
         );
         bind_all!(sqlx::query_as::<_, NewEntry>(&sql))
             .fetch_all(&mut *tx)
             .await?
     } else {
-        bind_all!(sqlx::query(INSERT)).execute(&mut *tx).await?;
+        let sql = format!(
+            "WITH k AS (
+                INSERT INTO ledger_entry_keys (tenant_id, type, source_id, entry_idx, settled_at)
+                SELECT *, now() FROM UNNEST($1::text[], $6::text[], $8::text[], $9::int4[])
+             )
+             INSERT INTO ledger_entries ({COLS}) SELECT * FROM {INPUT}"
+        );
+        bind_all!(sqlx::query(&sql)).execute(&mut *tx).await?;
         rows.iter().map(NewEntry::from).collect()
     };
     metrics::counter!(m::ROWS, "table" => "ledger_entries").increment(new.len() as u64);
