@@ -9,7 +9,7 @@ use std::process::Output;
 use chrono::{DateTime, Duration, Months, Utc};
 use ledger_writer::partitions;
 use rust_decimal::Decimal;
-use shared::testkit::{create_db, drop_db, redis_url};
+use shared::testkit::{create_db, drop_db};
 use sqlx::PgPool;
 use uuid::Uuid;
 
@@ -139,11 +139,7 @@ async fn settle_history(db: &PgPool, customer: &str, settled: &[DateTime<Utc>], 
 }
 
 async fn reconcile(db: &PgPool) -> Vec<ledger_writer::reconcile::Difference> {
-    let mut redis = redis::Client::open(redis_url())
-        .unwrap()
-        .get_multiplexed_async_connection()
-        .await
-        .unwrap();
+    let mut redis = shared::testkit::redis_conn().await;
     let keys = shared::keys::Keys::new(format!("it-retention-{}", Uuid::new_v4().simple()));
     let (pools, diffs) = ledger_writer::reconcile::run(db, &mut redis, &keys, Some(TENANT))
         .await
