@@ -1156,6 +1156,15 @@ async fn a_redis_cluster_master_killed_under_load_fails_over_losing_and_doubling
             assert!(started.elapsed() < Duration::from_secs(30), "no failover in 30 s");
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
+        // Its supervisor restarts the dead node, as deploy/local/lib.sh started it: it rejoins as
+        // the new master's replica (nothing persisted: it syncs), and until it has, the new
+        // master has no replica and the rater's WAIT holds that master's customers back.
+        let lib = concat!(env!("CARGO_MANIFEST_DIR"), "/../deploy/local/lib.sh");
+        let st = std::process::Command::new("bash")
+            .args(["-c", &format!("source {lib} && redis_cluster_start_node {victim}")])
+            .status()
+            .unwrap();
+        assert!(st.success(), "restart the killed node");
     };
     tokio::join!(load.send(&s, b.to_vec()), kill);
     s.wait_settled(10_000, 1_000, Duration::from_secs(180)).await;
@@ -1193,14 +1202,7 @@ async fn a_redis_cluster_master_killed_under_load_fails_over_losing_and_doubling
             .join("\n")
     );
     s.kill(Svc::Rater).await;
-    // Put the node back as deploy/local/lib.sh started it: it rejoins as the new master's replica
-    // (nothing persisted, it syncs).
-    let lib = concat!(env!("CARGO_MANIFEST_DIR"), "/../deploy/local/lib.sh");
-    let st = std::process::Command::new("bash")
-        .args(["-c", &format!("source {lib} && redis_cluster_start_node {victim}")])
-        .status()
-        .unwrap();
-    assert!(st.success(), "restart the killed node");
+    // The restarted node rejoined as the new master's replica.
     let started = Instant::now();
     loop {
         let attached = ports
