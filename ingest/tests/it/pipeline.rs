@@ -96,6 +96,32 @@ async fn setup(s: &Stack, customers: usize, n: usize) -> Load {
 }
 
 /// Every pool: Postgres == expected, Redis == Postgres; every key charged once and settled.
+/// Every hot balance, not a sample, equals the expected one (within 30 s: give-backs of second
+/// charges come back through reverse commands).
+async fn every_hot_balance_exact(s: &Stack, load: &Load) {
+    let expected = load.expected();
+    let mut wrong = Vec::new();
+    for _ in 0..150 {
+        wrong.clear();
+        for (c, e) in &expected {
+            let hot = s.balance(&load.key, c).await;
+            if hot != *e {
+                wrong.push((c.clone(), hot, *e));
+            }
+        }
+        if wrong.is_empty() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert!(
+        wrong.is_empty(),
+        "hot balances off Postgres: {} pools, e.g. {:?}",
+        wrong.len(),
+        wrong.first()
+    );
+}
+
 async fn verify(s: &Stack, load: &Load) {
     let n = load.events.len() as i64;
     let expected = load.expected();
@@ -269,27 +295,7 @@ async fn redis_lost_as_the_rater_dies_leaves_every_hot_balance_exact() {
     load.send(&s, b.to_vec()).await;
     s.wait_settled(10_000, 1_000, Duration::from_secs(180)).await;
     // Every hot balance, not a sample: the second charges come back through reverse commands.
-    let expected = load.expected();
-    let mut wrong = Vec::new();
-    for _ in 0..150 {
-        wrong.clear();
-        for (c, e) in &expected {
-            let hot = s.balance(&load.key, c).await;
-            if hot != *e {
-                wrong.push((c.clone(), hot, *e));
-            }
-        }
-        if wrong.is_empty() {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
-    assert!(
-        wrong.is_empty(),
-        "hot balances off Postgres: {} pools, e.g. {:?}",
-        wrong.len(),
-        wrong.first()
-    );
+    every_hot_balance_exact(&s, &load).await;
     verify(&s, &load).await;
     // Strict: the second charges and their give-backs are in the ledger as adjust entries, so
     // every pool's end balances chain through them (before, these pools broke the chain).
@@ -1168,27 +1174,7 @@ async fn a_redis_cluster_master_killed_under_load_fails_over_losing_and_doubling
     };
     tokio::join!(load.send(&s, b.to_vec()), kill);
     s.wait_settled(10_000, 1_000, Duration::from_secs(180)).await;
-    let expected = load.expected();
-    let mut wrong = Vec::new();
-    for _ in 0..150 {
-        wrong.clear();
-        for (c, e) in &expected {
-            let hot = s.balance(&load.key, c).await;
-            if hot != *e {
-                wrong.push((c.clone(), hot, *e));
-            }
-        }
-        if wrong.is_empty() {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
-    assert!(
-        wrong.is_empty(),
-        "hot balances off Postgres after the failover: {} pools, e.g. {:?}",
-        wrong.len(),
-        wrong.first()
-    );
+    every_hot_balance_exact(&s, &load).await;
     verify(&s, &load).await;
     let (code, diffs) = s.reconcile().await;
     assert_eq!((code, diffs.len()), (0, 0), "{diffs:?}");
