@@ -11,8 +11,7 @@ use ledger_writer::settle::Settler;
 use rust_decimal::Decimal;
 use shared::config::KafkaArgs;
 use shared::model::{Category, Dimensions, Entry, GrantFact, GrantSpec, LedgerMsg, Outcome, UsageEvent, UsageFact};
-use shared::testkit::{db_base, drop_db};
-use sqlx::postgres::PgPoolOptions;
+use shared::testkit::{create_empty_db, drop_db};
 use sqlx::PgPool;
 use uuid::Uuid;
 
@@ -20,21 +19,7 @@ const TENANT: &str = "t-part";
 
 /// A database of the test's own at migration `upto`.
 async fn db_at(name: &str, upto: i64) -> PgPool {
-    let server = PgPoolOptions::new()
-        .max_connections(1)
-        .connect(&format!("{}/postgres", db_base()))
-        .await
-        .unwrap();
-    sqlx::query(&format!("CREATE DATABASE \"{name}\""))
-        .execute(&server)
-        .await
-        .unwrap();
-    server.close().await;
-    let db = PgPoolOptions::new()
-        .max_connections(2)
-        .connect(&format!("{}/{name}", db_base()))
-        .await
-        .unwrap();
+    let (_, db) = create_empty_db(name, 2).await;
     let full = &shared::db::MIGRATOR;
     let old = sqlx::migrate::Migrator {
         migrations: Cow::Owned(full.migrations.iter().filter(|m| m.version <= upto).cloned().collect()),

@@ -50,6 +50,13 @@ pub fn ready(addr: &str) -> bool {
 
 /// A database of the test's own, migrated; `(url, pool)`.
 pub async fn create_db(name: &str, connections: u32) -> (String, PgPool) {
+    let (url, db) = create_empty_db(name, connections).await;
+    crate::db::MIGRATOR.run(&db).await.unwrap();
+    (url, db)
+}
+
+/// A database of the test's own with no schema (a test migrates it as far as it needs).
+pub async fn create_empty_db(name: &str, connections: u32) -> (String, PgPool) {
     let server = PgPoolOptions::new()
         .max_connections(1)
         .connect(&format!("{}/postgres", db_base()))
@@ -66,7 +73,6 @@ pub async fn create_db(name: &str, connections: u32) -> (String, PgPool) {
         .connect(&url)
         .await
         .unwrap();
-    crate::db::MIGRATOR.run(&db).await.unwrap();
     (url, db)
 }
 

@@ -862,18 +862,14 @@ async fn post_grant(s: &Stack, key: &str, body: Value) -> Value {
     b["grant"].clone()
 }
 
-#[tokio::test(flavor = "multi_thread")]
-async fn two_ingests_share_one_tenant_limit() {
-    // Two ingest replicas in front of one tenant limited to 100 events/s: together they admit
-    // the tenant's rate (one GCRA state in Redis), not twice it.
-    let mut s = Stack::start_with("twoingest", 1, &[("INGEST_LINGER_MS", "5")]).await;
-    s.spawn(Svc::Ingest2).await;
+/// A tenant (operator token) limited to `eps` events/s: (its API key, its id).
+async fn limited_tenant(s: &Stack, name: &str, eps: u32) -> (String, String) {
     let (st, t) = s
         .call(
             Method::POST,
             "/v1/admin/tenants",
             &s.admin_token,
-            Some(json!({"name": "two"})),
+            Some(json!({"name": name})),
         )
         .await;
     assert_eq!(st, 201);
@@ -884,10 +880,20 @@ async fn two_ingests_share_one_tenant_limit() {
             Method::PUT,
             &format!("/v1/admin/tenants/{tid}/limits"),
             &s.admin_token,
-            Some(json!({"events_per_second": 100})),
+            Some(json!({"events_per_second": eps})),
         )
         .await;
     assert_eq!(st, 200);
+    (key, tid)
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn two_ingests_share_one_tenant_limit() {
+    // Two ingest replicas in front of one tenant limited to 100 events/s: together they admit
+    // the tenant's rate (one GCRA state in Redis), not twice it.
+    let mut s = Stack::start_with("twoingest", 1, &[("INGEST_LINGER_MS", "5")]).await;
+    s.spawn(Svc::Ingest2).await;
+    let (key, _) = limited_tenant(&s, "two", 100).await;
     const BATCH: usize = 25;
     let started = Instant::now();
     let mut accepted = [0usize; 2];
@@ -953,26 +959,7 @@ async fn two_ingests_share_one_tenant_limit() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn over_the_rate_limit_is_429_then_recovers_and_revoked_keys_are_401() {
     let s = Stack::start("limits", 1).await;
-    let (st, t) = s
-        .call(
-            Method::POST,
-            "/v1/admin/tenants",
-            &s.admin_token,
-            Some(json!({"name": "limited"})),
-        )
-        .await;
-    assert_eq!(st, 201);
-    let key = t["api_key"].as_str().unwrap().to_owned();
-    let tid = t["tenant_id"].as_str().unwrap().to_owned();
-    let (st, _) = s
-        .call(
-            Method::PUT,
-            &format!("/v1/admin/tenants/{tid}/limits"),
-            &s.admin_token,
-            Some(json!({"events_per_second": 100})),
-        )
-        .await;
-    assert_eq!(st, 200);
+    let (key, tid) = limited_tenant(&s, "limited", 100).await;
     let batch = |tag: &str| {
         let events: Vec<Value> = (0..100)
             .map(|i| json!({"customer_id": "c", "event_name": "x", "idempotency_key": format!("{tag}-{i}")}))
